@@ -1,0 +1,166 @@
+"""Post-LN Transformer encoder in flax.linen covering BERT, DistilBERT and ELECTRA.
+
+Parameter names are architecture-neutral (see `lora_jax.models.hf_import` for the mapping to
+each Hugging Face layout)::
+
+    embeddings/{word_embeddings, position_embeddings, token_type_embeddings, LayerNorm, projection}
+    layer_{i}/attention/{query, key, value, output}, layer_{i}/attention_norm,
+    layer_{i}/intermediate, layer_{i}/output, layer_{i}/output_norm
+    pooler                                         (BERT only)
+
+Shapes: ``input_ids``/``attention_mask``/``token_type_ids`` are int (B, T); the encoder returns
+hidden states (B, T, hidden_size) in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lora_jax.models.config import EncoderConfig
+from lora_jax.models.layers import ACTIVATIONS, LoRADense
+
+POOLINGS = ("mean", "cls", "pooler")
+
+
+class Embeddings(nn.Module):
+    config: EncoderConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, deterministic: bool):
+        cfg = self.config
+        init = nn.initializers.normal(stddev=0.02)
+        positions = jnp.arange(input_ids.shape[-1])[None, :]
+        x = nn.Embed(cfg.vocab_size, cfg.embedding_size, embedding_init=init,
+                     name="word_embeddings")(input_ids)
+        x = x + nn.Embed(cfg.max_position_embeddings, cfg.embedding_size, embedding_init=init,
+                         name="position_embeddings")(positions)
+        if cfg.type_vocab_size:
+            x = x + nn.Embed(cfg.type_vocab_size, cfg.embedding_size, embedding_init=init,
+                             name="token_type_embeddings")(token_type_ids)
+        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x)
+        x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+        if cfg.embedding_size != cfg.hidden_size:
+            x = nn.Dense(cfg.hidden_size, dtype=self.dtype, name="projection")(x)
+        return x.astype(self.dtype)
+
+
+class SelfAttention(nn.Module):
+    config: EncoderConfig
+    lora_alpha: float = 1.0
+    lora_dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, attention_mask, deterministic: bool):
+        cfg = self.config
+        dense = lambda name: LoRADense(cfg.hidden_size, lora_alpha=self.lora_alpha,
+                                       lora_dropout=self.lora_dropout, dtype=self.dtype, name=name)
+        b, t, _ = x.shape
+        split = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        q = split(dense("query")(x, deterministic))
+        k = split(dense("key")(x, deterministic))
+        v = split(dense("value")(x, deterministic))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
+        keep = attention_mask[:, None, None, :].astype(bool)
+        scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, cfg.hidden_size)
+        return dense("output")(ctx, deterministic)
+
+
+class TransformerLayer(nn.Module):
+    config: EncoderConfig
+    lora_alpha: float = 1.0
+    lora_dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, attention_mask, deterministic: bool):
+        cfg = self.config
+        kw = dict(lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, dtype=self.dtype)
+        norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=name)
+        drop = lambda y: nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
+        attn = SelfAttention(cfg, name="attention", **kw)(x, attention_mask, deterministic)
+        x = norm("attention_norm")(x + drop(attn))
+        h = LoRADense(cfg.intermediate_size, name="intermediate", **kw)(x, deterministic)
+        h = ACTIVATIONS[cfg.hidden_act](h)
+        h = LoRADense(cfg.hidden_size, name="output", **kw)(h, deterministic)
+        return norm("output_norm")(x + drop(h))
+
+
+class Encoder(nn.Module):
+    """Returns last hidden states (B, T, hidden) and, for BERT, the pooled [CLS] (B, hidden)."""
+
+    config: EncoderConfig
+    lora_alpha: float = 1.0
+    lora_dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
+                 deterministic: bool = True):
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = Embeddings(cfg, dtype=self.dtype, name="embeddings")(
+            input_ids, token_type_ids, deterministic)
+        for i in range(cfg.num_layers):
+            x = TransformerLayer(cfg, self.lora_alpha, self.lora_dropout, self.dtype,
+                                 name=f"layer_{i}")(x, attention_mask, deterministic)
+        pooled = None
+        if cfg.has_pooler:
+            pooled = jnp.tanh(nn.Dense(cfg.hidden_size, dtype=self.dtype, name="pooler")(x[:, 0]))
+        return x, pooled
+
+
+def masked_mean(hidden: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of (B, T, d) hidden states over the tokens where mask (B, T) is 1, in float32."""
+    m = mask.astype(jnp.float32)[..., None]
+    return (hidden.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+
+
+def pool(hidden, pooled, mask, pooling: str) -> jax.Array:
+    """Sentence vector (B, d) from hidden states (B, T, d): masked mean, [CLS], or BERT pooler."""
+    if pooling == "mean":
+        return masked_mean(hidden, mask)
+    if pooling == "cls":
+        return hidden[:, 0].astype(jnp.float32)
+    if pooling == "pooler":
+        if pooled is None:
+            raise ValueError("pooling='pooler' needs a BERT encoder with a pooler")
+        return pooled.astype(jnp.float32)
+    raise ValueError(f"unknown pooling {pooling!r}; use one of {POOLINGS}")
+
+
+class SequenceClassifier(nn.Module):
+    """Encoder -> pooling -> dropout -> linear head. Returns float32 logits (B, num_labels).
+
+    ``num_labels == 1`` is a regression head (STS-B). The head is named ``head``.
+    """
+
+    config: EncoderConfig
+    num_labels: int
+    pooling: str = "mean"
+    classifier_dropout: float = 0.1
+    lora_alpha: float = 1.0
+    lora_dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids=None,
+                 deterministic: bool = True):
+        hidden, pooled = Encoder(self.config, self.lora_alpha, self.lora_dropout, self.dtype,
+                                 name="encoder")(input_ids, attention_mask, token_type_ids,
+                                                 deterministic)
+        x = pool(hidden, pooled, attention_mask, self.pooling)
+        x = nn.Dropout(self.classifier_dropout)(x, deterministic=deterministic)
+        return nn.Dense(self.num_labels, dtype=jnp.float32, name="head",
+                        kernel_init=nn.initializers.normal(stddev=0.02))(x)

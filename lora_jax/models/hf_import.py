@@ -1,0 +1,247 @@
+"""Read Hugging Face encoder checkpoints into the Flax parameter tree by name mapping.
+
+`resolve_model_dir` turns a local folder or a hub id into a folder; `load_pretrained` reads its
+`config.json` and `model.safetensors` (or `pytorch_model.bin` when torch is installed), maps
+every tensor name to a Flax path, and reports missing / unexpected keys the way transformers
+does. `hf_name_map` is also the bridge used by the PEFT adapter export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from lora_jax.errors import UserError
+from lora_jax.models.config import EncoderConfig
+
+log = logging.getLogger(__name__)
+
+# Hugging Face prefixes of task models (BertForSequenceClassification -> "bert." ...).
+_PREFIXES = ("bert.", "distilbert.", "electra.", "model.")
+_IGNORED_SUFFIXES = ("position_ids",)  # buffers, not weights
+
+Path = tuple[str, ...]
+
+
+def _linear(hf: str, flax: Path) -> dict[str, tuple[Path, str]]:
+    return {f"{hf}.weight": ((*flax, "kernel"), "T"), f"{hf}.bias": ((*flax, "bias"), "")}
+
+
+def _norm(hf: str, flax: Path) -> dict[str, tuple[Path, str]]:
+    return {f"{hf}.weight": ((*flax, "scale"), ""), f"{hf}.bias": ((*flax, "bias"), "")}
+
+
+def hf_module_map(config: EncoderConfig) -> dict[Path, str]:
+    """Flax module path (under the encoder) -> Hugging Face module name, for Dense layers.
+
+    Used to export LoRA adapters with PEFT names (``encoder.layer.0.attention.self.query``).
+    """
+    out: dict[Path, str] = {}
+    for i in range(config.num_layers):
+        layer = (f"layer_{i}",)
+        if config.model_type == "distilbert":
+            pre = f"transformer.layer.{i}"
+            names = {("attention", "query"): "attention.q_lin", ("attention", "key"): "attention.k_lin",
+                     ("attention", "value"): "attention.v_lin",
+                     ("attention", "output"): "attention.out_lin",
+                     ("intermediate",): "ffn.lin1", ("output",): "ffn.lin2"}
+        else:
+            pre = f"encoder.layer.{i}"
+            names = {("attention", "query"): "attention.self.query",
+                     ("attention", "key"): "attention.self.key",
+                     ("attention", "value"): "attention.self.value",
+                     ("attention", "output"): "attention.output.dense",
+                     ("intermediate",): "intermediate.dense", ("output",): "output.dense"}
+        for sub, hf in names.items():
+            out[layer + sub] = f"{pre}.{hf}"
+    if config.embedding_size != config.hidden_size:
+        out[("embeddings", "projection")] = "embeddings_project"
+    if config.has_pooler:
+        out[("pooler",)] = "pooler.dense"
+    return out
+
+
+def hf_name_map(config: EncoderConfig) -> dict[str, tuple[Path, str]]:
+    """Hugging Face tensor name (prefix stripped) -> (Flax path, transform); "T" = transpose."""
+    m: dict[str, tuple[Path, str]] = {}
+    emb = ("embeddings",)
+    m["embeddings.word_embeddings.weight"] = ((*emb, "word_embeddings", "embedding"), "")
+    m["embeddings.position_embeddings.weight"] = ((*emb, "position_embeddings", "embedding"), "")
+    if config.type_vocab_size:
+        m["embeddings.token_type_embeddings.weight"] = (
+            (*emb, "token_type_embeddings", "embedding"), "")
+    m.update(_norm("embeddings.LayerNorm", (*emb, "LayerNorm")))
+    for flax_path, hf in hf_module_map(config).items():
+        m.update(_linear(hf, flax_path))
+    for i in range(config.num_layers):
+        if config.model_type == "distilbert":
+            pre = f"transformer.layer.{i}"
+            m.update(_norm(f"{pre}.sa_layer_norm", (f"layer_{i}", "attention_norm")))
+            m.update(_norm(f"{pre}.output_layer_norm", (f"layer_{i}", "output_norm")))
+        else:
+            pre = f"encoder.layer.{i}"
+            m.update(_norm(f"{pre}.attention.output.LayerNorm", (f"layer_{i}", "attention_norm")))
+            m.update(_norm(f"{pre}.output.LayerNorm", (f"layer_{i}", "output_norm")))
+    return m
+
+
+def _normalise_name(name: str) -> str:
+    for p in _PREFIXES:
+        if name.startswith(p):
+            name = name[len(p):]
+            break
+    # Old TF-converted checkpoints call LayerNorm weights gamma/beta.
+    return name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta",
+                                                                       "LayerNorm.bias")
+
+
+def resolve_model_dir(model: str) -> str:
+    """A local Hugging Face folder, or a hub id downloaded with `snapshot_download`."""
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise UserError(f"model folder {model!r} has no config.json; point --config.model at "
+                            "a Hugging Face model folder (config.json + model.safetensors)")
+        return model
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
+    if looks_like_path:
+        raise UserError(f"model path {model!r} does not exist; pass an existing local folder "
+                        "with --config.model=/path/to/model or a hub id such as bert-base-uncased")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model, allow_patterns=[
+            "config.json", "*.safetensors", "tokenizer*", "vocab*", "special_tokens_map.json",
+            "merges.txt", "*.model"])
+    except Exception as e:  # offline, unknown id, gated repo...
+        raise UserError(f"could not get model {model!r} from the Hugging Face Hub "
+                        f"({type(e).__name__}); when offline, download it elsewhere and pass the "
+                        "local folder with --config.model=/path/to/model") from None
+
+
+def load_hf_config(model_dir: str) -> tuple[EncoderConfig, dict]:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        hf = json.load(f)
+    return EncoderConfig.from_hf(hf), hf
+
+
+def read_state_dict(model_dir: str) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint folder as float32 numpy arrays (names unchanged)."""
+    st = os.path.join(model_dir, "model.safetensors")
+    if os.path.isfile(st):
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(st)
+        except Exception:  # bf16 tensors cannot be read by the numpy backend
+            from safetensors import safe_open
+
+            with safe_open(st, framework="flax") as f:
+                return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}  # noqa: SIM118
+    pt = os.path.join(model_dir, "pytorch_model.bin")
+    if os.path.isfile(pt):
+        try:
+            import torch
+        except ImportError:
+            raise UserError(f"{pt} is a PyTorch checkpoint and torch is not installed; "
+                            "pip install torch, or convert it to model.safetensors") from None
+        sd = torch.load(pt, map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() for k, v in sd.items()}
+    raise UserError(f"no model.safetensors or pytorch_model.bin in {model_dir!r}; "
+                    "point --config.model at a folder holding the weights")
+
+
+def _set(tree: dict, path: Path, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: Path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, object]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, (*prefix, k)))
+        else:
+            out[(*prefix, k)] = v
+    return out
+
+
+def convert_state_dict(state: Mapping[str, np.ndarray], config: EncoderConfig,
+                       expected: Mapping) -> tuple[dict, list[str], list[str]]:
+    """Map a Hugging Face state dict onto the encoder's Flax param tree.
+
+    Args:
+      state: tensor name -> array, as in the checkpoint.
+      config: the encoder architecture.
+      expected: the encoder's param tree (arrays or ShapeDtypeStructs), for the shape check.
+    Returns:
+      (params, missing, unexpected): a nested dict of float32 arrays for every mapped weight,
+      the Flax paths ("a/b/c") the checkpoint did not provide, and the checkpoint names that map
+      to nothing.
+    """
+    name_map = hf_name_map(config)
+    params: dict = {}
+    unexpected = []
+    for raw, value in state.items():
+        name = _normalise_name(raw)
+        if name not in name_map:
+            if not name.endswith(_IGNORED_SUFFIXES):
+                unexpected.append(raw)
+            continue
+        path, transform = name_map[name]
+        value = np.asarray(value, np.float32)
+        if transform == "T":
+            value = value.T
+        want = tuple(_get(expected, path).shape)
+        if value.shape != want:
+            raise UserError(f"checkpoint tensor {raw} has shape {value.shape} but the model "
+                            f"expects {want}; the config.json does not match the weights")
+        _set(params, path, value)
+    loaded = set(_flatten(params))
+    missing = ["/".join(p) for p in _flatten(expected) if p not in loaded]
+    return params, missing, unexpected
+
+
+def report_keys(model_dir: str, missing: list[str], unexpected: list[str]) -> None:
+    if unexpected:
+        log.warning("Some weights of the checkpoint at %s were not used: %s", model_dir,
+                    ", ".join(sorted(unexpected)))
+    if missing:
+        log.warning("Some weights of the model were not initialized from the checkpoint at %s "
+                    "and are newly initialized: %s", model_dir, ", ".join(sorted(missing)))
+
+
+def encoder_shapes(config: EncoderConfig) -> dict:
+    """The encoder's param tree as ShapeDtypeStructs (no memory allocated)."""
+    import jax
+    import jax.numpy as jnp
+
+    from lora_jax.models.encoder import Encoder
+
+    ids = jnp.zeros((1, 8), jnp.int32)
+    return jax.eval_shape(lambda: Encoder(config).init(jax.random.PRNGKey(0), ids))["params"]
+
+
+def load_pretrained(model: str) -> tuple[str, EncoderConfig, dict, list[str]]:
+    """Resolve `model` (folder or hub id) and read its encoder weights.
+
+    Returns (model_dir, config, encoder_params, missing): encoder_params is a nested dict of
+    float32 numpy arrays in the Flax layout; `missing` lists encoder paths the checkpoint lacks
+    (e.g. ``pooler/kernel`` for sentence-transformers exports), which the caller initialises.
+    """
+    model_dir = resolve_model_dir(model)
+    config, _ = load_hf_config(model_dir)
+    params, missing, unexpected = convert_state_dict(read_state_dict(model_dir), config,
+                                                     encoder_shapes(config))
+    report_keys(model_dir, missing, unexpected)
+    return model_dir, config, params, missing

@@ -1,0 +1,123 @@
+"""Parity of the Flax encoders with transformers' PyTorch classes (fp32, 1e-4)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lora_jax.models import Encoder
+from lora_jax.models.hf_import import load_pretrained
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=48, max_position_embeddings=40)
+
+
+def _random_torch_model(kind: str):
+    torch.manual_seed(0)
+    if kind == "bert":
+        return transformers.BertModel(transformers.BertConfig(**SMALL, type_vocab_size=2))
+    if kind == "electra":
+        return transformers.ElectraModel(transformers.ElectraConfig(**SMALL, embedding_size=32))
+    if kind == "electra_proj":
+        return transformers.ElectraModel(transformers.ElectraConfig(**SMALL, embedding_size=16))
+    if kind == "distilbert":
+        return transformers.DistilBertModel(transformers.DistilBertConfig(
+            vocab_size=120, dim=32, n_layers=2, n_heads=4, hidden_dim=48,
+            max_position_embeddings=40))
+    raise ValueError(kind)
+
+
+def _inputs(batch=3, length=11, vocab=120):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, vocab, (batch, length))
+    mask = np.ones((batch, length), np.int64)
+    mask[1, 7:] = 0  # padded rows
+    mask[2, 4:] = 0
+    types = np.zeros_like(ids)
+    types[:, 5:] = 1
+    return ids, mask, types
+
+
+def _torch_hidden(model, kind, ids, mask, types):
+    model.eval()
+    kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    if kind != "distilbert":
+        kw["token_type_ids"] = torch.tensor(types)
+    with torch.no_grad():
+        return model(**kw).last_hidden_state.numpy()
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "electra", "electra_proj"])
+def test_last_hidden_state_matches_pytorch(kind, tmp_path):
+    model = _random_torch_model(kind)
+    model.save_pretrained(tmp_path)
+    ids, mask, types = _inputs()
+    expected = _torch_hidden(model, kind, ids, mask, types)
+
+    _, config, params, missing = load_pretrained(str(tmp_path))
+    assert missing == []
+    hidden, _ = Encoder(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
+                                      jnp.asarray(types))
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(hidden)[valid], expected[valid], atol=1e-4, rtol=1e-4)
+
+
+def test_bert_pooler_matches_pytorch(tmp_path):
+    model = _random_torch_model("bert")
+    model.save_pretrained(tmp_path)
+    ids, mask, types = _inputs()
+    with torch.no_grad():
+        model.eval()
+        expected = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                         token_type_ids=torch.tensor(types)).pooler_output.numpy()
+    _, config, params, _ = load_pretrained(str(tmp_path))
+    _, pooled = Encoder(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
+                                      jnp.asarray(types))
+    np.testing.assert_allclose(np.asarray(pooled), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_pytorch_bin_checkpoint_loads(tmp_path):
+    model = _random_torch_model("bert")
+    model.config.save_pretrained(tmp_path)  # transformers 5 writes only safetensors
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    ids, mask, types = _inputs()
+    expected = _torch_hidden(model, "bert", ids, mask, types)
+    _, config, params, _ = load_pretrained(str(tmp_path))
+    hidden, _ = Encoder(config).apply({"params": params}, ids, mask, types)
+    np.testing.assert_allclose(np.asarray(hidden)[mask.astype(bool)], expected[mask.astype(bool)],
+                               atol=1e-4)
+
+
+def test_real_minilm_l3_matches_pytorch(minilm_l3):
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm_l3))
+    batch = tok(["A man is playing a guitar.", "The stock market fell sharply today, again."],
+                padding=True, return_tensors="np")
+    ref = transformers.BertModel.from_pretrained(str(minilm_l3))
+    expected = _torch_hidden(ref, "bert", batch["input_ids"], batch["attention_mask"],
+                             batch["token_type_ids"])
+    _, config, params, missing = load_pretrained(str(minilm_l3))
+    assert missing == ["pooler/bias", "pooler/kernel"]  # the export has no pooler
+    params = dict(params, pooler=jax.tree_util.tree_map(
+        np.zeros_like, {"kernel": np.zeros((384, 384)), "bias": np.zeros(384)}))
+    hidden, _ = Encoder(config).apply({"params": params}, batch["input_ids"],
+                                      batch["attention_mask"], batch["token_type_ids"])
+    valid = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(np.asarray(hidden)[valid], expected[valid], atol=1e-4)
+
+
+def test_bf16_compute_close_to_fp32(tmp_path):
+    model = _random_torch_model("bert")
+    model.save_pretrained(tmp_path)
+    ids, mask, types = _inputs()
+    _, config, params, _ = load_pretrained(str(tmp_path))
+    h32, _ = Encoder(config).apply({"params": params}, ids, mask, types)
+    h16, _ = Encoder(config, dtype=jnp.bfloat16).apply({"params": params}, ids, mask, types)
+    assert h16.dtype == jnp.bfloat16
+    valid = mask.astype(bool)
+    err = np.abs(np.asarray(h16, np.float32) - np.asarray(h32))[valid]
+    assert err.max() < 0.1, err.max()
