@@ -245,3 +245,37 @@ def load_pretrained(model: str) -> tuple[str, EncoderConfig, dict, list[str]]:
                                                      encoder_shapes(config))
     report_keys(model_dir, missing, unexpected)
     return model_dir, config, params, missing
+
+
+def to_hf_state_dict(encoder_params: Mapping, config: EncoderConfig,
+                     prefix: str = "") -> dict[str, np.ndarray]:
+    """Inverse of `convert_state_dict`: Hugging Face tensor names -> float32 numpy arrays.
+
+    Use it on `lora.merge(...)["encoder"]` to serve a merged model from PyTorch.
+    """
+    out = {}
+    for name, (path, transform) in hf_name_map(config).items():
+        try:
+            value = np.asarray(_get(encoder_params, path), np.float32)
+        except KeyError:
+            continue
+        out[prefix + name] = np.ascontiguousarray(value.T if transform == "T" else value)
+    return out
+
+
+def hf_config_dict(config: EncoderConfig) -> dict:
+    """A BERT/ELECTRA `config.json` dict for `config` (DistilBERT export is not needed here)."""
+    if config.model_type == "distilbert":
+        raise NotImplementedError("config.json export is implemented for BERT and ELECTRA")
+    d = {"model_type": config.model_type, "vocab_size": config.vocab_size,
+         "hidden_size": config.hidden_size, "num_hidden_layers": config.num_layers,
+         "num_attention_heads": config.num_heads, "intermediate_size": config.intermediate_size,
+         "max_position_embeddings": config.max_position_embeddings,
+         "type_vocab_size": config.type_vocab_size, "hidden_act": config.hidden_act,
+         "layer_norm_eps": config.layer_norm_eps, "hidden_dropout_prob": config.hidden_dropout,
+         "attention_probs_dropout_prob": config.attention_dropout,
+         "pad_token_id": config.pad_token_id,
+         "architectures": ["BertModel" if config.model_type == "bert" else "ElectraModel"]}
+    if config.model_type == "electra":
+        d["embedding_size"] = config.embedding_size
+    return d

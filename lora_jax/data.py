@@ -1,0 +1,285 @@
+"""Data: read a task's splits, validate them, tokenize, and cut them into padded batches.
+
+Flow: `load_split` (rows as dicts, from local files / hub / TFDS / user files) ->
+`examples_from_rows` (texts + labels, every row checked) -> `encode` (token ids, fast
+tokenizer) -> `train_order` / `eval_order` (index batches) -> `make_batch` (numpy arrays padded
+to one of a few bucket lengths, so jit compiles a bounded number of shapes).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import json
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from lora_jax.errors import UserError
+from lora_jax.tasks import Task
+
+LOCAL_EXTENSIONS = (".jsonl.gz", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
+# ----------------------------------------------------------------------------- reading rows
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows of one file (.jsonl[.gz], .json, .csv, .tsv, .parquet) as a list of dicts."""
+    if not os.path.isfile(path):
+        raise UserError(f"data file {path!r} does not exist; check the path in the config")
+    name = path.lower()
+    try:
+        if name.endswith((".jsonl.gz", ".jsonl", ".json.gz")):
+            opener = gzip.open if name.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        if name.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            try:
+                data = json.loads(text)
+                return data if isinstance(data, list) else [data]
+            except json.JSONDecodeError:
+                return [json.loads(line) for line in text.splitlines() if line.strip()]
+        if name.endswith((".csv", ".tsv")):
+            with open(path, newline="", encoding="utf-8") as f:
+                if name.endswith(".tsv"):
+                    return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+                return list(csv.DictReader(f))
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"cannot parse {path!r} ({type(e).__name__}: {e}); fix the file or "
+                        "its extension") from None
+    raise UserError(f"unsupported data file {path!r}; use one of {', '.join(LOCAL_EXTENSIONS)}")
+
+
+def local_split_path(data_dir: str, task: Task, split: str) -> str:
+    """`<data_dir>/<task.local>/<split>.<ext>` for the first extension that exists."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"data_dir {data_dir!r} does not exist; pass --config.data_dir=DIR "
+                        "(the ../shared/data layout) or leave it empty to use the hub")
+    if not task.local:
+        raise UserError(f"task {task.name!r} has no local layout; give its files in "
+                        "config.data_files")
+    stem = os.path.join(data_dir, task.local, task.source_split(split))
+    for ext in LOCAL_EXTENSIONS:
+        if os.path.isfile(stem + ext):
+            return stem + ext
+    raise UserError(f"no {split!r} split for task {task.name!r}: {stem}.jsonl.gz (or .jsonl/.csv/"
+                    f".tsv/.parquet) is missing; add the file or set config.data_files.{split}")
+
+
+def _hub_rows(task: Task, split: str) -> list[dict]:
+    if not task.hub:
+        raise UserError(f"task {task.name!r} has no hub dataset; set config.data_dir or "
+                        "config.data_files")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(*task.hub, split=task.source_split(split))
+    except Exception as e:
+        raise UserError(f"could not load {'/'.join(task.hub)} split {split!r} from the Hugging "
+                        f"Face Hub ({type(e).__name__}); when offline pass "
+                        "--config.data_dir=../shared/data") from None
+    return ds.to_list()
+
+
+def _tfds_rows(task: Task, split: str) -> list[dict]:
+    if not task.tfds:
+        raise UserError(f"task {task.name!r} has no TFDS name; use data_source='hub' or 'local'")
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise UserError("data_source='tfds' needs tensorflow-datasets: "
+                        "pip install 'lora-jax[tfds]'") from None
+    try:
+        ds = tfds.as_numpy(tfds.load(task.tfds, split=task.source_split(split)))
+    except Exception as e:
+        raise UserError(f"could not load TFDS {task.tfds!r} split {split!r} "
+                        f"({type(e).__name__}); check the name or use data_source='local'") from None
+    decode = lambda v: v.decode("utf-8") if isinstance(v, bytes) else v
+    return [{k: decode(v) for k, v in row.items()} for row in ds]
+
+
+def load_split(task: Task, split: str, source: str, data_dir: str = "",
+               data_files: dict | None = None) -> tuple[list[dict], str]:
+    """(rows, where): the rows of `split` and a description of where they came from."""
+    data_files = data_files or {}
+    if split in data_files:
+        return read_rows(data_files[split]), data_files[split]
+    if source == "local":
+        path = local_split_path(data_dir, task, split)
+        return read_rows(path), path
+    if source == "hub":
+        return _hub_rows(task, split), f"hub:{'/'.join(task.hub)}"
+    if source == "tfds":
+        return _tfds_rows(task, split), f"tfds:{task.tfds}"
+    if source == "files":
+        raise UserError(f"config.data_files has no {split!r} entry; add "
+                        f"--config.data_files.{split}=PATH")
+    raise UserError(f"unknown data_source {source!r}; use local, hub, tfds or files")
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+@dataclasses.dataclass
+class Examples:
+    """Texts and labels of one split. texts: one tuple of 1 or 2 strings per example."""
+
+    texts: list[tuple[str, ...]]
+    labels: np.ndarray  # (N,) int32 class ids, or float32 targets for regression
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: Sequence[int]) -> Examples:
+        return Examples([self.texts[i] for i in idx], self.labels[np.asarray(idx, np.int64)])
+
+
+def examples_from_rows(rows: list[dict], task: Task, where: str) -> Examples:
+    """Pick the task's columns and check every label; raises UserError naming the row."""
+    if not rows:
+        raise UserError(f"{where} has no rows for task {task.name!r}; point the config at a "
+                        "non-empty split")
+    for key in (*task.text_keys, task.label_key):
+        if key not in rows[0]:
+            raise UserError(f"{where} has no column {key!r} needed by task {task.name!r} "
+                            f"(columns: {', '.join(map(str, rows[0]))}); fix the file or the "
+                            "task's text_keys/label_key")
+    texts = [tuple("" if r[k] is None else str(r[k]) for k in task.text_keys) for r in rows]
+    raw = [r[task.label_key] for r in rows]
+    try:
+        labels = np.asarray(raw, np.float32 if task.is_regression else np.float64)
+    except (TypeError, ValueError):
+        bad = next(i for i, v in enumerate(raw) if not _is_number(v))
+        raise UserError(f"row {bad} of {where} has label {raw[bad]!r}, not a number; task "
+                        f"{task.name!r} needs numeric labels") from None
+    if task.is_regression:
+        lo, hi = task.label_range or (-math.inf, math.inf)
+        bad = np.flatnonzero(~np.isfinite(labels) | (labels < lo) | (labels > hi))
+        if bad.size:
+            raise UserError(f"row {bad[0]} of {where} has target {labels[bad[0]]}, outside "
+                            f"[{lo}, {hi}] for task {task.name!r}; fix the data or the task")
+        return Examples(texts, labels)
+    bad = np.flatnonzero((labels != np.round(labels)) | (labels < 0) | (labels >= task.num_labels))
+    if bad.size:
+        raise UserError(f"row {bad[0]} of {where} has label {raw[bad[0]]!r}, outside the "
+                        f"{task.num_labels} classes 0..{task.num_labels - 1} of task "
+                        f"{task.name!r}; fix the labels or choose the right task/num_labels")
+    return Examples(texts, labels.astype(np.int32))
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def hold_out(train: Examples, size: float, seed: int) -> tuple[Examples, Examples]:
+    """(train_rest, held_out): a seeded slice of train for model selection.
+
+    size < 1 is a fraction of train, size >= 1 a count. The held-out rows never train.
+    """
+    n = len(train)
+    k = int(round(size * n)) if size < 1 else int(size)
+    if not 0 < k < n:
+        raise UserError(f"selection_size={size} leaves {n - k} of {n} training rows; use a "
+                        "fraction in (0, 1) or a count below the train size")
+    perm = np.random.default_rng(seed).permutation(n)
+    return train.subset(np.sort(perm[k:])), train.subset(np.sort(perm[:k]))
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+@dataclasses.dataclass
+class Encoded:
+    """Token ids of a split: ragged lists of int32 arrays, plus labels (N,)."""
+
+    input_ids: list[np.ndarray]
+    token_type_ids: list[np.ndarray]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.input_ids), np.int64, len(self.input_ids))
+
+
+def encode(examples: Examples, tokenizer, max_length: int) -> Encoded:
+    """Tokenize (truncating pairs longest-first) to at most max_length tokens per example."""
+    first = [t[0] for t in examples.texts]
+    second = [t[1] for t in examples.texts] if examples.texts and len(examples.texts[0]) > 1 else None
+    out = tokenizer(first, second, truncation=True, max_length=max_length,
+                    return_token_type_ids=True, return_attention_mask=False)
+    ids = [np.asarray(x, np.int32) for x in out["input_ids"]]
+    types = [np.asarray(x, np.int32) for x in out["token_type_ids"]]
+    return Encoded(ids, types, examples.labels)
+
+
+def bucket_lengths(max_length: int, buckets: Sequence[int]) -> tuple[int, ...]:
+    """Sorted padded lengths: the configured buckets below max_length, plus max_length."""
+    return tuple(sorted({b for b in buckets if b < max_length} | {max_length}))
+
+
+def make_batch(enc: Encoded, idx: np.ndarray, batch_size: int, buckets: Sequence[int],
+               pad_id: int) -> dict[str, np.ndarray]:
+    """Arrays for the examples `idx`, padded to (batch_size, smallest bucket >= longest).
+
+    Rows past len(idx) are padding with weight 0. Keys: input_ids, attention_mask,
+    token_type_ids (int32, (B, T)), labels (B,), weights (B,) float32.
+    """
+    longest = max(len(enc.input_ids[i]) for i in idx)
+    length = next(b for b in buckets if b >= longest)
+    ids = np.full((batch_size, length), pad_id, np.int32)
+    types = np.zeros((batch_size, length), np.int32)
+    mask = np.zeros((batch_size, length), np.int32)
+    for row, i in enumerate(idx):
+        n = len(enc.input_ids[i])
+        ids[row, :n] = enc.input_ids[i]
+        types[row, :n] = enc.token_type_ids[i]
+        mask[row, :n] = 1
+    labels = np.zeros((batch_size,), enc.labels.dtype)
+    labels[: len(idx)] = enc.labels[idx]
+    weights = np.zeros((batch_size,), np.float32)
+    weights[: len(idx)] = 1.0
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels,
+                weights=weights)
+
+
+def train_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                length_grouping: bool = True, group_batches: int = 50) -> list[np.ndarray]:
+    """Index batches of one epoch; a pure function of (seed, epoch), so resuming is exact.
+
+    With length_grouping, each chunk of `group_batches` batches is sorted by length before it is
+    cut (less padding, same randomness across chunks), and batch order is shuffled again.
+    The last batch may be short (it is padded with weight-0 rows).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(lengths))
+    if length_grouping:
+        chunk = batch_size * group_batches
+        perm = np.concatenate([
+            c[np.argsort(lengths[c], kind="stable")]
+            for c in np.array_split(perm, max(1, math.ceil(len(perm) / chunk)))])
+    batches = [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
+    order = rng.permutation(len(batches)) if length_grouping else np.arange(len(batches))
+    return [batches[i] for i in order]
+
+
+def eval_order(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Index batches sorted by length (least padding); predictions are scattered back by index."""
+    perm = np.argsort(lengths, kind="stable")
+    return [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]

@@ -1,0 +1,61 @@
+"""Evaluation metrics on numpy arrays (tested against scikit-learn and scipy).
+
+Classification metrics take integer predictions and labels (N,); regression metrics take float
+predictions and targets (N,). Every function returns a python float.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.stats
+
+
+def accuracy(pred: np.ndarray, label: np.ndarray) -> float:
+    return float(np.mean(np.asarray(pred) == np.asarray(label)))
+
+
+def _binary_counts(pred, label):
+    pred, label = np.asarray(pred) == 1, np.asarray(label) == 1
+    tp = float(np.sum(pred & label))
+    fp = float(np.sum(pred & ~label))
+    fn = float(np.sum(~pred & label))
+    return tp, fp, fn
+
+
+def f1(pred: np.ndarray, label: np.ndarray) -> float:
+    """Binary F1 of the positive class (label 1); 0 when there are no positives at all."""
+    tp, fp, fn = _binary_counts(pred, label)
+    denom = 2 * tp + fp + fn
+    return 2 * tp / denom if denom else 0.0
+
+
+def matthews(pred: np.ndarray, label: np.ndarray) -> float:
+    """Matthews correlation (multi-class form, as sklearn); 0 when undefined."""
+    pred, label = np.asarray(pred), np.asarray(label)
+    classes = np.union1d(pred, label)
+    idx_p = np.searchsorted(classes, pred)
+    idx_l = np.searchsorted(classes, label)
+    conf = np.zeros((len(classes), len(classes)), np.float64)
+    np.add.at(conf, (idx_l, idx_p), 1)
+    t, p = conf.sum(1), conf.sum(0)
+    c, s = np.trace(conf), conf.sum()
+    cov_pp = s * s - p @ p
+    cov_tt = s * s - t @ t
+    denom = np.sqrt(cov_pp * cov_tt)
+    return float((c * s - t @ p) / denom) if denom else 0.0
+
+
+def pearson(pred: np.ndarray, label: np.ndarray) -> float:
+    return float(scipy.stats.pearsonr(pred, label)[0]) if np.std(pred) > 0 else 0.0
+
+
+def spearman(pred: np.ndarray, label: np.ndarray) -> float:
+    return float(scipy.stats.spearmanr(pred, label)[0]) if np.std(pred) > 0 else 0.0
+
+
+METRICS = {"accuracy": accuracy, "f1": f1, "matthews": matthews, "pearson": pearson,
+           "spearman": spearman}
+
+
+def compute(names, pred, label) -> dict[str, float]:
+    return {name: METRICS[name](pred, label) for name in names}

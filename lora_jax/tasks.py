@@ -1,0 +1,98 @@
+"""Task registry: where each dataset lives, its input columns, label space and metrics.
+
+A task names three sources (which one is used is the config's choice):
+* ``hub``: a Hugging Face hub dataset (``datasets.load_dataset(*hub)``), online;
+* ``tfds``: a TensorFlow Datasets name (``glue/sst2``), online, optional extra;
+* ``local``: ``<data_dir>/<local>/<split>.<ext>`` as in ``../shared/data``
+  (``.jsonl.gz``, ``.jsonl``, ``.json``, ``.csv``, ``.tsv``, ``.parquet``).
+Users can also register their own files and columns through the config (`custom_task`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lora_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One classification or regression task.
+
+    num_labels: number of classes; 1 means regression (targets are floats).
+    splits: our split name -> the source's split name; ``eval_splits`` are reported.
+    metrics: the first one is the task's main metric (model selection, tables).
+    """
+
+    name: str
+    text_keys: tuple[str, ...]
+    num_labels: int
+    metrics: tuple[str, ...] = ("accuracy",)
+    label_key: str = "label"
+    hub: tuple[str, ...] = ()
+    tfds: str = ""
+    local: str = ""
+    splits: tuple[tuple[str, str], ...] = (("train", "train"), ("validation", "validation"))
+    eval_splits: tuple[str, ...] = ("validation",)
+    label_range: tuple[float, float] | None = None  # regression targets
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+    @property
+    def main_metric(self) -> str:
+        return self.metrics[0]
+
+    def source_split(self, split: str) -> str:
+        return dict(self.splits).get(split, split)
+
+
+def _glue(name, keys, n, metrics=("accuracy",), **kw) -> Task:
+    return Task(name, keys, n, metrics, hub=("nyu-mll/glue", name), tfds=f"glue/{name}",
+                local=f"glue/{name}", **kw)
+
+
+TASKS: dict[str, Task] = {t.name: t for t in [
+    _glue("cola", ("sentence",), 2, ("matthews", "accuracy")),
+    _glue("sst2", ("sentence",), 2),
+    _glue("mrpc", ("sentence1", "sentence2"), 2, ("accuracy", "f1")),
+    _glue("qqp", ("question1", "question2"), 2, ("accuracy", "f1")),
+    _glue("stsb", ("sentence1", "sentence2"), 1, ("pearson", "spearman"),
+          label_range=(0.0, 5.0)),
+    _glue("mnli", ("premise", "hypothesis"), 3,
+          splits=(("train", "train"), ("validation", "validation_matched"),
+                  ("validation_matched", "validation_matched"),
+                  ("validation_mismatched", "validation_mismatched")),
+          eval_splits=("validation_matched", "validation_mismatched")),
+    _glue("qnli", ("question", "sentence"), 2),
+    _glue("rte", ("sentence1", "sentence2"), 2),
+    _glue("wnli", ("sentence1", "sentence2"), 2),
+    Task("imdb", ("text",), 2, hub=("stanfordnlp/imdb",), tfds="imdb_reviews", local="imdb",
+         splits=(("train", "train"), ("validation", "test"))),
+    Task("ag_news", ("text",), 4, hub=("fancyzhx/ag_news",), tfds="ag_news_subset",
+         local="ag_news", splits=(("train", "train"), ("validation", "test"))),
+    Task("trec", ("text",), 6, label_key="coarse_label", hub=("CogComp/trec",), local="trec",
+         splits=(("train", "train"), ("validation", "test"))),
+    # Generated offline by lora_jax.synthetic (quickstart and tests).
+    Task("synth_sentiment", ("sentence",), 2, local="synth/sentiment"),
+]}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}; choose one of {', '.join(TASKS)} "
+                        "(or set config.custom_task for your own files)")
+    return TASKS[name]
+
+
+def custom_task(spec) -> Task:
+    """A task from a config dict: name, text_keys, label_key, num_labels, metrics."""
+    try:
+        return Task(name=spec["name"], text_keys=tuple(spec["text_keys"]),
+                    num_labels=int(spec["num_labels"]), label_key=spec.get("label_key", "label"),
+                    metrics=tuple(spec.get("metrics") or (
+                        ("pearson", "spearman") if int(spec["num_labels"]) == 1 else ("accuracy",))))
+    except KeyError as e:
+        raise UserError(f"config.custom_task is missing {e.args[0]!r}; it needs name, text_keys, "
+                        "num_labels (and optionally label_key, metrics)") from None

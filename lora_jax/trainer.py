@@ -1,0 +1,489 @@
+"""The generic single-task train loop: FT_LoRA, FFN (trained head) and zero-shot (untrained head).
+
+`train_and_evaluate(config, workdir)` is what `train.py` runs. Everything that can fail on bad
+input is checked in `prepare` before the workdir is touched. The loop is a pure, jit-compiled
+`train_step` over a data-parallel mesh; Orbax checkpoints hold the trainable tree, optimizer
+state, step and best-so-far, and the step fixes the data position, so a resumed run replays
+exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from lora_jax import data as data_lib
+from lora_jax import lora as lora_lib
+from lora_jax import metrics as metrics_lib
+from lora_jax.errors import UserError
+from lora_jax.models import EncoderConfig, SequenceClassifier
+from lora_jax.models.encoder import POOLINGS
+from lora_jax.models.hf_import import load_pretrained
+from lora_jax.tasks import Task, custom_task, get_task
+from lora_jax.writers import MetricWriter, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PROTOCOL = ("model selection on a held-out slice of train ({n} rows, never trained on); "
+            "metrics reported on {splits}")
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs, built and validated before anything is written."""
+
+    config: ml_collections.ConfigDict
+    task: Task
+    model_dir: str
+    encoder_config: EncoderConfig
+    model: SequenceClassifier
+    frozen: dict  # variables that never change
+    trainable: dict  # variables the optimizer updates
+    splits: dict[str, data_lib.Encoded]  # "train", "selection", and the eval splits
+    pad_id: int
+    buckets: tuple[int, ...]
+    sources: dict[str, str]
+
+
+def _resolve_task(config) -> Task:
+    if config.custom_task.get("name"):
+        return custom_task(config.custom_task.to_dict())
+    return get_task(config.task)
+
+
+def _data_source(config) -> str:
+    if config.data_source != "auto":
+        return config.data_source
+    if config.data_dir:
+        return "local"
+    if any(config.data_files.values()):
+        return "files"
+    return "hub"
+
+
+def _load_tokenizer(model_dir: str, name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name or model_dir, use_fast=True)
+    except Exception as e:
+        raise UserError(f"could not load a tokenizer from {name or model_dir!r} "
+                        f"({type(e).__name__}); the model folder needs tokenizer.json or "
+                        "vocab.txt, or set --config.tokenizer=PATH") from None
+    if not tok.is_fast:
+        raise UserError(f"tokenizer at {name or model_dir!r} is not a fast tokenizer; "
+                        "provide tokenizer.json")
+    return tok
+
+
+def load_examples(config, task: Task) -> tuple[dict[str, data_lib.Examples], dict[str, str]]:
+    """Train / selection / eval splits as Examples, after the held-out slice and size caps."""
+    source = _data_source(config)
+    files = {k: v for k, v in config.data_files.items() if v}
+    sources, out = {}, {}
+    for split in ("train", *task.eval_splits):
+        if split == "train" and config.num_epochs == 0 and config.selection_size == 0:
+            continue
+        rows, where = load_split(task, split, source, config.data_dir, files)
+        sources[split] = where
+        out[split] = data_lib.examples_from_rows(rows, task, where)
+    if "train" in out:
+        if config.selection_size:
+            out["train"], out["selection"] = data_lib.hold_out(out["train"], config.selection_size,
+                                                               config.seed)
+        if config.max_train_examples:
+            n = min(config.max_train_examples, len(out["train"]))
+            keep = np.random.default_rng(config.seed + 1).permutation(len(out["train"]))[:n]
+            out["train"] = out["train"].subset(np.sort(keep))
+        if config.num_epochs == 0:
+            del out["train"]
+    if config.max_eval_examples:
+        for split in (*task.eval_splits, "selection"):
+            if split in out and len(out[split]) > config.max_eval_examples:
+                out[split] = out[split].subset(np.arange(config.max_eval_examples))
+    return out, sources
+
+
+load_split = data_lib.load_split  # indirection point for tests
+
+
+def build_model(config, encoder_config: EncoderConfig, task: Task) -> SequenceClassifier:
+    if config.pooling not in POOLINGS:
+        raise UserError(f"pooling {config.pooling!r} is unknown; use one of {', '.join(POOLINGS)}")
+    if config.pooling == "pooler" and not encoder_config.has_pooler:
+        raise UserError(f"pooling='pooler' needs a BERT pooler; {encoder_config.model_type} has "
+                        "none, use --config.pooling=mean or cls")
+    if config.dtype not in DTYPES:
+        raise UserError(f"dtype {config.dtype!r} is unknown; use float32 or bfloat16")
+    return SequenceClassifier(encoder_config, task.num_labels, pooling=config.pooling,
+                              classifier_dropout=config.classifier_dropout,
+                              lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                              dtype=DTYPES[config.dtype])
+
+
+def init_variables(model: SequenceClassifier, pretrained: dict, missing: list[str],
+                   config) -> dict:
+    """{"params": ..., "lora": ...}: the encoder from the checkpoint, the rest seeded.
+
+    `jax.eval_shape` gives the tree first; only then are the head (and checkpoint-missing
+    encoder leaves such as an absent pooler) initialised and the pretrained arrays placed.
+    """
+    ids = jnp.zeros((1, 8), jnp.int32)
+    init = lambda rng: model.init(rng, ids, ids, ids)["params"]
+    rng_init, rng_lora = jax.random.split(jax.random.PRNGKey(config.seed))
+    jax.eval_shape(init, rng_init)  # fails fast on a bad config, allocates nothing
+    params = traverse_util.flatten_dict(jax.jit(init)(rng_init))
+    for path, value in traverse_util.flatten_dict(pretrained).items():
+        params[("encoder", *path)] = jnp.asarray(value)
+    if missing:
+        log.info("initialised from seed (not in the checkpoint): %s", ", ".join(missing))
+    params = traverse_util.unflatten_dict(params)
+    variables = {"params": params}
+    if config.experiment == "ft_lora":
+        spec = lora_spec(config)
+        variables["lora"] = lora_lib.init_lora(rng_lora, params, spec)
+    return variables
+
+
+def lora_spec(config) -> lora_lib.LoRASpec:
+    return lora_lib.LoRASpec(r=config.lora.r, alpha=config.lora.alpha,
+                             dropout=config.lora.dropout, targets=tuple(config.lora.targets))
+
+
+EXPERIMENTS = ("ft_lora", "ffn", "zero_shot", "full")
+
+
+def trainable_patterns(config) -> tuple[str, ...]:
+    if config.experiment not in EXPERIMENTS:
+        raise UserError(f"experiment {config.experiment!r} is unknown; use one of "
+                        f"{', '.join(EXPERIMENTS)}")
+    if config.trainable:
+        return tuple(config.trainable)
+    return {"ft_lora": ("^lora/", "^params/head/"), "ffn": ("^params/head/",),
+            "zero_shot": (), "full": (".*",)}[config.experiment]
+
+
+def prepare(config) -> Setup:
+    """Validate the config and inputs, load model and data. Writes nothing."""
+    task = _resolve_task(config)
+    if config.batch_size % jax.device_count():
+        raise UserError(f"batch_size {config.batch_size} is not divisible by the "
+                        f"{jax.device_count()} devices; use a multiple of {jax.device_count()}")
+    if config.experiment == "zero_shot":
+        config.num_epochs = 0
+    patterns = trainable_patterns(config)
+    model_dir, enc_cfg, pretrained, missing = load_pretrained(config.model)
+    model = build_model(config, enc_cfg, task)
+    tokenizer = _load_tokenizer(model_dir, config.tokenizer)
+    examples, sources = load_examples(config, task)
+    max_len = min(config.max_length, enc_cfg.max_position_embeddings)
+    splits = {k: data_lib.encode(v, tokenizer, max_len) for k, v in examples.items()}
+    variables = init_variables(model, pretrained, missing, config)
+    mask = lora_lib.trainable_mask(variables, patterns)
+    trainable, frozen = lora_lib.split(variables, mask)
+    return Setup(config, task, model_dir, enc_cfg, model, frozen, trainable, splits,
+                 tokenizer.pad_token_id or 0, data_lib.bucket_lengths(max_len, config.buckets),
+                 sources)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+    opt = config.optimizer
+    warmup = int(opt.warmup_ratio * total_steps)
+    warmup_part = optax.linear_schedule(0.0, opt.learning_rate, max(warmup, 1))
+    rest = max(total_steps - warmup, 1)
+    if opt.schedule == "linear":
+        lr = optax.join_schedules([warmup_part, optax.linear_schedule(opt.learning_rate, 0.0, rest)],
+                                  [warmup])
+    elif opt.schedule == "cosine":
+        lr = optax.join_schedules([warmup_part, optax.cosine_decay_schedule(opt.learning_rate,
+                                                                            rest)], [warmup])
+    elif opt.schedule == "constant":
+        lr = optax.join_schedules([warmup_part, optax.constant_schedule(opt.learning_rate)],
+                                  [warmup])
+    else:
+        raise UserError(f"optimizer.schedule {opt.schedule!r} is unknown; use linear, cosine or "
+                        "constant")
+    return optax.chain(
+        optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip else optax.identity(),
+        optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                    mask=lora_lib.weight_decay_mask),
+    )
+
+
+def loss_and_predictions(logits: jax.Array, labels: jax.Array, weights: jax.Array,
+                         regression: bool) -> tuple[jax.Array, jax.Array]:
+    """Weighted mean loss (cross-entropy, or MSE when regression) and predictions (B,)."""
+    if regression:
+        pred = logits[:, 0]
+        per_example = jnp.square(pred - labels.astype(jnp.float32))
+    else:
+        pred = jnp.argmax(logits, -1)
+        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return (per_example * weights).sum() / jnp.maximum(weights.sum(), 1.0), pred
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, regression: bool,
+                    base_rng: jax.Array) -> Callable:
+    """train_step(trainable, opt_state, step, frozen, batch) -> (trainable, opt_state, metrics).
+
+    Gradients are taken w.r.t. `trainable` only; `frozen` passes through untouched.
+    """
+
+    def train_step(trainable, opt_state, step, frozen, batch):
+        rng = jax.random.fold_in(base_rng, step)
+
+        def loss_fn(params):
+            variables = lora_lib.combine(params, frozen)
+            logits = model.apply(variables, batch["input_ids"], batch["attention_mask"],
+                                 batch["token_type_ids"], deterministic=False,
+                                 rngs={"dropout": rng})
+            loss, _ = loss_and_predictions(logits, batch["labels"], batch["weights"], regression)
+            return loss
+
+        loss, grads = jax.value_and_grad(loss_fn)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
+                   "train/param_norm": optax.global_norm(trainable)}
+        return trainable, opt_state, metrics
+
+    return train_step
+
+
+def make_predict_step(model: nn.Module, regression: bool) -> Callable:
+    def predict_step(trainable, frozen, batch):
+        logits = model.apply(lora_lib.combine(trainable, frozen), batch["input_ids"],
+                             batch["attention_mask"], batch["token_type_ids"], deterministic=True)
+        return loss_and_predictions(logits, batch["labels"], batch["weights"], regression)[1]
+
+    return predict_step
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(predict: Callable, trainable, frozen, enc: data_lib.Encoded, task: Task,
+             setup: Setup, put: Callable, desc: str = "eval") -> dict[str, float]:
+    """Metrics of `task` on one encoded split (predictions gathered back to example order)."""
+    bs = setup.config.eval_batch_size
+    preds = np.zeros(len(enc), np.float32 if task.is_regression else np.int32)
+    batches = data_lib.eval_order(enc.lengths, bs)
+    for idx in tqdm(batches, desc=desc, leave=False, disable=not setup.config.progress):
+        batch = put(data_lib.make_batch(enc, idx, bs, setup.buckets, setup.pad_id))
+        preds[idx] = np.asarray(predict(trainable, frozen, batch))[: len(idx)]
+    return metrics_lib.compute(task.metrics, preds, enc.labels)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        item_names=("state", "meta"))
+
+
+def _state_dict(trainable, opt_state, best_trainable, best_score, best_step) -> dict:
+    return {"trainable": trainable, "opt_state": opt_state, "best_trainable": best_trainable,
+            "best_score": jnp.asarray(best_score, jnp.float32),
+            "best_step": jnp.asarray(best_step, jnp.int32)}
+
+
+def restore_trainable(workdir: str, which: str = "best_trainable", step: int | None = None):
+    """Trainable tree (`best_trainable` or `trainable`) and metadata from a run's checkpoints."""
+    mngr = checkpoint_manager(workdir)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise UserError(f"no checkpoint under {workdir}/checkpoints; train first")
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    return restored["state"][which], restored["meta"]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def machine_description() -> str:
+    dev = jax.devices()[0]
+    return (f"{platform.machine()} {dev.platform.upper()} ({dev.device_kind}), "
+            f"{jax.device_count()} device(s), {os.cpu_count()} CPU cores, jax {jax.__version__}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train per `config`, select on the held-out slice, report eval splits; returns results."""
+    setup = prepare(config)
+    task, cfg = setup.task, setup.config
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir) and not cfg.resume:
+        raise UserError(f"{workdir} already holds checkpoints; pass --config.resume=True to "
+                        "continue that run, or choose a new --workdir")
+    os.makedirs(workdir, exist_ok=True)
+
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    replicated = NamedSharding(mesh, P())
+    data_sharding = NamedSharding(mesh, P("data"))
+    put = lambda batch: jax.device_put(batch, data_sharding)
+    frozen = jax.device_put(setup.frozen, replicated)
+    trainable = jax.device_put(setup.trainable, replicated)
+
+    n_trainable = lora_lib.count_params(setup.trainable)
+    n_total = n_trainable + lora_lib.count_params(setup.frozen)
+    log.info("task %s, experiment %s: %d trainable of %d parameters (%.3f%%)", task.name,
+             cfg.experiment, n_trainable, n_total, 100 * n_trainable / n_total)
+
+    regression = task.is_regression
+    predict = jax.jit(make_predict_step(setup.model, regression),
+                      in_shardings=(replicated, replicated, data_sharding))
+    writer = MetricWriter(workdir)
+    train_enc = setup.splits.get("train")
+    steps_per_epoch = -(-len(train_enc) // cfg.batch_size) if train_enc is not None else 0
+    total_steps = cfg.num_epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    selection = setup.splits.get("selection")
+    select_split = "selection" if selection is not None else task.eval_splits[0]
+    # A copy: the train step donates `trainable`'s buffers.
+    best = {"score": -np.inf, "step": 0, "trainable": jax.tree_util.tree_map(jnp.copy, trainable)}
+    t_train, step, trained = 0.0, 0, 0
+
+    if total_steps:
+        tx = make_optimizer(cfg, total_steps)
+        opt_state = jax.jit(tx.init, out_shardings=replicated)(trainable)
+        train_step = jax.jit(
+            make_train_step(setup.model, tx, regression, jax.random.PRNGKey(cfg.seed + 2)),
+            in_shardings=(replicated, replicated, None, replicated, data_sharding),
+            out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
+        mngr = checkpoint_manager(workdir)
+        if cfg.resume and mngr.latest_step() is not None:
+            step = mngr.latest_step()
+            target = _state_dict(trainable, opt_state, trainable, 0.0, 0)
+            abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))["state"]
+            trainable, opt_state = restored["trainable"], restored["opt_state"]
+            best = {"score": float(restored["best_score"]), "step": int(restored["best_step"]),
+                    "trainable": restored["best_trainable"]}
+            log.info("resumed from step %d (best %s %.4f at step %d)", step, task.main_metric,
+                     best["score"], best["step"])
+        eval_every = cfg.eval_every_steps or steps_per_epoch
+        meta = {"task": task.name, "experiment": cfg.experiment, "model": cfg.model,
+                "config": cfg.to_dict()}
+
+        def save(at_step: int, force: bool = False):
+            mngr.save(at_step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_state_dict(trainable, opt_state, best["trainable"],
+                                                        best["score"], best["step"])),
+                meta=ocp.args.JsonSave(meta)), force=force)
+
+        bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.experiment} {task.name}",
+                   disable=not cfg.progress, dynamic_ncols=True)
+        seen, window_start = 0, time.perf_counter()
+        loop_start, t_other, trained = time.perf_counter(), 0.0, 0
+        while step < total_steps:
+            epoch, offset = divmod(step, steps_per_epoch)
+            order = data_lib.train_order(train_enc.lengths, cfg.batch_size, cfg.seed, epoch,
+                                         cfg.length_grouping)
+            for idx in order[offset:]:
+                if step >= total_steps:
+                    break
+                batch = put(data_lib.make_batch(train_enc, idx, cfg.batch_size, setup.buckets,
+                                                setup.pad_id))
+                trainable, opt_state, m = train_step(trainable, opt_state, step, frozen, batch)
+                step += 1
+                seen += len(idx)
+                trained += len(idx)
+                bar.update(1)
+                if step % cfg.log_every_steps == 0 or step == total_steps:
+                    m = jax.device_get(m)
+                    now = time.perf_counter()
+                    rate = seen / max(now - window_start, 1e-9)
+                    seen, window_start = 0, now
+                    bar.set_postfix(loss=f"{m['train/loss']:.4f}", ex_s=f"{rate:.0f}")
+                    writer.write(step, {**m, "train/examples_per_s": rate, "train/epoch":
+                                        step / steps_per_epoch})
+                t0 = time.perf_counter()
+                if step % eval_every == 0 or step == total_steps:
+                    enc = selection if selection is not None else setup.splits[select_split]
+                    scores = evaluate(predict, trainable, frozen, enc, task, setup, put,
+                                      desc=f"eval {select_split}")
+                    writer.write(step, {f"{select_split}/{k}": v for k, v in scores.items()})
+                    if scores[task.main_metric] > best["score"]:
+                        best = {"score": scores[task.main_metric], "step": step,
+                                "trainable": jax.tree_util.tree_map(jnp.copy, trainable)}
+                    log.info("step %d: %s %s %.4f (best %.4f at step %d)", step, select_split,
+                             task.main_metric, scores[task.main_metric], best["score"],
+                             best["step"])
+                stopping = step == cfg.stop_after_steps
+                if step % cfg.checkpoint_every_steps == 0 or step == total_steps or stopping:
+                    save(step, force=step == total_steps or stopping)
+                pause = time.perf_counter() - t0
+                t_other += pause
+                window_start += pause  # throughput excludes evaluation and checkpoint time
+                if stopping:
+                    break
+            if step == cfg.stop_after_steps:
+                break
+        jax.block_until_ready(trainable)
+        t_train = time.perf_counter() - loop_start - t_other
+        bar.close()
+        mngr.wait_until_finished()
+        mngr.close()
+        if step < total_steps:
+            writer.close()
+            log.info("stopped at step %d of %d as asked (stop_after_steps); continue with "
+                     "--config.resume=True", step, total_steps)
+            return {"stopped_at_step": step, "total_steps": total_steps}
+
+    results = {"task": task.name, "experiment": cfg.experiment, "model": cfg.model,
+               "metrics": {}, "main_metric": task.main_metric}
+    for split in task.eval_splits:
+        results["metrics"][split] = evaluate(predict, best["trainable"], frozen,
+                                             setup.splits[split], task, setup, put,
+                                             desc=f"eval {split}")
+    if selection is not None:
+        results["selection_metrics"] = evaluate(predict, best["trainable"], frozen, selection,
+                                                task, setup, put, desc="eval selection")
+    sizes = {k: len(v) for k, v in setup.splits.items()}
+    results.update({
+        "best_step": best["step"], "total_steps": total_steps, "epochs": cfg.num_epochs,
+        "trainable_params": n_trainable, "total_params": n_total, "sizes": sizes,
+        "train_seconds": round(t_train, 2),
+        "train_examples_per_s": round(trained / t_train, 1) if t_train else None,
+        "protocol": PROTOCOL.format(n=sizes.get("selection", 0), splits=", ".join(
+            task.eval_splits)) if selection is not None else
+        f"no selection (last step); metrics reported on {', '.join(task.eval_splits)}",
+        "data_sources": setup.sources, "seed": cfg.seed,
+        "machine": machine_description(), "command": " ".join(sys.argv),
+        "config": cfg.to_dict(),
+    })
+    main = results["metrics"][task.eval_splits[0]][task.main_metric]
+    writer.write(step, {f"{task.eval_splits[0]}/{task.main_metric}": main})
+    writer.close()
+    write_json_atomic(os.path.join(workdir, "results.json"), results)
+    return results

@@ -1,0 +1,151 @@
+"""Readers, validation errors, bucketing and the seeded batch order."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from lora_jax import data
+from lora_jax.errors import UserError
+from lora_jax.tasks import TASKS, custom_task, get_task
+
+
+def _write_jsonl_gz(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+ROWS = [{"sentence": "good film", "label": 1}, {"sentence": "bad film", "label": 0}]
+
+
+@pytest.mark.parametrize("ext", [".jsonl.gz", ".jsonl", ".json", ".csv", ".tsv", ".parquet"])
+def test_readers_agree(tmp_path, ext):
+    path = tmp_path / f"train{ext}"
+    if ext == ".jsonl.gz":
+        _write_jsonl_gz(path, ROWS)
+    elif ext == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    elif ext == ".json":
+        path.write_text(json.dumps(ROWS))
+    elif ext in (".csv", ".tsv"):
+        sep = "," if ext == ".csv" else "\t"
+        path.write_text(f"sentence{sep}label\n" + "".join(f"{r['sentence']}{sep}{r['label']}\n"
+                                                          for r in ROWS))
+    else:
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(ROWS), path)
+    ex = data.examples_from_rows(data.read_rows(str(path)), get_task("sst2"), str(path))
+    assert ex.texts == [("good film",), ("bad film",)]
+    np.testing.assert_array_equal(ex.labels, [1, 0])
+
+
+def test_registry_covers_the_paper_tasks():
+    for name in ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli", "imdb",
+                 "ag_news", "trec"):
+        assert name in TASKS
+    assert get_task("mnli").eval_splits == ("validation_matched", "validation_mismatched")
+    assert get_task("stsb").is_regression and get_task("trec").label_key == "coarse_label"
+    assert get_task("cola").main_metric == "matthews" and get_task("trec").num_labels == 6
+
+
+def test_local_layout_and_missing_split(tmp_path):
+    _write_jsonl_gz(tmp_path / "glue" / "sst2" / "train.jsonl.gz", ROWS)
+    task = get_task("sst2")
+    rows, where = data.load_split(task, "train", "local", str(tmp_path))
+    assert len(rows) == 2 and where.endswith("glue/sst2/train.jsonl.gz")
+    with pytest.raises(UserError, match="no 'validation' split for task 'sst2'"):
+        data.load_split(task, "validation", "local", str(tmp_path))
+    with pytest.raises(UserError, match="data_dir .* does not exist"):
+        data.load_split(task, "train", "local", str(tmp_path / "nope"))
+
+
+def test_user_files_and_custom_task(tmp_path):
+    path = tmp_path / "mine.csv"
+    path.write_text("review,stars\nnice,2\nmeh,1\nugh,0\n")
+    task = custom_task({"name": "mine", "text_keys": ["review"], "label_key": "stars",
+                        "num_labels": 3})
+    rows, _ = data.load_split(task, "train", "files", data_files={"train": str(path)})
+    ex = data.examples_from_rows(rows, task, str(path))
+    np.testing.assert_array_equal(ex.labels, [2, 1, 0])
+    with pytest.raises(UserError, match="missing 'num_labels'"):
+        custom_task({"name": "x", "text_keys": ["a"]})
+
+
+@pytest.mark.parametrize("label,match", [
+    (2, "outside the 2 classes 0..1 of task 'sst2'"),
+    (-1, "outside the 2 classes"),
+    (0.5, "outside the 2 classes"),
+    ("pos", "not a number"),
+])
+def test_bad_labels_name_the_row(label, match):
+    rows = [*ROWS, {"sentence": "x", "label": label}]
+    with pytest.raises(UserError, match=f"row 2 of f.jsonl .*{match}"):
+        data.examples_from_rows(rows, get_task("sst2"), "f.jsonl")
+
+
+def test_regression_range_and_missing_column_and_empty():
+    stsb = get_task("stsb")
+    ok = data.examples_from_rows([{"sentence1": "a", "sentence2": "b", "label": 4.2}], stsb, "f")
+    assert ok.labels.dtype == np.float32
+    with pytest.raises(UserError, match=r"target 7.0, outside \[0.0, 5.0\]"):
+        data.examples_from_rows([{"sentence1": "a", "sentence2": "b", "label": 7}], stsb, "f")
+    with pytest.raises(UserError, match="no column 'sentence2'"):
+        data.examples_from_rows([{"sentence1": "a", "label": 1}], stsb, "f")
+    with pytest.raises(UserError, match="has no rows"):
+        data.examples_from_rows([], stsb, "f")
+
+
+def test_hold_out_is_disjoint_and_seeded():
+    ex = data.Examples([(str(i),) for i in range(100)], np.arange(100) % 2)
+    train, held = data.hold_out(ex, 0.2, seed=0)
+    assert len(train) == 80 and len(held) == 20
+    assert not set(train.texts) & set(held.texts)
+    assert data.hold_out(ex, 0.2, seed=0)[1].texts == held.texts
+    assert data.hold_out(ex, 0.2, seed=1)[1].texts != held.texts
+    assert len(data.hold_out(ex, 30, seed=0)[1]) == 30
+    with pytest.raises(UserError, match="selection_size"):
+        data.hold_out(ex, 100, seed=0)
+
+
+def test_batches_use_bounded_shapes():
+    lengths = np.array([3, 5, 17, 30, 64, 2, 9])
+    enc = data.Encoded([np.arange(n, dtype=np.int32) + 1 for n in lengths],
+                       [np.zeros(n, np.int32) for n in lengths], np.arange(7) % 2)
+    buckets = data.bucket_lengths(64, (16, 32, 64, 128))
+    assert buckets == (16, 32, 64)
+    b = data.make_batch(enc, np.array([0, 1]), 4, buckets, pad_id=0)
+    assert b["input_ids"].shape == (4, 16)
+    np.testing.assert_array_equal(b["weights"], [1, 1, 0, 0])
+    np.testing.assert_array_equal(b["attention_mask"][1], [1] * 5 + [0] * 11)
+    assert data.make_batch(enc, np.array([2, 3]), 4, buckets, 0)["input_ids"].shape == (4, 32)
+    assert data.make_batch(enc, np.array([4]), 4, buckets, 0)["input_ids"].shape == (4, 64)
+
+
+def test_train_order_is_a_seeded_permutation():
+    lengths = np.random.default_rng(0).integers(1, 60, 1000)
+    a = data.train_order(lengths, 32, seed=0, epoch=0)
+    assert sorted(np.concatenate(a).tolist()) == list(range(1000))
+    b = data.train_order(lengths, 32, seed=0, epoch=0)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    c = data.train_order(lengths, 32, seed=0, epoch=1)
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+    # grouping by length cuts padding compared with a plain shuffle
+    pad = lambda order: sum(lengths[i].max() * len(i) - lengths[i].sum() for i in order)
+    assert pad(a) < 0.5 * pad(data.train_order(lengths, 32, 0, 0, length_grouping=False))
+
+
+def test_encode_pairs_with_token_types(minilm_l3):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_l3))
+    ex = data.Examples([("a man plays", "someone plays music " * 20)], np.array([1]))
+    enc = data.encode(ex, tok, max_length=16)
+    assert len(enc.input_ids[0]) == 16
+    assert enc.token_type_ids[0][0] == 0 and enc.token_type_ids[0][-1] == 1

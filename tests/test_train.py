@@ -1,0 +1,176 @@
+"""End-to-end: train.py on the shrunken quickstart config, resume, errors, data parallelism."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from lora_jax.quickstart import load_config
+from lora_jax.synthetic import make_quickstart_assets
+from lora_jax.trainer import restore_trainable, train_and_evaluate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "quickstart.py")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_quickstart_assets(str(tmp_path_factory.mktemp("assets")))
+
+
+def quick_config(assets, **overrides):
+    _, c = load_config(CONFIG)
+    c.model, c.data_dir = assets
+    c.progress = False
+    c.num_epochs = 2
+    c.max_train_examples = 600
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def test_end_to_end_writes_everything_and_learns(assets, tmp_path):
+    results = train_and_evaluate(quick_config(assets, num_epochs=4), str(tmp_path))
+    assert results["metrics"]["validation"]["accuracy"] > 0.62  # zero-shot is 0.5
+    assert results["selection_metrics"]["accuracy"] > 0.6
+    assert results["trainable_params"] == 2 * 2 * 3 * 64 * 4 + 64 * 2 + 2
+    assert json.loads((tmp_path / "results.json").read_text())["task"] == "synth_sentiment"
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in x for x in lines) and any("selection/accuracy" in x for x in lines)
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
+    trainable, meta = restore_trainable(str(tmp_path))
+    assert meta["task"] == "synth_sentiment" and "lora" in trainable and "head" in trainable["params"]
+
+
+def test_resume_equals_uninterrupted(assets, tmp_path):
+    # 600 rows / batch 32 = 19 steps per epoch; stop mid-epoch at step 11, then resume.
+    kw = dict(checkpoint_every_steps=5, eval_every_steps=7)
+    full = train_and_evaluate(quick_config(assets, **kw), str(tmp_path / "full"))
+    part = train_and_evaluate(quick_config(assets, stop_after_steps=11, **kw),
+                              str(tmp_path / "resumed"))
+    assert part == {"stopped_at_step": 11, "total_steps": 38}
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    with pytest.raises(Exception, match="already holds checkpoints"):
+        train_and_evaluate(quick_config(assets, **kw), str(tmp_path / "resumed"))
+    resumed = train_and_evaluate(quick_config(assets, resume=True, **kw),
+                                 str(tmp_path / "resumed"))
+    assert resumed["metrics"] == full["metrics"]
+    assert resumed["best_step"] == full["best_step"]
+    a, _ = restore_trainable(str(tmp_path / "full"), "trainable")
+    b, _ = restore_trainable(str(tmp_path / "resumed"), "trainable")
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_ffn_and_zero_shot_train_only_the_head(assets, tmp_path):
+    ffn = train_and_evaluate(quick_config(assets, experiment="ffn"), str(tmp_path / "ffn"))
+    assert ffn["trainable_params"] == 64 * 2 + 2
+    zs = train_and_evaluate(quick_config(assets, experiment="zero_shot", selection_size=0),
+                            str(tmp_path / "zs"))
+    assert zs["total_steps"] == 0 and "train" not in zs["sizes"]
+    assert 0.0 <= zs["metrics"]["validation"]["accuracy"] <= 1.0
+
+
+def _run_cli(args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def _write(path: pathlib.Path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def _bad_inputs(assets, tmp: pathlib.Path):
+    model, data_dir = assets
+    good = ["--config", CONFIG, f"--config.model={model}", f"--config.data_dir={data_dir}"]
+    bad_label = tmp / "bad_label"
+    _write(bad_label / "synth" / "sentiment" / "train.jsonl.gz",
+           [{"sentence": "fine", "label": 1}, {"sentence": "odd", "label": 5}])
+    _write(bad_label / "synth" / "sentiment" / "validation.jsonl.gz",
+           [{"sentence": "fine", "label": 1}])
+    no_val = tmp / "no_val"
+    _write(no_val / "synth" / "sentiment" / "train.jsonl.gz", [{"sentence": "x", "label": 1}] * 9)
+    empty = tmp / "empty"
+    _write(empty / "synth" / "sentiment" / "train.jsonl.gz", [])
+    _write(empty / "synth" / "sentiment" / "validation.jsonl.gz", [{"sentence": "x", "label": 1}])
+    return {
+        "model path": (good + ["--config.model=/no/such/model"], "does not exist"),
+        "unknown task": (good + ["--config.task=sst3"], "unknown task 'sst3'"),
+        "missing split": (good + [f"--config.data_dir={no_val}"], "no 'validation' split"),
+        "label range": (good + [f"--config.data_dir={bad_label}"], "outside the 2 classes"),
+        "config key": (good + ["--config.tsak=rte"], "unknown config key 'tsak'; did you mean"),
+        "empty dataset": (good + [f"--config.data_dir={empty}"], "has no rows"),
+        "config file": (["--config", "configs/nope.py"], "cannot load the config file"),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["model path", "unknown task", "missing split", "label range",
+                                  "config key", "empty dataset", "config file"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(assets, tmp_path, case):
+    args, message = _bad_inputs(assets, tmp_path)[case]
+    workdir = tmp_path / "workdir"
+    proc = _run_cli([*args, f"--workdir={workdir}"])
+    assert proc.returncode == 2, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not workdir.exists()
+
+
+DP_SCRIPT = """
+import json, sys, jax, numpy as np
+sys.path.insert(0, {root!r})
+from tests.test_train import quick_config
+from lora_jax.trainer import train_and_evaluate, restore_trainable
+c = quick_config(({model!r}, {data!r}), batch_size=16, num_epochs=1, max_steps=6,
+                 selection_size=64, max_eval_examples=64)
+r = train_and_evaluate(c, {workdir!r})
+t, _ = restore_trainable({workdir!r}, "trainable")
+np.savez({out!r}, *[np.asarray(x) for x in jax.tree_util.tree_leaves(t)])
+print(json.dumps({{"devices": jax.device_count(), "acc": r["metrics"]["validation"]["accuracy"]}}))
+"""
+
+
+@pytest.mark.slow
+def test_data_parallel_on_8_devices_matches_1(assets, tmp_path):
+    outs = {}
+    for n in (1, 8):
+        script = DP_SCRIPT.format(root=str(ROOT), model=assets[0], data=assets[1],
+                                  workdir=str(tmp_path / f"w{n}"), out=str(tmp_path / f"p{n}.npz"))
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                                "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert info["devices"] == n
+        outs[n] = np.load(tmp_path / f"p{n}.npz")
+    for key in outs[1].files:
+        np.testing.assert_allclose(outs[8][key], outs[1][key], atol=2e-5, rtol=1e-4)
+
+
+def test_real_minilm_short_run(minilm_l3, data_dir, tmp_path):
+    _, c = load_config(CONFIG)
+    c.model, c.data_dir, c.task = str(minilm_l3), str(data_dir), "rte"
+    c.progress, c.num_epochs, c.max_train_examples = False, 1, 64
+    c.selection_size, c.max_eval_examples, c.max_length = 32, 32, 64
+    c.buckets = (64,)
+    r = train_and_evaluate(c, str(tmp_path))
+    assert r["trainable_params"] == 3 * 3 * (4 * 384 * 2) + 384 * 2 + 2
+    assert r["sizes"] == {"train": 64, "validation": 32, "selection": 32}

@@ -1,0 +1,76 @@
+"""Train and evaluate one experiment.
+
+    python train.py --config configs/ft_lora.py --workdir runs/x [--config.task=rte ...]
+
+Writes <workdir>/metrics.jsonl, TensorBoard events, Orbax checkpoints and results.json. Bad
+input (a flag, a config key, a path, the data) ends with one line ``error: ...`` on stderr and
+exit status 2, before anything is written.
+"""
+
+import logging
+import re
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from lora_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and results.json.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def flag_error_message(error: Exception) -> str:
+    """One line for a flag-parsing failure (unknown config key, bad value, missing file)."""
+    text = str(error).replace("\\n", "\n").replace("\\'", "'")
+    key = re.search(r"'([^'\n]+)'", text)
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    if isinstance(error, (KeyError, AttributeError)) and key:
+        hint = f"did you mean {suggestion.group(1)!r}? " if suggestion else ""
+        return (f"unknown config key {key.group(1)!r}; {hint}see the config file for the "
+                "valid keys")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "Attempted" in text or "No such file" in text:
+        return (f"cannot load the config file ({lines[-1]}); pass an existing file such as "
+                "--config configs/ft_lora.py")
+    return " ".join(lines[:1] + lines[-1:]) if len(lines) > 1 else (lines or [repr(error)])[0]
+
+
+def parse_flags(argv):
+    try:
+        argv = FLAGS(argv)
+        FLAGS.config.keys()  # ml_collections loads the file lazily: fail here, not later
+        return argv
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+        fail(flag_error_message(e))
+
+
+def main(argv):
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])}; options look like --config.task=rte")
+    logging.getLogger().setLevel(logging.WARNING)  # Orbax and JAX log every step at INFO
+    logging.getLogger("lora_jax").setLevel(logging.INFO)
+    from lora_jax.report import print_results
+    from lora_jax.trainer import train_and_evaluate
+
+    try:
+        results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except UserError as e:
+        fail(str(e))
+    if "stopped_at_step" in results:
+        print(f"stopped at step {results['stopped_at_step']} of {results['total_steps']}; "
+              "continue with --config.resume=True")
+    else:
+        print_results([results])
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
