@@ -14,7 +14,7 @@ TINY = EncoderConfig(model_type="bert", vocab_size=50, hidden_size=16, num_layer
 
 
 def tiny_model(config: EncoderConfig = TINY, num_labels: int = 3, **kw) -> SequenceClassifier:
-    return SequenceClassifier(config, num_labels, lora_alpha=8.0, **kw)
+    return SequenceClassifier(config, num_labels, **{"lora_alpha": 8.0, **kw})
 
 
 def tiny_batch(batch: int = 4, length: int = 9, vocab: int = 50, seed: int = 0):

@@ -1,0 +1,126 @@
+"""Training throughput, JAX/Flax LoRA vs PyTorch + PEFT, same model, batch and length, one run.
+
+    python benchmarks/train_throughput.py --model ../shared/models/paraphrase-MiniLM-L3-v2 \
+        --batch 32 --length 64 --steps 30 --out results/bench_train_throughput_cpu.json
+
+Both sides: LoRA r=4, alpha=32, dropout 0.1 on query/key/value, linear head trained, AdamW,
+dropout on, a fixed batch of random token ids (no padding), fp32. Timed after warm-up (JAX
+compilation excluded). Prints one JSON line: examples/s of each and the ratio jax/torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+
+def bench_jax(model_dir: str, batch: int, length: int, steps: int, dtype: str) -> float:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from lora_jax import lora
+    from lora_jax.models import SequenceClassifier
+    from lora_jax.models.hf_import import load_pretrained
+    from lora_jax.trainer import make_train_step
+
+    _, cfg, encoder, _ = load_pretrained(model_dir)
+    model = SequenceClassifier(cfg, 2, pooling="cls", lora_alpha=32.0, lora_dropout=0.1,
+                               dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(1000, cfg.vocab_size, (batch, length)), jnp.int32)
+    ones = jnp.ones_like(ids)
+    params = model.init(jax.random.PRNGKey(0), ids, ones, ids * 0)["params"]
+    params["encoder"] = jax.tree_util.tree_map(jnp.asarray, {**params["encoder"], **encoder})
+    variables = {"params": params, "lora": lora.init_lora(jax.random.PRNGKey(1), params,
+                                                          lora.LoRASpec(r=4, alpha=32.0))}
+    trainable, frozen = lora.split(variables, lora.trainable_mask(variables,
+                                                                  ("^lora/", "^params/head/")))
+    tx = optax.adamw(5e-4, weight_decay=0.01)
+    opt_state = tx.init(trainable)
+    step = jax.jit(make_train_step(model, tx, False, jax.random.PRNGKey(2)), donate_argnums=(0, 1))
+    b = dict(input_ids=ids, attention_mask=ones, token_type_ids=ids * 0,
+             labels=jnp.asarray(rng.integers(0, 2, batch)), weights=jnp.ones(batch))
+    for i in range(3):
+        trainable, opt_state, m = step(trainable, opt_state, i, frozen, b)
+    jax.block_until_ready(trainable)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        trainable, opt_state, m = step(trainable, opt_state, i, frozen, b)
+    jax.block_until_ready(trainable)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def bench_torch(model_dir: str, batch: int, length: int, steps: int) -> float:
+    import peft
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=32, lora_dropout=0.1,
+        target_modules=["query", "key", "value"]))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4,
+                            weight_decay=0.01)
+    rng = np.random.default_rng(0)
+    ids = torch.tensor(rng.integers(1000, model.config.vocab_size, (batch, length)))
+    labels = torch.tensor(rng.integers(0, 2, batch))
+
+    def one():
+        opt.zero_grad()
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        one()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="../shared/models/paraphrase-MiniLM-L3-v2")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    if not os.path.isdir(a.model):
+        print(f"error: model folder {a.model!r} does not exist; pass --model", file=sys.stderr)
+        return 2
+    import jax
+    import torch
+
+    jax_rate = bench_jax(a.model, a.batch, a.length, a.steps, a.dtype)
+    torch_rate = bench_torch(a.model, a.batch, a.length, a.steps)
+    dev = jax.devices()[0]
+    out = {"benchmark": "lora_train_throughput", "model": a.model, "batch": a.batch,
+           "length": a.length, "steps": a.steps, "jax_dtype": a.dtype,
+           "jax_examples_per_s": round(jax_rate, 1), "torch_peft_examples_per_s":
+           round(torch_rate, 1), "ratio_jax_over_torch": round(jax_rate / torch_rate, 2),
+           "jax": jax.__version__, "torch": torch.__version__,
+           "torch_threads": torch.get_num_threads(),
+           "machine": f"{platform.machine()} {dev.platform.upper()} ({dev.device_kind}), "
+                      f"{os.cpu_count()} CPU cores",
+           "command": "python " + " ".join(sys.argv)}
+    print(json.dumps(out))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""AttEns: attention combiner over k frozen LoRA modules (issue 3; not implemented yet)."""

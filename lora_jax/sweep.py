@@ -1,0 +1,139 @@
+"""Run a grid of experiments x tasks x seeds and write one results table.
+
+    python -m lora_jax.sweep --config configs/glue_cpu.py --workdir runs/glue_cpu \
+        --out results/glue_minilm_l3
+
+Each cell runs `configs/<experiment>.py` with the sweep's overrides in
+<workdir>/<experiment>_<task>_s<seed>; a cell whose results.json exists is reused, so an
+interrupted sweep continues where it stopped. Writes <out>.json (every run's results) and
+<out>.md (rows = experiments, columns = tasks + average, mean ± std over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import ml_collections
+import numpy as np
+
+from lora_jax.errors import UserError
+from lora_jax.quickstart import load_config
+from lora_jax.writers import write_json_atomic
+
+ROW_NAMES = {"zero_shot": "Model", "ffn": "FFN", "ft_lora": "FT_LoRA", "full": "Full FT"}
+
+
+def apply_overrides(config, overrides) -> None:
+    """Merge nested overrides ({"optimizer": {"learning_rate": 5e-4}}) into a locked ConfigDict."""
+    for key, value in dict(overrides).items():
+        if key not in config:
+            raise UserError(f"sweep override {key!r} is not a config key")
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            apply_overrides(config[key], value)
+        else:
+            config[key] = value
+
+
+def cell_config(sweep, experiment: str, task: str, seed: int, repo: str):
+    _, config = load_config(os.path.join(repo, "configs", f"{experiment}.py"))
+    apply_overrides(config, sweep.common)
+    apply_overrides(config, sweep.experiment_overrides.get(experiment, {}))
+    apply_overrides(config, sweep.task_overrides.get(task, {}))
+    config.task, config.seed = task, seed
+    if experiment == "zero_shot":
+        config.num_epochs, config.selection_size = 0, 0
+    return config
+
+
+def score(result: dict) -> float:
+    split = next(iter(result["metrics"]))
+    return result["metrics"][split][result["main_metric"]]
+
+
+def markdown_table(sweep, results: list[dict], command: str) -> str:
+    tasks, experiments = list(sweep.tasks), list(sweep.experiments)
+    by_cell: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        by_cell.setdefault((r["experiment"], r["task"]), []).append(100 * score(r))
+    metric = {r["task"]: r["main_metric"] for r in results}
+    head = "| | " + " | ".join(f"{t} ({metric.get(t, '')})" for t in tasks) + " | average |"
+    lines = [head, "|---" * (len(tasks) + 2) + "|"]
+    for exp in experiments:
+        cells, means = [], []
+        for t in tasks:
+            vals = by_cell.get((exp, t), [])
+            if not vals:
+                cells.append("–")
+                continue
+            means.append(np.mean(vals))
+            cells.append(f"{np.mean(vals):.1f}" + (f" ± {np.std(vals):.1f}" if len(vals) > 1 else ""))
+        avg = f"{np.mean(means):.1f}" if len(means) == len(tasks) else "–"
+        lines.append(f"| {ROW_NAMES.get(exp, exp)} | " + " | ".join(cells) + f" | {avg} |")
+    first = results[0]
+    sizes = "; ".join(f"{r['task']}: " + ", ".join(f"{k} {v}" for k, v in r["sizes"].items())
+                      for r in results if r["experiment"] == "ft_lora" and r["seed"] == sweep.seeds[0])
+    timing = "; ".join(f"{r['task']} {r['train_seconds']:.0f} s ({r['train_examples_per_s']} ex/s)"
+                       for r in results if r["experiment"] == "ft_lora" and r["seed"] == sweep.seeds[0])
+    return "\n".join([
+        f"# {sweep.name}", "", *lines, "",
+        f"Scores x100 on validation: accuracy, except CoLA (Matthews) and STS-B (Pearson); "
+        f"seeds {list(sweep.seeds)}" + (" (mean ± std)" if len(sweep.seeds) > 1 else "") + ".",
+        f"- Model: `{first['model']}`; pooling `{first['config']['pooling']}`; dtype "
+        f"`{first['config']['dtype']}`.",
+        "- Protocol: " + next((r["protocol"] for r in results if r["experiment"] != "zero_shot"),
+                              first["protocol"]) + "; Model row = untrained head, no training.",
+        f"- Rows per split (FT_LoRA): {sizes}.",
+        f"- FT_LoRA training time: {timing}.",
+        f"- Machine: {first['machine']}.",
+        f"- Command: `{command}`",
+    ]) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--out", required=True, help="path stem for .json and .md")
+    parser.add_argument("--only", default="", help="comma list of tasks to run (default all)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("lora_jax").setLevel(logging.INFO)
+    from lora_jax.trainer import train_and_evaluate
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        _, sweep = load_config(args.config)
+        tasks = [t for t in sweep.tasks if not args.only or t in args.only.split(",")]
+        results = []
+        for seed in sweep.seeds:
+            for task in tasks:
+                for exp in sweep.experiments:
+                    workdir = os.path.join(args.workdir, f"{exp}_{task}_s{seed}")
+                    done = os.path.join(workdir, "results.json")
+                    if os.path.isfile(done):
+                        with open(done) as f:
+                            results.append(json.load(f))
+                        continue
+                    logging.getLogger("lora_jax").info("sweep: %s %s seed %d", exp, task, seed)
+                    results.append(train_and_evaluate(cell_config(sweep, exp, task, seed, repo),
+                                                      workdir))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    command = "python -m lora_jax.sweep " + " ".join(argv if argv is not None else sys.argv[1:])
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_json_atomic(args.out + ".json", {"name": sweep.name, "command": command,
+                                           "results": results})
+    table = markdown_table(sweep, results, command)
+    with open(args.out + ".md", "w") as f:
+        f.write(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The sweep's override merging and table, and the README quickstart command end to end."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from lora_jax.errors import UserError
+from lora_jax.quickstart import load_config
+from lora_jax.sweep import apply_overrides, cell_config, markdown_table
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_overrides_merge_nested_and_reject_unknown_keys():
+    _, c = load_config(str(ROOT / "configs" / "ft_lora.py"))
+    apply_overrides(c, {"optimizer": {"learning_rate": 0.5}, "task": "rte"})
+    assert c.optimizer.learning_rate == 0.5 and c.optimizer.weight_decay == 0.01
+    assert c.task == "rte"
+    with pytest.raises(UserError, match="'lr' is not a config key"):
+        apply_overrides(c, {"lr": 1.0})
+
+
+def test_cell_config_layers_common_experiment_and_task():
+    _, sweep = load_config(str(ROOT / "configs" / "glue_cpu.py"))
+    c = cell_config(sweep, "ft_lora", "sst2", 3, str(ROOT))
+    assert (c.experiment, c.task, c.seed, c.num_epochs, c.max_length) == ("ft_lora", "sst2", 3, 2, 64)
+    assert c.optimizer.learning_rate == 5e-4
+    z = cell_config(sweep, "zero_shot", "rte", 0, str(ROOT))
+    assert z.num_epochs == 0 and z.selection_size == 0 and z.max_length == 128
+
+
+def _fake(exp, task, seed, value):
+    return {"experiment": exp, "task": task, "seed": seed, "main_metric": "accuracy",
+            "metrics": {"validation": {"accuracy": value}}, "model": "m",
+            "config": {"pooling": "mean", "dtype": "float32"}, "protocol": "p",
+            "sizes": {"train": 10}, "train_seconds": 1.0, "train_examples_per_s": 10.0,
+            "machine": "cpu"}
+
+
+def test_markdown_table_mean_std_and_average():
+    _, sweep = load_config(str(ROOT / "configs" / "glue_cpu.py"))
+    sweep.tasks, sweep.seeds, sweep.experiments = ("a", "b"), (0, 1), ("ft_lora",)
+    results = [_fake("ft_lora", "a", 0, 0.8), _fake("ft_lora", "a", 1, 0.6),
+               _fake("ft_lora", "b", 0, 0.5), _fake("ft_lora", "b", 1, 0.5)]
+    table = markdown_table(sweep, results, "cmd")
+    assert "| FT_LoRA | 70.0 ± 10.0 | 50.0 ± 0.0 | 60.0 |" in table
+    assert "Command: `cmd`" in table and "Machine: cpu" in table
+
+
+@pytest.mark.slow
+def test_readme_quickstart_runs(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lora_jax.quickstart", "--no-progress",
+                           "--config", str(ROOT / "configs" / "quickstart.py")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["zero_shot", "ffn", "ft_lora"]
+    ft_lora_accuracy = float(rows[-1].split("|")[4])
+    assert ft_lora_accuracy > 0.65
+    assert (tmp_path / "runs" / "quickstart" / "ft_lora" / "results.json").exists()
