@@ -335,8 +335,158 @@ def machine_description() -> str:
             f"{jax.device_count()} device(s), {os.cpu_count()} CPU cores, jax {jax.__version__}")
 
 
+@dataclasses.dataclass
+class Best:
+    """The best trainable tree so far by the selection split's main metric."""
+
+    score: float
+    step: int
+    trainable: Any
+
+
+@dataclasses.dataclass
+class Placement:
+    """Data-parallel placement: batches split over the mesh's ``data`` axis, params replicated."""
+
+    mesh: Mesh
+
+    @classmethod
+    def all_devices(cls) -> Placement:
+        return cls(Mesh(np.asarray(jax.devices()), ("data",)))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    @property
+    def batch(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P("data"))
+
+    def put_batch(self, batch: dict) -> dict:
+        return jax.device_put(batch, self.batch)
+
+
+def train_stream(enc: data_lib.Encoded, cfg, start_step: int, total_steps: int):
+    """(step, index batch) pairs from start_step up to total_steps.
+
+    The order of each epoch is a pure function of (seed, epoch), so starting at any step replays
+    exactly the batches an uninterrupted run would see there.
+    """
+    steps_per_epoch = -(-len(enc) // cfg.batch_size)
+    step = start_step
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        order = data_lib.train_order(enc.lengths, cfg.batch_size, cfg.seed, epoch,
+                                     cfg.length_grouping)
+        for idx in order[offset:]:
+            if step >= total_steps:
+                return
+            yield step, idx
+            step += 1
+
+
+def total_train_steps(setup: Setup) -> int:
+    train = setup.splits.get("train")
+    if train is None:
+        return 0
+    total = setup.config.num_epochs * -(-len(train) // setup.config.batch_size)
+    return min(total, setup.config.max_steps) if setup.config.max_steps else total
+
+
+def fit(setup: Setup, workdir: str, place: Placement, trainable, frozen, predict: Callable,
+        writer: MetricWriter) -> tuple[Best, int, dict]:
+    """Train, evaluating on the selection split and checkpointing as configured.
+
+    Returns (best, last_step, stats) with stats = {"seconds", "examples"} of pure training time
+    (evaluation and checkpoint writes excluded).
+    """
+    cfg, task = setup.config, setup.task
+    total_steps = total_train_steps(setup)
+    select_name = "selection" if "selection" in setup.splits else task.eval_splits[0]
+    select_enc = setup.splits[select_name]
+    steps_per_epoch = -(-len(setup.splits["train"]) // cfg.batch_size)
+    eval_every = cfg.eval_every_steps or steps_per_epoch
+
+    tx = make_optimizer(cfg, total_steps)
+    opt_state = jax.jit(tx.init, out_shardings=place.replicated)(trainable)
+    train_step = jax.jit(
+        make_train_step(setup.model, tx, task.is_regression, jax.random.PRNGKey(cfg.seed + 2)),
+        in_shardings=(place.replicated, place.replicated, None, place.replicated, place.batch),
+        out_shardings=(place.replicated, place.replicated, place.replicated),
+        donate_argnums=(0, 1))
+    # A copy: the train step donates `trainable`'s buffers.
+    best = Best(-np.inf, 0, jax.tree_util.tree_map(jnp.copy, trainable))
+    mngr = checkpoint_manager(workdir)
+    step = 0
+    if cfg.resume and mngr.latest_step() is not None:
+        step = mngr.latest_step()
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_dict(
+            trainable, opt_state, trainable, 0.0, 0))
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract)))["state"]
+        trainable, opt_state = restored["trainable"], restored["opt_state"]
+        best = Best(float(restored["best_score"]), int(restored["best_step"]),
+                    restored["best_trainable"])
+        log.info("resumed from step %d (best %s %.4f at step %d)", step, task.main_metric,
+                 best.score, best.step)
+    meta = {"task": task.name, "experiment": cfg.experiment, "model": cfg.model,
+            "config": cfg.to_dict()}
+
+    bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.experiment} {task.name}",
+               disable=not cfg.progress, dynamic_ncols=True)
+    window_examples, window_start = 0, time.perf_counter()
+    loop_start, paused, trained = time.perf_counter(), 0.0, 0
+    for at, idx in train_stream(setup.splits["train"], cfg, step, total_steps):
+        batch = place.put_batch(data_lib.make_batch(setup.splits["train"], idx, cfg.batch_size,
+                                                    setup.buckets, setup.pad_id))
+        trainable, opt_state, m = train_step(trainable, opt_state, at, frozen, batch)
+        step = at + 1
+        window_examples += len(idx)
+        trained += len(idx)
+        bar.update(1)
+        if step % cfg.log_every_steps == 0 or step == total_steps:
+            m = jax.device_get(m)
+            now = time.perf_counter()
+            rate = window_examples / max(now - window_start, 1e-9)
+            window_examples, window_start = 0, now
+            bar.set_postfix(loss=f"{m['train/loss']:.4f}", ex_s=f"{rate:.0f}")
+            writer.write(step, {**m, "train/examples_per_s": rate,
+                                "train/epoch": step / steps_per_epoch})
+        t0 = time.perf_counter()
+        if step % eval_every == 0 or step == total_steps:
+            scores = evaluate(predict, trainable, frozen, select_enc, task, setup,
+                              place.put_batch, desc=f"eval {select_name}")
+            writer.write(step, {f"{select_name}/{k}": v for k, v in scores.items()})
+            if scores[task.main_metric] > best.score:
+                best = Best(scores[task.main_metric], step,
+                            jax.tree_util.tree_map(jnp.copy, trainable))
+            log.info("step %d: %s %s %.4f (best %.4f at step %d)", step, select_name,
+                     task.main_metric, scores[task.main_metric], best.score, best.step)
+        stopping = step == cfg.stop_after_steps
+        if step % cfg.checkpoint_every_steps == 0 or step == total_steps or stopping:
+            mngr.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_state_dict(trainable, opt_state, best.trainable,
+                                                        best.score, best.step)),
+                meta=ocp.args.JsonSave(meta)), force=True)
+        pause = time.perf_counter() - t0
+        paused += pause
+        window_start += pause  # throughput excludes evaluation and checkpoint time
+        if stopping:
+            break
+    jax.block_until_ready(trainable)
+    seconds = time.perf_counter() - loop_start - paused
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    return best, step, {"seconds": seconds, "examples": trained}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train per `config`, select on the held-out slice, report eval splits; returns results."""
+    """Train per `config`, select on the held-out slice, report the eval splits.
+
+    Returns the results dict (also written to <workdir>/results.json), or
+    ``{"stopped_at_step", "total_steps"}`` when `stop_after_steps` ended the run early.
+    """
     setup = prepare(config)
     task, cfg = setup.task, setup.config
     ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -345,115 +495,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         "continue that run, or choose a new --workdir")
     os.makedirs(workdir, exist_ok=True)
 
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    replicated = NamedSharding(mesh, P())
-    data_sharding = NamedSharding(mesh, P("data"))
-    put = lambda batch: jax.device_put(batch, data_sharding)
-    frozen = jax.device_put(setup.frozen, replicated)
-    trainable = jax.device_put(setup.trainable, replicated)
-
+    place = Placement.all_devices()
+    frozen = jax.device_put(setup.frozen, place.replicated)
+    trainable = jax.device_put(setup.trainable, place.replicated)
     n_trainable = lora_lib.count_params(setup.trainable)
     n_total = n_trainable + lora_lib.count_params(setup.frozen)
     log.info("task %s, experiment %s: %d trainable of %d parameters (%.3f%%)", task.name,
              cfg.experiment, n_trainable, n_total, 100 * n_trainable / n_total)
-
-    regression = task.is_regression
-    predict = jax.jit(make_predict_step(setup.model, regression),
-                      in_shardings=(replicated, replicated, data_sharding))
+    predict = jax.jit(make_predict_step(setup.model, task.is_regression),
+                      in_shardings=(place.replicated, place.replicated, place.batch))
     writer = MetricWriter(workdir)
-    train_enc = setup.splits.get("train")
-    steps_per_epoch = -(-len(train_enc) // cfg.batch_size) if train_enc is not None else 0
-    total_steps = cfg.num_epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    selection = setup.splits.get("selection")
-    select_split = "selection" if selection is not None else task.eval_splits[0]
-    # A copy: the train step donates `trainable`'s buffers.
-    best = {"score": -np.inf, "step": 0, "trainable": jax.tree_util.tree_map(jnp.copy, trainable)}
-    t_train, step, trained = 0.0, 0, 0
-
+    total_steps = total_train_steps(setup)
+    best, step, stats = Best(-np.inf, 0, trainable), 0, {"seconds": 0.0, "examples": 0}
     if total_steps:
-        tx = make_optimizer(cfg, total_steps)
-        opt_state = jax.jit(tx.init, out_shardings=replicated)(trainable)
-        train_step = jax.jit(
-            make_train_step(setup.model, tx, regression, jax.random.PRNGKey(cfg.seed + 2)),
-            in_shardings=(replicated, replicated, None, replicated, data_sharding),
-            out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
-        mngr = checkpoint_manager(workdir)
-        if cfg.resume and mngr.latest_step() is not None:
-            step = mngr.latest_step()
-            target = _state_dict(trainable, opt_state, trainable, 0.0, 0)
-            abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-            restored = mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract)))["state"]
-            trainable, opt_state = restored["trainable"], restored["opt_state"]
-            best = {"score": float(restored["best_score"]), "step": int(restored["best_step"]),
-                    "trainable": restored["best_trainable"]}
-            log.info("resumed from step %d (best %s %.4f at step %d)", step, task.main_metric,
-                     best["score"], best["step"])
-        eval_every = cfg.eval_every_steps or steps_per_epoch
-        meta = {"task": task.name, "experiment": cfg.experiment, "model": cfg.model,
-                "config": cfg.to_dict()}
-
-        def save(at_step: int, force: bool = False):
-            mngr.save(at_step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_state_dict(trainable, opt_state, best["trainable"],
-                                                        best["score"], best["step"])),
-                meta=ocp.args.JsonSave(meta)), force=force)
-
-        bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.experiment} {task.name}",
-                   disable=not cfg.progress, dynamic_ncols=True)
-        seen, window_start = 0, time.perf_counter()
-        loop_start, t_other, trained = time.perf_counter(), 0.0, 0
-        while step < total_steps:
-            epoch, offset = divmod(step, steps_per_epoch)
-            order = data_lib.train_order(train_enc.lengths, cfg.batch_size, cfg.seed, epoch,
-                                         cfg.length_grouping)
-            for idx in order[offset:]:
-                if step >= total_steps:
-                    break
-                batch = put(data_lib.make_batch(train_enc, idx, cfg.batch_size, setup.buckets,
-                                                setup.pad_id))
-                trainable, opt_state, m = train_step(trainable, opt_state, step, frozen, batch)
-                step += 1
-                seen += len(idx)
-                trained += len(idx)
-                bar.update(1)
-                if step % cfg.log_every_steps == 0 or step == total_steps:
-                    m = jax.device_get(m)
-                    now = time.perf_counter()
-                    rate = seen / max(now - window_start, 1e-9)
-                    seen, window_start = 0, now
-                    bar.set_postfix(loss=f"{m['train/loss']:.4f}", ex_s=f"{rate:.0f}")
-                    writer.write(step, {**m, "train/examples_per_s": rate, "train/epoch":
-                                        step / steps_per_epoch})
-                t0 = time.perf_counter()
-                if step % eval_every == 0 or step == total_steps:
-                    enc = selection if selection is not None else setup.splits[select_split]
-                    scores = evaluate(predict, trainable, frozen, enc, task, setup, put,
-                                      desc=f"eval {select_split}")
-                    writer.write(step, {f"{select_split}/{k}": v for k, v in scores.items()})
-                    if scores[task.main_metric] > best["score"]:
-                        best = {"score": scores[task.main_metric], "step": step,
-                                "trainable": jax.tree_util.tree_map(jnp.copy, trainable)}
-                    log.info("step %d: %s %s %.4f (best %.4f at step %d)", step, select_split,
-                             task.main_metric, scores[task.main_metric], best["score"],
-                             best["step"])
-                stopping = step == cfg.stop_after_steps
-                if step % cfg.checkpoint_every_steps == 0 or step == total_steps or stopping:
-                    save(step, force=step == total_steps or stopping)
-                pause = time.perf_counter() - t0
-                t_other += pause
-                window_start += pause  # throughput excludes evaluation and checkpoint time
-                if stopping:
-                    break
-            if step == cfg.stop_after_steps:
-                break
-        jax.block_until_ready(trainable)
-        t_train = time.perf_counter() - loop_start - t_other
-        bar.close()
-        mngr.wait_until_finished()
-        mngr.close()
+        best, step, stats = fit(setup, workdir, place, trainable, frozen, predict, writer)
         if step < total_steps:
             writer.close()
             log.info("stopped at step %d of %d as asked (stop_after_steps); continue with "
@@ -461,29 +516,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             return {"stopped_at_step": step, "total_steps": total_steps}
 
     results = {"task": task.name, "experiment": cfg.experiment, "model": cfg.model,
-               "metrics": {}, "main_metric": task.main_metric}
+               "main_metric": task.main_metric, "metrics": {}}
     for split in task.eval_splits:
-        results["metrics"][split] = evaluate(predict, best["trainable"], frozen,
-                                             setup.splits[split], task, setup, put,
+        results["metrics"][split] = evaluate(predict, best.trainable, frozen,
+                                             setup.splits[split], task, setup, place.put_batch,
                                              desc=f"eval {split}")
-    if selection is not None:
-        results["selection_metrics"] = evaluate(predict, best["trainable"], frozen, selection,
-                                                task, setup, put, desc="eval selection")
+    if "selection" in setup.splits:
+        results["selection_metrics"] = evaluate(predict, best.trainable, frozen,
+                                                setup.splits["selection"], task, setup,
+                                                place.put_batch, desc="eval selection")
     sizes = {k: len(v) for k, v in setup.splits.items()}
     results.update({
-        "best_step": best["step"], "total_steps": total_steps, "epochs": cfg.num_epochs,
+        "best_step": best.step, "total_steps": total_steps, "epochs": cfg.num_epochs,
         "trainable_params": n_trainable, "total_params": n_total, "sizes": sizes,
-        "train_seconds": round(t_train, 2),
-        "train_examples_per_s": round(trained / t_train, 1) if t_train else None,
-        "protocol": PROTOCOL.format(n=sizes.get("selection", 0), splits=", ".join(
-            task.eval_splits)) if selection is not None else
+        "train_seconds": round(stats["seconds"], 2),
+        "train_examples_per_s": round(stats["examples"] / stats["seconds"], 1)
+        if stats["seconds"] else None,
+        "protocol": PROTOCOL.format(n=sizes["selection"], splits=", ".join(task.eval_splits))
+        if "selection" in sizes else
         f"no selection (last step); metrics reported on {', '.join(task.eval_splits)}",
         "data_sources": setup.sources, "seed": cfg.seed,
         "machine": machine_description(), "command": " ".join(sys.argv),
         "config": cfg.to_dict(),
     })
-    main = results["metrics"][task.eval_splits[0]][task.main_metric]
-    writer.write(step, {f"{task.eval_splits[0]}/{task.main_metric}": main})
+    main_split = task.eval_splits[0]
+    writer.write(step, {f"{main_split}/{task.main_metric}":
+                        results["metrics"][main_split][task.main_metric]})
     writer.close()
     write_json_atomic(os.path.join(workdir, "results.json"), results)
     return results
