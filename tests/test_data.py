@@ -149,3 +149,23 @@ def test_encode_pairs_with_token_types(minilm_l3):
     enc = data.encode(ex, tok, max_length=16)
     assert len(enc.input_ids[0]) == 16
     assert enc.token_type_ids[0][0] == 0 and enc.token_type_ids[0][-1] == 1
+
+
+def test_hub_dataset_offline_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(UserError, match="from the Hugging Face Hub .*--config.data_dir"):
+        data.load_split(get_task("rte"), "train", "hub")
+
+
+def test_real_glue_files_validate(data_dir):
+    for name in ("sst2", "cola", "mrpc", "rte", "stsb", "wnli"):
+        task = get_task(name)
+        for split in ("train", "validation"):
+            rows, where = data.load_split(task, split, "local", str(data_dir))
+            ex = data.examples_from_rows(rows, task, where)
+            assert len(ex) == len(rows) > 0
+    trec = get_task("trec")
+    ex = data.examples_from_rows(*data.load_split(trec, "validation", "local", str(data_dir))[:1],
+                                 trec, "trec")
+    assert set(np.unique(ex.labels)) == set(range(6))

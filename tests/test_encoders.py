@@ -121,3 +121,44 @@ def test_bf16_compute_close_to_fp32(tmp_path):
     valid = mask.astype(bool)
     err = np.abs(np.asarray(h16, np.float32) - np.asarray(h32))[valid]
     assert err.max() < 0.1, err.max()
+
+
+def test_hub_id_offline_is_a_one_line_error(monkeypatch):
+    from lora_jax.errors import UserError
+    from lora_jax.models.hf_import import resolve_model_dir
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"could not get model 'bert-base-uncased' .*--config.model="):
+        resolve_model_dir("bert-base-uncased")
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_model_dir("./no/such/folder")
+
+
+def test_task_checkpoint_reports_unexpected_and_missing_keys(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(**SMALL))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("bert.pooler")}
+    model.config.save_pretrained(tmp_path)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    with caplog.at_level("WARNING"):
+        _, _, params, missing = load_pretrained(str(tmp_path))
+    assert missing == ["pooler/bias", "pooler/kernel"]
+    assert "were not used: classifier.bias, classifier.weight" in caplog.text
+    assert "newly initialized: pooler/bias, pooler/kernel" in caplog.text
+    np.testing.assert_array_equal(params["layer_1"]["attention"]["query"]["kernel"],
+                                  state["bert.encoder.layer.1.attention.self.query.weight"].numpy().T)
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    from lora_jax.errors import UserError
+
+    model = _random_torch_model("bert")
+    model.save_pretrained(tmp_path)
+    cfg = (tmp_path / "config.json").read_text().replace('"intermediate_size": 48',
+                                                          '"intermediate_size": 64')
+    (tmp_path / "config.json").write_text(cfg)
+    with pytest.raises(UserError,
+                       match=r"intermediate\.dense\.(weight|bias) has shape .* does not match"):
+        load_pretrained(str(tmp_path))

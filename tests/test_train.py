@@ -174,3 +174,20 @@ def test_real_minilm_short_run(minilm_l3, data_dir, tmp_path):
     r = train_and_evaluate(c, str(tmp_path))
     assert r["trainable_params"] == 3 * 3 * (4 * 384 * 2) + 384 * 2 + 2
     assert r["sizes"] == {"train": 64, "validation": 32, "selection": 32}
+
+
+def test_bf16_compute_keeps_fp32_master_weights(assets, tmp_path):
+    r = train_and_evaluate(quick_config(assets, dtype="bfloat16", max_steps=4,
+                                        max_eval_examples=64), str(tmp_path))
+    assert r["config"]["dtype"] == "bfloat16" and r["total_steps"] == 4
+    trainable, _ = restore_trainable(str(tmp_path), "trainable")
+    assert {x.dtype for x in jax.tree_util.tree_leaves(trainable)} == {np.dtype("float32")}
+
+
+def test_mnli_reports_matched_and_mismatched(minilm_l3, data_dir, tmp_path):
+    _, c = load_config(str(ROOT / "configs" / "zero_shot.py"))
+    c.model, c.data_dir, c.task, c.progress = str(minilm_l3), str(data_dir), "mnli", False
+    c.max_eval_examples, c.max_length, c.buckets = 48, 64, (64,)
+    r = train_and_evaluate(c, str(tmp_path))
+    assert set(r["metrics"]) == {"validation_matched", "validation_mismatched"}
+    assert r["sizes"] == {"validation_matched": 48, "validation_mismatched": 48}
