@@ -1,0 +1,108 @@
+"""The AttEns combiner (flax.linen), exactly as ../shared/DESIGN.md fixes it.
+
+Inputs: ``modules`` (B, k, d) = Agg1-pooled outputs of the k frozen modules; ``base`` (B, d) =
+the frozen encoder's pooled output. Then
+
+    m = LN_in(modules)                      # per module vector
+    h = MHA(m, m, m) across the k modules   # num_heads heads, self-attention
+    a = LN_a(Agg2_k(h))                     # Agg2 over the k axis
+    f = FFN(LN_base(base))                  # Linear(d, d)
+    logits = Linear(d, C)(LN_out(a + f))    # Agg3 = sum
+
+Because LN_a follows Agg2, ``agg2="sum"`` equals ``"mean"`` up to the LayerNorm epsilon (the
+factor k cancels); max and min differ.
+
+Quirk flags reproduce the authors' PyTorch code (all default off):
+  ``attend_across_batch``: `nn.MultiheadAttention` without ``batch_first`` treats the batch axis
+    as the sequence, so each module index attends over the examples of the batch;
+  ``shared_layernorm``: one LayerNorm instance serves all four normalisations.
+(The other two quirks, padding counted in the token mean and dropout active in the frozen
+encoders, act on the features; see `ensemble.features`.)
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+AGGREGATIONS = {
+    "mean": lambda x, axis: jnp.mean(x, axis=axis),
+    "max": lambda x, axis: jnp.max(x, axis=axis),
+    "min": lambda x, axis: jnp.min(x, axis=axis),
+    "sum": lambda x, axis: jnp.sum(x, axis=axis),
+}
+
+
+class AttEnsCombiner(nn.Module):
+    """Attention over k module vectors plus an FFN path from the base. Returns float32 logits.
+
+    Attributes:
+      num_classes: C (1 for regression).
+      num_heads: attention heads (4 in the paper); d must be divisible by it.
+      agg2: aggregation over the k modules after attention: mean | max | min | sum.
+      lift_dim: if set, module inputs are first mapped by one shared Dense to this width (used
+        when the module outputs are task logits, whose width differs from d).
+      dropout: dropout on the attention weights and before the classifier.
+    """
+
+    num_classes: int
+    num_heads: int = 4
+    agg2: str = "mean"
+    lift_dim: int | None = None
+    dropout: float = 0.1
+    attend_across_batch: bool = False
+    shared_layernorm: bool = False
+
+    @nn.compact
+    def __call__(self, modules: jax.Array, base: jax.Array, deterministic: bool = True,
+                 return_attention: bool = False):
+        if self.agg2 not in AGGREGATIONS:
+            raise ValueError(f"agg2 {self.agg2!r} is unknown; use one of {tuple(AGGREGATIONS)}")
+        modules = modules.astype(jnp.float32)
+        base = base.astype(jnp.float32)
+        if self.lift_dim:
+            modules = nn.Dense(self.lift_dim, name="lift")(modules)
+        d = modules.shape[-1]
+        if base.shape[-1] != d:
+            base = nn.Dense(d, name="base_lift")(base)
+        shared = nn.LayerNorm(name="layernorm") if self.shared_layernorm else None
+        norm = lambda name: shared if shared is not None else nn.LayerNorm(name=name)
+
+        m = norm("ln_modules")(modules)  # (B, k, d)
+        if self.attend_across_batch:
+            m = jnp.swapaxes(m, 0, 1)  # (k, B, d): attention runs over the batch axis
+        h, weights = MultiHeadSelfAttention(self.num_heads, self.dropout, name="attention")(
+            m, deterministic)
+        if self.attend_across_batch:
+            h = jnp.swapaxes(h, 0, 1)
+        a = norm("ln_attention")(AGGREGATIONS[self.agg2](h, 1))  # (B, d)
+        f = nn.Dense(d, name="ffn")(norm("ln_base")(base))
+        x = norm("ln_out")(a + f)
+        x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+        logits = nn.Dense(self.num_classes, name="classifier")(x)
+        return (logits, weights) if return_attention else logits
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Self-attention over axis 1 of (N, L, d) with in/out projections, as nn.MultiheadAttention.
+
+    Returns (outputs (N, L, d), attention weights (N, heads, L, L)).
+    """
+
+    num_heads: int
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True):
+        n, length, d = x.shape
+        if d % self.num_heads:
+            raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
+        hd = d // self.num_heads
+        qkv = nn.Dense(3 * d, name="in_proj")(x).reshape(n, length, 3, self.num_heads, hd)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k) / jnp.sqrt(hd)
+        weights = jax.nn.softmax(scores, axis=-1)
+        dropped = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
+        out = jnp.einsum("nhqk,nkhd->nqhd", dropped, v).reshape(n, length, d)
+        return nn.Dense(d, name="out_proj")(out), weights

@@ -1,0 +1,182 @@
+"""AttEns: stacked multi-adapter features and the combiner module."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ensemble.combiner import AGGREGATIONS, AttEnsCombiner
+from ensemble.features import aggregate_tokens, make_feature_fn, stack_heads, stack_trees, with_base_slot
+from lora_jax import lora
+from lora_jax.models import Encoder
+from tests.helpers import TINY, tiny_batch
+
+K = 3
+
+
+def _modules():
+    ids, mask, types = tiny_batch()
+    params = Encoder(TINY).init(jax.random.PRNGKey(0), ids)["params"]
+    spec = lora.LoRASpec(r=2, alpha=4.0, targets=("query", "value", "intermediate"))
+    adapters = []
+    for i in range(K):
+        a = lora.init_lora(jax.random.PRNGKey(10 + i), {"encoder": params}, spec)["encoder"]
+        adapters.append(jax.tree_util.tree_map(
+            lambda x, i=i: x + 0.2 * jax.random.normal(jax.random.PRNGKey(20 + i), x.shape), a))
+    heads = [{"kernel": jax.random.normal(jax.random.PRNGKey(30 + i), (16, c)),
+              "bias": jnp.arange(c, dtype=jnp.float32)} for i, c in enumerate((2, 3, 1))]
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    return params, adapters, heads, batch
+
+
+@pytest.mark.parametrize("agg1", ["mean", "max", "min", "sum"])
+def test_stacked_pass_equals_separate_passes(agg1):
+    params, adapters, heads, batch = _modules()
+    enc = Encoder(TINY, lora_alpha=4.0)
+    fn = jax.jit(make_feature_fn(enc, agg1=agg1))
+    modules, base = fn(params, with_base_slot(stack_trees(adapters)), stack_heads(heads), batch)
+    assert modules.shape == (4, K, 16) and base.shape == (4, 16)
+    mask = batch["attention_mask"]
+    for i, a in enumerate(adapters):
+        hidden, _ = enc.apply({"params": params, "lora": a}, batch["input_ids"], mask)
+        np.testing.assert_allclose(np.asarray(modules[:, i]),
+                                   np.asarray(aggregate_tokens(hidden, mask, agg1)), atol=1e-5)
+    plain, _ = Encoder(TINY).apply({"params": params}, batch["input_ids"], mask)
+    np.testing.assert_allclose(np.asarray(base), np.asarray(aggregate_tokens(plain, mask, "mean")),
+                               atol=1e-6)
+
+
+def test_logits_output_is_each_head_on_its_module_zero_padded():
+    params, adapters, heads, batch = _modules()
+    enc = Encoder(TINY, lora_alpha=4.0)
+    fn = make_feature_fn(enc, output="logits", agg1="mean")
+    modules, _ = fn(params, with_base_slot(stack_trees(adapters)), stack_heads(heads), batch)
+    assert modules.shape == (4, K, 3)
+    mask = batch["attention_mask"]
+    for i, (a, h) in enumerate(zip(adapters, heads, strict=True)):
+        hidden, _ = enc.apply({"params": params, "lora": a}, batch["input_ids"], mask)
+        expect = aggregate_tokens(hidden, mask, "mean") @ h["kernel"] + h["bias"]
+        c = h["kernel"].shape[1]
+        np.testing.assert_allclose(np.asarray(modules[:, i, :c]), np.asarray(expect), atol=1e-4)
+        np.testing.assert_array_equal(np.asarray(modules[:, i, c:]), 0)
+
+
+def test_padding_quirk_and_dropout_quirk_change_features():
+    params, adapters, heads, batch = _modules()
+    enc = Encoder(TINY, lora_alpha=4.0)
+    stacked, h = with_base_slot(stack_trees(adapters)), stack_heads(heads)
+    clean = make_feature_fn(enc)(params, stacked, h, batch)[0]
+    padded = make_feature_fn(enc, count_padding=True)(params, stacked, h, batch)[0]
+    # row 1 has padding: the plain mean differs there, rows without padding are equal
+    assert not np.allclose(np.asarray(clean[1]), np.asarray(padded[1]))
+    np.testing.assert_allclose(np.asarray(clean[0]), np.asarray(padded[0]), atol=1e-6)
+    dropped = make_feature_fn(enc)(params, stacked, h, batch, jax.random.PRNGKey(0))[0]
+    assert not np.allclose(np.asarray(clean), np.asarray(dropped))
+
+
+def test_aggregate_tokens_ignores_padding():
+    x = jnp.array([[[1.0], [3.0], [100.0]]])
+    mask = jnp.array([[1, 1, 0]])
+    assert float(aggregate_tokens(x, mask, "mean")[0, 0]) == 2.0
+    assert float(aggregate_tokens(x, mask, "max")[0, 0]) == 3.0
+    assert float(aggregate_tokens(x, mask, "min")[0, 0]) == 1.0
+    assert float(aggregate_tokens(x, mask, "sum")[0, 0]) == 4.0
+    assert float(aggregate_tokens(x, mask, "mean", count_padding=True)[0, 0]) == pytest.approx(104 / 3)
+
+
+def _inputs(b=5, k=4, d=16, seed=0):
+    r = np.random.default_rng(seed)
+    return jnp.asarray(r.normal(size=(b, k, d)), jnp.float32), jnp.asarray(r.normal(size=(b, d)),
+                                                                          jnp.float32)
+
+
+@pytest.mark.parametrize("agg2", sorted(AGGREGATIONS))
+def test_combiner_shapes_and_attention_weights(agg2):
+    modules, base = _inputs()
+    model = AttEnsCombiner(num_classes=3, agg2=agg2)
+    params = model.init(jax.random.PRNGKey(0), modules, base)
+    logits, weights = model.apply(params, modules, base, return_attention=True)
+    assert logits.shape == (5, 3) and logits.dtype == jnp.float32
+    assert weights.shape == (5, 4, 4, 4)  # (B, heads, k, k): attention across modules
+    np.testing.assert_allclose(np.asarray(weights.sum(-1)), 1.0, atol=1e-5)
+
+
+def test_each_agg2_gives_a_different_model():
+    modules, base = _inputs()
+    outs = {}
+    for agg2 in AGGREGATIONS:
+        m = AttEnsCombiner(num_classes=2, agg2=agg2)
+        outs[agg2] = np.asarray(m.apply(m.init(jax.random.PRNGKey(0), modules, base), modules,
+                                        base))
+    for a, b in (("mean", "max"), ("mean", "min"), ("max", "min")):
+        assert not np.allclose(outs[a], outs[b]), (a, b)
+    # LN_a follows Agg2, and a LayerNorm cancels the factor k: sum == mean up to its epsilon
+    np.testing.assert_allclose(outs["sum"], outs["mean"], atol=1e-4)
+
+
+def test_attention_runs_across_modules_not_examples():
+    modules, base = _inputs()
+    model = AttEnsCombiner(num_classes=2)
+    params = model.init(jax.random.PRNGKey(0), modules, base)
+    full = np.asarray(model.apply(params, modules, base))
+    # each example's output depends on that example only
+    alone = np.asarray(model.apply(params, modules[:1], base[:1]))
+    np.testing.assert_allclose(full[:1], alone, atol=1e-5)
+    # permuting the modules leaves a mean over modules unchanged (attention is permutation-equivariant)
+    perm = np.asarray(model.apply(params, modules[:, ::-1], base))
+    np.testing.assert_allclose(full, perm, atol=1e-5)
+
+
+def test_batch_axis_quirk_mixes_examples():
+    modules, base = _inputs()
+    model = AttEnsCombiner(num_classes=2, attend_across_batch=True)
+    params = model.init(jax.random.PRNGKey(0), modules, base)
+    full, weights = model.apply(params, modules, base, return_attention=True)
+    assert weights.shape == (4, 4, 5, 5)  # (k, heads, B, B): across the examples
+    alone = model.apply(params, modules[:1], base[:1])
+    assert not np.allclose(np.asarray(full[:1]), np.asarray(alone))
+    # the same parameters without the quirk give other outputs
+    clean = AttEnsCombiner(num_classes=2).apply(params, modules, base)
+    assert not np.allclose(np.asarray(full), np.asarray(clean))
+
+
+def test_shared_layernorm_quirk_has_one_norm():
+    modules, base = _inputs()
+    shared = AttEnsCombiner(num_classes=2, shared_layernorm=True)
+    p_shared = shared.init(jax.random.PRNGKey(0), modules, base)["params"]
+    p_clean = AttEnsCombiner(num_classes=2).init(jax.random.PRNGKey(0), modules, base)["params"]
+    assert [k for k in p_shared if "layernorm" in k or k.startswith("ln_")] == ["layernorm"]
+    assert sorted(k for k in p_clean if k.startswith("ln_")) == [
+        "ln_attention", "ln_base", "ln_modules", "ln_out"]
+    # with non-trivial norm parameters the two models differ
+    p_clean = jax.tree_util.tree_map(lambda x: x, p_clean)
+    for name in ("ln_attention", "ln_base", "ln_modules", "ln_out"):
+        p_clean[name] = {"scale": p_clean[name]["scale"] * (2 + len(name)),
+                         "bias": p_clean[name]["bias"] + len(name)}
+    p_shared = {**{k: v for k, v in p_clean.items() if not k.startswith("ln_")},
+                "layernorm": p_clean["ln_out"]}
+    a = AttEnsCombiner(num_classes=2).apply({"params": p_clean}, modules, base)
+    b = shared.apply({"params": p_shared}, modules, base)
+    assert not np.allclose(np.asarray(a), np.asarray(b))
+
+
+def test_regression_head_and_logit_lift():
+    modules, base = _inputs(d=16)
+    model = AttEnsCombiner(num_classes=1, lift_dim=16)
+    small = modules[..., :3]  # module logits of width 3
+    params = model.init(jax.random.PRNGKey(0), small, base)
+    out = model.apply(params, small, base)
+    assert out.shape == (5, 1)
+    assert params["params"]["lift"]["kernel"].shape == (3, 16)
+
+
+def test_dropout_only_when_training():
+    modules, base = _inputs()
+    model = AttEnsCombiner(num_classes=2, dropout=0.5)
+    params = model.init(jax.random.PRNGKey(0), modules, base)
+    a = model.apply(params, modules, base)
+    b = model.apply(params, modules, base, deterministic=False,
+                    rngs={"dropout": jax.random.PRNGKey(1)})
+    assert not np.allclose(np.asarray(a), np.asarray(b))
