@@ -58,11 +58,11 @@ def main(argv):
         fail(f"unexpected arguments: {' '.join(argv[1:])}; options look like --config.task=rte")
     logging.getLogger().setLevel(logging.WARNING)  # Orbax and JAX log every step at INFO
     logging.getLogger("lora_jax").setLevel(logging.INFO)
+    from lora_jax.experiments import run
     from lora_jax.report import print_results
-    from lora_jax.trainer import train_and_evaluate
 
     try:
-        results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        results = run(FLAGS.config, FLAGS.workdir)
     except UserError as e:
         fail(str(e))
     if "stopped_at_step" in results:

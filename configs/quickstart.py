@@ -1,6 +1,6 @@
 """Quickstart smoke run: a tiny random BERT on a synthetic sentiment task, fully offline.
 
-`python -m lora_jax.quickstart` creates the assets (a WordPiece vocabulary trained on the fly,
+`python -m lora_jax.quickstart` creates the assets (a WordPiece vocabulary counted on the fly,
 a randomly initialised 2-layer BERT, and the synthetic task under runs/quickstart/assets) and
 runs this config as ft_lora, ffn and zero_shot. Once the assets exist, one experiment alone:
 

@@ -8,22 +8,13 @@ the repository root (it reads configs/quickstart.py).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import shutil
 import sys
 
 from lora_jax.errors import UserError
-
-
-def load_config(path: str):
-    """(module, ConfigDict) of a config file, with the repository root importable."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
-    spec = importlib.util.spec_from_file_location("quickstart_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, module.get_config()
+from lora_jax.experiments import load_config
 
 
 def main(argv=None) -> int:

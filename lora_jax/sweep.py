@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from lora_jax.errors import UserError
-from lora_jax.quickstart import load_config
+from lora_jax.experiments import load_config
 from lora_jax.writers import write_json_atomic
 
 ROW_NAMES = {"zero_shot": "Model", "ffn": "FFN", "ft_lora": "FT_LoRA", "full": "Full FT"}
@@ -39,12 +39,18 @@ def apply_overrides(config, overrides) -> None:
 
 
 def cell_config(sweep, experiment: str, task: str, seed: int, repo: str):
-    _, config = load_config(os.path.join(repo, "configs", f"{experiment}.py"))
+    """The config of one cell: its row's config file + common, row and task overrides.
+
+    A row's config file is ``sweep.experiment_configs[row]`` when given (relative to the repo),
+    else ``configs/<row>.py``; so rows such as ``attens_k3`` can share configs/attens_*.py.
+    """
+    files = dict(sweep.get("experiment_configs", {}))
+    _, config = load_config(os.path.join(repo, files.get(experiment, f"configs/{experiment}.py")))
     apply_overrides(config, sweep.common)
     apply_overrides(config, sweep.experiment_overrides.get(experiment, {}))
     apply_overrides(config, sweep.task_overrides.get(task, {}))
     config.task, config.seed = task, seed
-    if experiment == "zero_shot":
+    if config.experiment == "zero_shot":
         config.num_epochs, config.selection_size = 0, 0
     return config
 
@@ -58,7 +64,8 @@ def markdown_table(sweep, results: list[dict], command: str) -> str:
     tasks, experiments = list(sweep.tasks), list(sweep.experiments)
     by_cell: dict[tuple[str, str], list[float]] = {}
     for r in results:
-        by_cell.setdefault((r["experiment"], r["task"]), []).append(100 * score(r))
+        by_cell.setdefault((r.get("sweep_row", r["experiment"]), r["task"]), []).append(
+            100 * score(r))
     metric = {r["task"]: r["main_metric"] for r in results}
     head = "| | " + " | ".join(f"{t} ({metric.get(t, '')})" for t in tasks) + " | average |"
     lines = [head, "|---" * (len(tasks) + 2) + "|"]
@@ -102,7 +109,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("lora_jax").setLevel(logging.INFO)
-    from lora_jax.trainer import train_and_evaluate
+    from lora_jax.experiments import run
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
@@ -116,11 +123,13 @@ def main(argv=None) -> int:
                     done = os.path.join(workdir, "results.json")
                     if os.path.isfile(done):
                         with open(done) as f:
-                            results.append(json.load(f))
+                            results.append({**json.load(f), "sweep_row": exp})
                         continue
                     logging.getLogger("lora_jax").info("sweep: %s %s seed %d", exp, task, seed)
-                    results.append(train_and_evaluate(cell_config(sweep, exp, task, seed, repo),
-                                                      workdir))
+                    result = run(cell_config(sweep, exp, task, seed, repo), workdir)
+                    result["sweep_row"] = exp
+                    write_json_atomic(done, result)
+                    results.append(result)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

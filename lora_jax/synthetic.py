@@ -48,30 +48,56 @@ def _write_jsonl_gz(path: str, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+TOPIC_NOUNS = ("music", "camera", "acting", "dialogue")
+
+
 def make_sentiment_task(data_dir: str, n_train: int = 2000, n_validation: int = 400,
                         seed: int = 0) -> list[str]:
-    """Write the synthetic sentiment splits; returns all texts (for the tokenizer)."""
+    """Write the synthetic tasks over one set of sentences; returns all texts (for the tokenizer).
+
+    synth/sentiment: label = majority sentiment. synth/topic: label 1 when the sentence
+    mentions a craft noun (music, camera, acting, dialogue), else 0.
+    """
     rng = np.random.default_rng(seed)
     texts = []
     for split, n in (("train", n_train), ("validation", n_validation)):
-        rows = []
+        sentiment, topic = [], []
         for i in range(n):
             text, label = _sentence(rng)
-            rows.append({"sentence": text, "label": label, "idx": i})
+            sentiment.append({"sentence": text, "label": label, "idx": i})
+            topic.append({"sentence": text, "label": int(any(w in text.split()
+                                                                for w in TOPIC_NOUNS)), "idx": i})
             texts.append(text)
-        _write_jsonl_gz(os.path.join(data_dir, "synth", "sentiment", f"{split}.jsonl.gz"), rows)
+        _write_jsonl_gz(os.path.join(data_dir, "synth", "sentiment", f"{split}.jsonl.gz"),
+                        sentiment)
+        _write_jsonl_gz(os.path.join(data_dir, "synth", "topic", f"{split}.jsonl.gz"), topic)
     return texts
 
 
-def train_wordpiece(texts: list[str], out_dir: str, vocab_size: int = 400) -> int:
-    """Train an uncased WordPiece tokenizer on `texts`; writes tokenizer files, returns vocab size."""
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def build_wordpiece(texts: list[str], out_dir: str) -> int:
+    """Write a deterministic uncased WordPiece tokenizer for `texts`; returns the vocab size.
+
+    The vocabulary is counted on the fly: special tokens, every single character and its
+    ``##`` continuation (so any word can still be spelled), then whole words by descending
+    count (ties alphabetical). `tokenizers`' own trainer is not used because its output order
+    changes from run to run.
+    """
+    from collections import Counter
+
     from tokenizers import BertWordPieceTokenizer
 
-    tok = BertWordPieceTokenizer(lowercase=True)
-    tok.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1,
-                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    words = Counter(w for t in texts for w in t.lower().split())
+    chars = sorted({c for w in words for c in w})
+    vocab = [*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
+    vocab += [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))
+              if w not in vocab]
+    tok = BertWordPieceTokenizer({w: i for i, w in enumerate(vocab)}, lowercase=True)
     os.makedirs(out_dir, exist_ok=True)
-    tok.save_model(out_dir)  # vocab.txt
+    with open(os.path.join(out_dir, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": True,
@@ -79,7 +105,7 @@ def train_wordpiece(texts: list[str], out_dir: str, vocab_size: int = 400) -> in
     with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
         json.dump({"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
                    "sep_token": "[SEP]", "mask_token": "[MASK]"}, f)
-    return tok.get_vocab_size()
+    return len(vocab)
 
 
 def make_tiny_bert(out_dir: str, texts: list[str], hidden_size: int = 64, num_layers: int = 2,
@@ -92,7 +118,7 @@ def make_tiny_bert(out_dir: str, texts: list[str], hidden_size: int = 64, num_la
     from lora_jax.models import Encoder, EncoderConfig
     from lora_jax.models.hf_import import hf_config_dict, to_hf_state_dict
 
-    vocab = train_wordpiece(texts, out_dir)
+    vocab = build_wordpiece(texts, out_dir)
     config = EncoderConfig(model_type="bert", vocab_size=vocab, hidden_size=hidden_size,
                            num_layers=num_layers, num_heads=num_heads,
                            intermediate_size=4 * hidden_size, max_position_embeddings=64,
@@ -110,7 +136,7 @@ def make_tiny_bert(out_dir: str, texts: list[str], hidden_size: int = 64, num_la
 def make_quickstart_assets(root: str, seed: int = 0) -> tuple[str, str]:
     """(model_dir, data_dir) under `root`, created once and reused."""
     model_dir, data_dir = os.path.join(root, "tiny-bert"), os.path.join(root, "data")
-    if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+    if not os.path.isfile(os.path.join(data_dir, "synth", "topic", "validation.jsonl.gz")):
         texts = make_sentiment_task(data_dir, seed=seed)
         make_tiny_bert(model_dir, texts, seed=seed)
     return model_dir, data_dir

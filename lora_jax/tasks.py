@@ -76,6 +76,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          splits=(("train", "train"), ("validation", "test"))),
     # Generated offline by lora_jax.synthetic (quickstart and tests).
     Task("synth_sentiment", ("sentence",), 2, local="synth/sentiment"),
+    Task("synth_topic", ("sentence",), 2, local="synth/topic"),
 ]}
 
 

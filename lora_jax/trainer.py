@@ -143,6 +143,14 @@ def build_model(config, encoder_config: EncoderConfig, task: Task) -> SequenceCl
                               dtype=DTYPES[config.dtype])
 
 
+def place_pretrained(initialised: dict, pretrained: dict) -> dict:
+    """`initialised` with every leaf that `pretrained` has replaced by the pretrained array."""
+    flat = traverse_util.flatten_dict(initialised)
+    for path, value in traverse_util.flatten_dict(pretrained).items():
+        flat[path] = jnp.asarray(value)
+    return traverse_util.unflatten_dict(flat)
+
+
 def init_variables(model: SequenceClassifier, pretrained: dict, missing: list[str],
                    config) -> dict:
     """{"params": ..., "lora": ...}: the encoder from the checkpoint, the rest seeded.
@@ -154,12 +162,10 @@ def init_variables(model: SequenceClassifier, pretrained: dict, missing: list[st
     init = lambda rng: model.init(rng, ids, ids, ids)["params"]
     rng_init, rng_lora = jax.random.split(jax.random.PRNGKey(config.seed))
     jax.eval_shape(init, rng_init)  # fails fast on a bad config, allocates nothing
-    params = traverse_util.flatten_dict(jax.jit(init)(rng_init))
-    for path, value in traverse_util.flatten_dict(pretrained).items():
-        params[("encoder", *path)] = jnp.asarray(value)
+    params = jax.jit(init)(rng_init)
+    params["encoder"] = place_pretrained(params["encoder"], pretrained)
     if missing:
         log.info("initialised from seed (not in the checkpoint): %s", ", ".join(missing))
-    params = traverse_util.unflatten_dict(params)
     variables = {"params": params}
     if config.experiment == "ft_lora":
         spec = lora_spec(config)
@@ -315,6 +321,26 @@ def _state_dict(trainable, opt_state, best_trainable, best_score, best_step) -> 
             "best_step": jnp.asarray(best_step, jnp.int32)}
 
 
+def restore_train_state(mngr: ocp.CheckpointManager, trainable, opt_state):
+    """(step, trainable, opt_state, best) from the latest checkpoint, shaped like the inputs."""
+    step = mngr.latest_step()
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_dict(
+        trainable, opt_state, trainable, 0.0, 0))
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+    best = Best(float(restored["best_score"]), int(restored["best_step"]),
+                restored["best_trainable"])
+    return step, restored["trainable"], restored["opt_state"], best
+
+
+def save_train_state(mngr: ocp.CheckpointManager, step: int, trainable, opt_state, best,
+                     meta: dict) -> None:
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_state_dict(trainable, opt_state, best.trainable, best.score,
+                                                best.step)),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+
 def restore_trainable(workdir: str, which: str = "best_trainable", step: int | None = None):
     """Trainable tree (`best_trainable` or `trainable`) and metadata from a run's checkpoints."""
     mngr = checkpoint_manager(workdir)
@@ -419,14 +445,7 @@ def fit(setup: Setup, workdir: str, place: Placement, trainable, frozen, predict
     mngr = checkpoint_manager(workdir)
     step = 0
     if cfg.resume and mngr.latest_step() is not None:
-        step = mngr.latest_step()
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_dict(
-            trainable, opt_state, trainable, 0.0, 0))
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract)))["state"]
-        trainable, opt_state = restored["trainable"], restored["opt_state"]
-        best = Best(float(restored["best_score"]), int(restored["best_step"]),
-                    restored["best_trainable"])
+        step, trainable, opt_state, best = restore_train_state(mngr, trainable, opt_state)
         log.info("resumed from step %d (best %s %.4f at step %d)", step, task.main_metric,
                  best.score, best.step)
     meta = {"task": task.name, "experiment": cfg.experiment, "model": cfg.model,
@@ -464,10 +483,7 @@ def fit(setup: Setup, workdir: str, place: Placement, trainable, frozen, predict
                      task.main_metric, scores[task.main_metric], best.score, best.step)
         stopping = step == cfg.stop_after_steps
         if step % cfg.checkpoint_every_steps == 0 or step == total_steps or stopping:
-            mngr.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_state_dict(trainable, opt_state, best.trainable,
-                                                        best.score, best.step)),
-                meta=ocp.args.JsonSave(meta)), force=True)
+            save_train_state(mngr, step, trainable, opt_state, best, meta)
         pause = time.perf_counter() - t0
         paused += pause
         window_start += pause  # throughput excludes evaluation and checkpoint time

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from lora_jax.errors import UserError
-from lora_jax.quickstart import load_config
+from lora_jax.experiments import load_config
 from lora_jax.sweep import apply_overrides, cell_config, markdown_table
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

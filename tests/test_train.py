@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from lora_jax.quickstart import load_config
+from lora_jax.experiments import load_config
 from lora_jax.synthetic import make_quickstart_assets
 from lora_jax.trainer import restore_trainable, train_and_evaluate
 

@@ -1,0 +1,43 @@
+"""Shared AttEns settings; the attens_*.py configs pick the backbone and the module set.
+
+Not run directly. The combiner follows ../shared/DESIGN.md; quirk flags reproduce the authors'
+PyTorch code (all off by default).
+"""
+
+import ml_collections
+
+from configs import default
+
+GLUE_MODULES = ("sst2", "cola", "mnli", "qnli", "rte", "wnli", "mrpc", "qqp")
+
+
+def attens_config(model: str, module_dir: str, modules=GLUE_MODULES) -> ml_collections.ConfigDict:
+    c = default.get_config()
+    c.experiment = "attens"
+    c.model = model  # "" = the module set's model
+    c.module_dir = module_dir  # made by python -m ensemble.train_modules
+    c.modules = tuple(modules)  # module order; the k sweep takes the first k
+    c.k = 0  # 0: all modules
+    c.task = "rte"  # target: a module task, or an unseen one (imdb, ag_news, trec, stsb)
+    c.combiner = ml_collections.ConfigDict({
+        "num_heads": 4,
+        "agg1": "mean",  # over tokens: mean (masked) | max | min | sum
+        "agg2": "mean",  # over modules after attention
+        "output": "hidden",  # hidden (reference code) | logits (paper text)
+        "base_pooling": "mean",  # the base encoder's pooled output: mean | cls | pooler
+        "dropout": 0.1,
+    })
+    c.quirks = ml_collections.ConfigDict({
+        "attend_across_batch": False,  # nn.MultiheadAttention without batch_first
+        "shared_layernorm": False,  # one LayerNorm instance for all four normalisations
+        "count_padding": False,  # token mean over padding too
+        "encoder_dropout": False,  # dropout on in the frozen encoders: no cache, slow
+    })
+    c.feature_cache = "runs/feature_cache"
+    c.feature_batch_size = 64
+    c.num_epochs = 20
+    c.batch_size = 32
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_ratio = 0.0
+    c.log_every_steps = 100
+    return c

@@ -1,0 +1,117 @@
+"""Module sets: k single-task LoRA modules (adapter + head + task metadata) on one base model.
+
+Layout of a module set folder::
+
+    <dir>/moduleset.json            {"model": ..., "modules": [task, ...], "lora": {...}}
+    <dir>/<task>/module.json        task, num_labels, metrics, source run, training config
+    <dir>/<task>/weights/           Orbax checkpoint of {"lora": {...}, "head": {...}}
+
+`export_module` turns a finished FT_LoRA run (its best checkpoint) into a module;
+`load_module_set` reads modules back in a chosen order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lora_jax.errors import UserError
+from lora_jax.lora import LoRASpec
+from lora_jax.trainer import restore_trainable
+from lora_jax.writers import write_json_atomic
+
+
+@dataclasses.dataclass
+class Module:
+    task: str
+    num_labels: int
+    lora: dict  # the "lora" collection's "encoder" subtree: {layer_i: {...: {"A", "B"}}}
+    head: dict  # {"kernel": (d, C), "bias": (C,)}
+    meta: dict
+
+
+@dataclasses.dataclass
+class ModuleSet:
+    model: str
+    spec: LoRASpec
+    pooling: str
+    max_length: int
+    modules: list[Module]
+
+    @property
+    def tasks(self) -> list[str]:
+        return [m.task for m in self.modules]
+
+
+def export_module(run_dir: str, out_dir: str) -> dict:
+    """Write the best checkpoint of an FT_LoRA run (train.py workdir) as a module; returns meta."""
+    results_path = os.path.join(run_dir, "results.json")
+    if not os.path.isfile(results_path):
+        raise UserError(f"{run_dir} has no results.json; finish the FT_LoRA run first")
+    with open(results_path) as f:
+        results = json.load(f)
+    if results["experiment"] != "ft_lora":
+        raise UserError(f"{run_dir} is a {results['experiment']} run; modules come from ft_lora")
+    trainable, _ = restore_trainable(run_dir, "best_trainable")
+    tree = {"lora": jax.device_get(trainable["lora"]["encoder"]),
+            "head": jax.device_get(trainable["params"]["head"])}
+    cfg = results["config"]
+    meta = {"task": results["task"], "num_labels": int(np.shape(tree["head"]["bias"])[0]),
+            "main_metric": results["main_metric"], "metrics": results["metrics"],
+            "model": cfg["model"], "pooling": cfg["pooling"], "max_length": cfg["max_length"],
+            "lora": dict(cfg["lora"]), "source_run": os.path.abspath(run_dir),
+            "seed": results["seed"]}
+    weights = os.path.abspath(os.path.join(out_dir, "weights"))
+    if os.path.exists(weights):
+        import shutil
+
+        shutil.rmtree(weights)
+    os.makedirs(out_dir, exist_ok=True)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(weights, tree)
+    ckptr.wait_until_finished()
+    write_json_atomic(os.path.join(out_dir, "module.json"), meta)
+    return meta
+
+
+def write_moduleset_index(set_dir: str, metas: list[dict]) -> None:
+    first = metas[0]
+    for m in metas[1:]:
+        for key in ("model", "lora"):
+            if m[key] != first[key]:
+                raise UserError(f"module {m['task']} has {key}={m[key]!r} but {first['task']} has "
+                                f"{first[key]!r}; a module set needs one base model and LoRA spec")
+    write_json_atomic(os.path.join(set_dir, "moduleset.json"), {
+        "model": first["model"], "lora": first["lora"], "pooling": first["pooling"],
+        "max_length": first["max_length"], "modules": [m["task"] for m in metas]})
+
+
+def load_module_set(set_dir: str, tasks: list[str] | tuple[str, ...] = ()) -> ModuleSet:
+    """Modules of `set_dir` in the order of `tasks` (default: the set's own order)."""
+    index_path = os.path.join(set_dir, "moduleset.json")
+    if not os.path.isfile(index_path):
+        raise UserError(f"{set_dir!r} is not a module set (no moduleset.json); create one with "
+                        "python -m ensemble.train_modules")
+    with open(index_path) as f:
+        index = json.load(f)
+    order = list(tasks) or index["modules"]
+    unknown = [t for t in order if t not in index["modules"]]
+    if unknown:
+        raise UserError(f"module(s) {', '.join(unknown)} not in {set_dir} (it has "
+                        f"{', '.join(index['modules'])}); train them or change config.modules")
+    ckptr = ocp.StandardCheckpointer()
+    modules = []
+    for task in order:
+        with open(os.path.join(set_dir, task, "module.json")) as f:
+            meta = json.load(f)
+        tree = ckptr.restore(os.path.abspath(os.path.join(set_dir, task, "weights")))
+        modules.append(Module(task, meta["num_labels"], tree["lora"], tree["head"], meta))
+    lo = index["lora"]
+    spec = LoRASpec(r=lo["r"], alpha=lo["alpha"], dropout=lo["dropout"],
+                    targets=tuple(lo["targets"]))
+    return ModuleSet(index["model"], spec, index["pooling"], index["max_length"], modules)

@@ -1,0 +1,116 @@
+"""AttEns end to end on offline assets: module set, cached features, combiner training."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+
+from ensemble.modules import export_module, load_module_set, write_moduleset_index
+from ensemble.train import train_attens
+from lora_jax.errors import UserError
+from lora_jax.experiments import load_config
+from lora_jax.synthetic import make_quickstart_assets
+from lora_jax.trainer import train_and_evaluate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def module_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("attens")
+    model, data = make_quickstart_assets(str(root / "assets"))
+    metas = []
+    for task in ("synth_sentiment", "synth_topic"):
+        _, c = load_config(str(ROOT / "configs" / "quickstart.py"))
+        c.model, c.data_dir, c.task, c.progress = model, data, task, False
+        c.num_epochs, c.max_train_examples = 2, 800
+        train_and_evaluate(c, str(root / "runs" / task))
+        metas.append(export_module(str(root / "runs" / task), str(root / "modules" / task)))
+    write_moduleset_index(str(root / "modules"), metas)
+    return root, model, data
+
+
+def attens_config(root, model, data, **kw):
+    _, c = load_config(str(ROOT / "configs" / "attens_minilm_cpu.py"))
+    c.model, c.data_dir, c.module_dir = model, data, str(root / "modules")
+    c.modules, c.task = ("synth_sentiment", "synth_topic"), "synth_sentiment"
+    c.feature_cache, c.progress = str(root / "cache"), False
+    c.max_length, c.buckets, c.num_epochs, c.selection_size = 32, (16, 32), 10, 200
+    c.max_train_examples = 800
+    for key, value in kw.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+def test_module_set_round_trip(module_set):
+    root, _, _ = module_set
+    ms = load_module_set(str(root / "modules"), ("synth_topic", "synth_sentiment"))
+    assert ms.tasks == ["synth_topic", "synth_sentiment"]
+    assert ms.spec.r == 4 and ms.modules[0].head["kernel"].shape == (64, 2)
+    with pytest.raises(UserError, match="not in"):
+        load_module_set(str(root / "modules"), ("cola",))
+
+
+def test_attens_trains_on_cached_features_and_reuses_them(module_set, tmp_path):
+    root, model, data = module_set
+    first = train_attens(attens_config(root, model, data), str(tmp_path / "a"))
+    assert first["k"] == 2 and first["modules"] == ["synth_sentiment", "synth_topic"]
+    module_acc = load_module_set(str(root / "modules")).modules[0].meta["metrics"]["validation"][
+        "accuracy"]
+    acc = first["metrics"]["validation"]["accuracy"]
+    assert acc > 0.6 and acc >= module_acc - 0.02  # at least as good as the task's own module
+    assert not any(first["feature_cache_hits"].values())
+    assert all(s > 0 for s in first["feature_seconds"].values())
+    assert first["combiner_train_seconds"] > 0
+    att = np.asarray(first["attention"]["matrix"])
+    assert att.shape == (2, 2) and np.allclose(att.sum(-1), 1, atol=1e-4)
+    second = train_attens(attens_config(root, model, data), str(tmp_path / "b"))
+    assert all(second["feature_cache_hits"].values())
+    assert second["metrics"] == first["metrics"]  # same features, same seed: same result
+
+
+def test_k_and_unseen_target(module_set, tmp_path):
+    root, model, data = module_set
+    one = train_attens(attens_config(root, model, data, k=1, task="synth_topic"),
+                       str(tmp_path / "k1"))
+    assert one["modules"] == ["synth_sentiment"] and not one["unseen"]
+    with pytest.raises(UserError, match="k=3 but the module set has 2"):
+        train_attens(attens_config(root, model, data, k=3), str(tmp_path / "k3"))
+
+
+def test_logits_output_and_quirk_flags_run(module_set, tmp_path):
+    root, model, data = module_set
+    r = train_attens(attens_config(root, model, data, **{
+        "combiner.output": "logits", "quirks.attend_across_batch": True,
+        "quirks.shared_layernorm": True, "quirks.count_padding": True, "num_epochs": 1}),
+        str(tmp_path / "q"))
+    assert r["quirks"]["attend_across_batch"] and r["attention"] is None
+    slow = train_attens(attens_config(root, model, data, **{
+        "quirks.encoder_dropout": True, "num_epochs": 1, "max_train_examples": 200}),
+        str(tmp_path / "slow"))
+    assert slow["total_steps"] == 7 and 0 <= slow["metrics"]["validation"]["accuracy"] <= 1
+
+
+def test_train_py_runs_attens(module_set, tmp_path):
+    import subprocess
+    import sys
+
+    root, model, data = module_set
+    args = [sys.executable, str(ROOT / "train.py"), "--config",
+            str(ROOT / "configs" / "attens_minilm_cpu.py"), f"--workdir={tmp_path / 'w'}",
+            f"--config.model={model}", f"--config.data_dir={data}",
+            f"--config.module_dir={root / 'modules'}", "--config.modules=('synth_sentiment',)",
+            "--config.task=synth_topic", f"--config.feature_cache={root / 'cache'}",
+            "--config.num_epochs=1", "--config.max_length=32", "--config.progress=False"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| attens | synth_topic |" in proc.stdout
+    bad = subprocess.run(args[:-4] + ["--config.module_dir=/nope"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "is not a module set" in bad.stderr
