@@ -38,3 +38,48 @@ def load_results(paths: Iterable[str]) -> list[dict]:
         with open(path) as f:
             out.append(json.load(f))
     return out
+
+
+ROW_NAMES = {"zero_shot": "Model", "ffn": "FFN", "ft_lora": "FT_LoRA", "full": "Full FT",
+             "attens": "AttEns"}
+
+
+def main_score(result: dict) -> float:
+    """The task's main metric on its first reported split, x100."""
+    return 100 * _main_score(result)[1]
+
+
+def row_of(result: dict) -> str:
+    return result.get("sweep_row", result["experiment"])
+
+
+def cell_scores(results: Sequence[dict]) -> dict[tuple[str, str], list[float]]:
+    """(row, task) -> main scores (x100) of every seed."""
+    cells: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        cells.setdefault((row_of(r), r["task"]), []).append(main_score(r))
+    return cells
+
+
+def score_table(results: Sequence[dict], rows: Sequence[str], tasks: Sequence[str],
+                row_names: dict[str, str] | None = None) -> str:
+    """Markdown: rows x (tasks + average); mean ± std over seeds; "–" where a cell is missing."""
+    import numpy as np
+
+    names = {**ROW_NAMES, **(row_names or {})}
+    cells = cell_scores(results)
+    metric = {r["task"]: r["main_metric"] for r in results}
+    lines = ["| | " + " | ".join(f"{t} ({metric.get(t, '')})" for t in tasks) + " | average |",
+             "|---" * (len(tasks) + 2) + "|"]
+    for row in rows:
+        out, means = [], []
+        for t in tasks:
+            vals = cells.get((row, t), [])
+            if not vals:
+                out.append("–")
+                continue
+            means.append(float(np.mean(vals)))
+            out.append(f"{np.mean(vals):.1f}" + (f" ± {np.std(vals):.1f}" if len(vals) > 1 else ""))
+        avg = f"{np.mean(means):.1f}" if len(means) == len(tasks) else "–"
+        lines.append(f"| {names.get(row, row)} | " + " | ".join(out) + f" | {avg} |")
+    return "\n".join(lines)

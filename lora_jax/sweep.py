@@ -18,13 +18,11 @@ import os
 import sys
 
 import ml_collections
-import numpy as np
 
 from lora_jax.errors import UserError
 from lora_jax.experiments import load_config
+from lora_jax.report import score_table
 from lora_jax.writers import write_json_atomic
-
-ROW_NAMES = {"zero_shot": "Model", "ffn": "FFN", "ft_lora": "FT_LoRA", "full": "Full FT"}
 
 
 def apply_overrides(config, overrides) -> None:
@@ -39,7 +37,7 @@ def apply_overrides(config, overrides) -> None:
 
 
 def cell_config(sweep, experiment: str, task: str, seed: int, repo: str):
-    """The config of one cell: its row's config file + common, row and task overrides.
+    """The config of one cell: its row's config file + common, then task, then row overrides.
 
     A row's config file is ``sweep.experiment_configs[row]`` when given (relative to the repo),
     else ``configs/<row>.py``; so rows such as ``attens_k3`` can share configs/attens_*.py.
@@ -47,46 +45,24 @@ def cell_config(sweep, experiment: str, task: str, seed: int, repo: str):
     files = dict(sweep.get("experiment_configs", {}))
     _, config = load_config(os.path.join(repo, files.get(experiment, f"configs/{experiment}.py")))
     apply_overrides(config, sweep.common)
-    apply_overrides(config, sweep.experiment_overrides.get(experiment, {}))
     apply_overrides(config, sweep.task_overrides.get(task, {}))
+    apply_overrides(config, sweep.experiment_overrides.get(experiment, {}))
     config.task, config.seed = task, seed
     if config.experiment == "zero_shot":
         config.num_epochs, config.selection_size = 0, 0
     return config
 
 
-def score(result: dict) -> float:
-    split = next(iter(result["metrics"]))
-    return result["metrics"][split][result["main_metric"]]
-
-
 def markdown_table(sweep, results: list[dict], command: str) -> str:
-    tasks, experiments = list(sweep.tasks), list(sweep.experiments)
-    by_cell: dict[tuple[str, str], list[float]] = {}
-    for r in results:
-        by_cell.setdefault((r.get("sweep_row", r["experiment"]), r["task"]), []).append(
-            100 * score(r))
-    metric = {r["task"]: r["main_metric"] for r in results}
-    head = "| | " + " | ".join(f"{t} ({metric.get(t, '')})" for t in tasks) + " | average |"
-    lines = [head, "|---" * (len(tasks) + 2) + "|"]
-    for exp in experiments:
-        cells, means = [], []
-        for t in tasks:
-            vals = by_cell.get((exp, t), [])
-            if not vals:
-                cells.append("–")
-                continue
-            means.append(np.mean(vals))
-            cells.append(f"{np.mean(vals):.1f}" + (f" ± {np.std(vals):.1f}" if len(vals) > 1 else ""))
-        avg = f"{np.mean(means):.1f}" if len(means) == len(tasks) else "–"
-        lines.append(f"| {ROW_NAMES.get(exp, exp)} | " + " | ".join(cells) + f" | {avg} |")
     first = results[0]
+    main_seed = sweep.seeds[0]
+    ft = [r for r in results if r["experiment"] == "ft_lora" and r["seed"] == main_seed]
     sizes = "; ".join(f"{r['task']}: " + ", ".join(f"{k} {v}" for k, v in r["sizes"].items())
-                      for r in results if r["experiment"] == "ft_lora" and r["seed"] == sweep.seeds[0])
+                      for r in ft)
     timing = "; ".join(f"{r['task']} {r['train_seconds']:.0f} s ({r['train_examples_per_s']} ex/s)"
-                       for r in results if r["experiment"] == "ft_lora" and r["seed"] == sweep.seeds[0])
+                       for r in ft)
     return "\n".join([
-        f"# {sweep.name}", "", *lines, "",
+        f"# {sweep.name}", "", score_table(results, sweep.experiments, sweep.tasks), "",
         f"Scores x100 on validation: accuracy, except CoLA (Matthews) and STS-B (Pearson); "
         f"seeds {list(sweep.seeds)}" + (" (mean ± std)" if len(sweep.seeds) > 1 else "") + ".",
         f"- Model: `{first['model']}`; pooling `{first['config']['pooling']}`; dtype "
@@ -106,6 +82,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True, help="path stem for .json and .md")
     parser.add_argument("--only", default="", help="comma list of tasks to run (default all)")
+    parser.add_argument("--rows", default="", help="comma list of experiments/rows (default all)")
+    parser.add_argument("--seeds", default="", help="comma list of seeds to run (default all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("lora_jax").setLevel(logging.INFO)
@@ -116,9 +94,14 @@ def main(argv=None) -> int:
         _, sweep = load_config(args.config)
         tasks = [t for t in sweep.tasks if not args.only or t in args.only.split(",")]
         results = []
+        row_seeds = dict(sweep.get("row_seeds", {}))
         for seed in sweep.seeds:
+            if args.seeds and str(seed) not in args.seeds.split(","):
+                continue
             for task in tasks:
-                for exp in sweep.experiments:
+                for exp in [e for e in sweep.experiments
+                            if (not args.rows or e in args.rows.split(","))
+                            and seed in row_seeds.get(e, sweep.seeds)]:
                     workdir = os.path.join(args.workdir, f"{exp}_{task}_s{seed}")
                     done = os.path.join(workdir, "results.json")
                     if os.path.isfile(done):

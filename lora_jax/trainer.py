@@ -119,10 +119,11 @@ def load_examples(config, task: Task) -> tuple[dict[str, data_lib.Examples], dic
             out["train"] = out["train"].subset(np.sort(keep))
         if config.num_epochs == 0:
             del out["train"]
-    if config.max_eval_examples:
+    if config.max_eval_examples:  # a seeded random subset: some splits are sorted by label
         for split in (*task.eval_splits, "selection"):
             if split in out and len(out[split]) > config.max_eval_examples:
-                out[split] = out[split].subset(np.arange(config.max_eval_examples))
+                keep = np.random.default_rng(config.seed + 3).permutation(len(out[split]))
+                out[split] = out[split].subset(np.sort(keep[: config.max_eval_examples]))
     return out, sources
 
 

@@ -1,0 +1,58 @@
+"""AttEns reproduction at CPU scale (issue 3): Tables 2 and 3 and the k sweep, MiniLM-L3.
+
+Needs the module set first (FT_LoRA seed-0 runs of configs/glue_cpu.py, exported):
+
+    python -m ensemble.train_modules --sweep configs/glue_cpu.py --workdir runs/glue_cpu \
+      --tasks sst2,cola,mrpc,rte,stsb,wnli --out runs/modules/minilm_l3
+
+Then every row (Model, FFN, FT_LoRA x3 seeds, AttEns x3 seeds, AttEns with k=2 and k=4):
+
+    python -m lora_jax.sweep --config configs/attens_cpu_sweep.py --workdir runs/attens_cpu \
+      --out results/attens_minilm_l3
+    python -m ensemble.report --sweep results/attens_minilm_l3.json --out results/attens_minilm_l3
+
+Targets: the six module tasks (seen) and imdb, trec (unseen). SST-2 targets use a 20,000-row
+sample of train; IMDB 5,000 train and 5,000 test reviews at 128 tokens (CPU budget).
+"""
+
+import ml_collections
+
+MODULES = ("sst2", "cola", "mrpc", "rte", "stsb", "wnli")
+ATTENS = "configs/attens_minilm_cpu.py"
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.name = "AttEns vs single-task baselines, MiniLM-L3 modules, CPU scale"
+    c.experiments = ("zero_shot", "ffn", "ft_lora", "attens", "attens_k2", "attens_k4")
+    c.experiment_configs = ml_collections.ConfigDict(
+        {"attens": ATTENS, "attens_k2": ATTENS, "attens_k4": ATTENS})
+    c.tasks = (*MODULES, "imdb", "trec")
+    c.seeds = (0, 1, 2)
+    c.row_seeds = ml_collections.ConfigDict(
+        {"zero_shot": (0,), "ffn": (0,), "attens_k2": (0,), "attens_k4": (0,)})
+    c.common = ml_collections.ConfigDict({
+        "model": "../shared/models/paraphrase-MiniLM-L3-v2",
+        "data_dir": "../shared/data",
+        "batch_size": 32,
+        "max_length": 128,
+        "num_epochs": 5,
+        "progress": False,
+        "checkpoint_every_steps": 5000,
+    })
+    c.task_overrides = ml_collections.ConfigDict({
+        "sst2": {"num_epochs": 2, "max_length": 64, "selection_size": 1000,
+                 "max_train_examples": 20000},
+        "cola": {"max_length": 64},
+        "trec": {"max_length": 64},
+        "imdb": {"num_epochs": 3, "max_train_examples": 5000, "max_eval_examples": 5000},
+    })
+    attens = {"num_epochs": 20, "optimizer": {"learning_rate": 1e-3}}
+    c.experiment_overrides = ml_collections.ConfigDict({
+        "ft_lora": {"optimizer": {"learning_rate": 5e-4}},
+        "ffn": {"optimizer": {"learning_rate": 2e-3}},
+        "attens": attens,
+        "attens_k2": {**attens, "k": 2},
+        "attens_k4": {**attens, "k": 4},
+    })
+    return c

@@ -1,0 +1,201 @@
+"""AttEns report: the paper's Table 2 (seen tasks) and Table 3 (unseen), the k sweep (Fig. 3
+shape) and a heatmap of the combiner's attention over modules, from one sweep's results.
+
+    python -m ensemble.report --sweep results/attens_minilm_l3.json --out results/attens_minilm_l3
+
+Writes <out>.md, <out>_k_sweep.png and <out>_attention.png (matplotlib: pip install -e ".[plots]").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from lora_jax.report import cell_scores, row_of, score_table
+
+ROWS = ("zero_shot", "ffn", "ft_lora", "attens")
+
+
+def split_tasks(results: Sequence[dict]) -> tuple[list[str], list[str]]:
+    """(seen, unseen) target tasks in first-appearance order, judged from the AttEns runs."""
+    seen, unseen = [], []
+    for r in results:
+        if r["experiment"] == "attens":
+            bucket = unseen if r.get("unseen") else seen
+            if r["task"] not in seen + unseen:
+                bucket.append(r["task"])
+    return seen, unseen
+
+
+def k_of(result: dict) -> int:
+    return int(result["k"])
+
+
+def k_sweep(results: Sequence[dict]) -> dict[str, dict[int, float]]:
+    """task -> {k: mean main score over seeds} over every AttEns run."""
+    acc: dict[str, dict[int, list[float]]] = {}
+    for r in results:
+        if r["experiment"] == "attens":
+            acc.setdefault(r["task"], {}).setdefault(k_of(r), []).append(
+                100 * next(iter(r["metrics"].values()))[r["main_metric"]])
+    return {t: {k: float(np.mean(v)) for k, v in sorted(ks.items())} for t, ks in acc.items()}
+
+
+def attention_by_task(results: Sequence[dict]) -> tuple[list[str], list[str], np.ndarray]:
+    """(targets, modules, (targets, modules) mean attention received) from full-k AttEns runs."""
+    rows = [r for r in results if row_of(r) == "attens" and r.get("attention")]
+    if not rows:
+        return [], [], np.zeros((0, 0))
+    modules = rows[0]["attention"]["modules"]
+    by_task: dict[str, list] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r["attention"]["mean_received"])
+    targets = list(by_task)
+    return targets, modules, np.array([np.mean(by_task[t], 0) for t in targets])
+
+
+def plot_k_sweep(curves: dict[str, dict[int, float]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for task, points in curves.items():
+        ks = sorted(points)
+        ax.plot(ks, [points[k] for k in ks], marker="o", label=task)
+    ax.set_xlabel("number of modules k")
+    ax.set_ylabel("validation score (x100)")
+    ax.set_title("AttEns: score vs k")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_attention(targets, modules, weights: np.ndarray, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(modules), 1.0 + 0.5 * len(targets)))
+    im = ax.imshow(weights, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(modules)), modules, rotation=45, ha="right")
+    ax.set_yticks(range(len(targets)), targets)
+    ax.set_xlabel("module")
+    ax.set_ylabel("target task")
+    for i in range(len(targets)):
+        for j in range(len(modules)):
+            ax.text(j, i, f"{weights[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if weights[i, j] < weights.max() * 0.6 else "black")
+    ax.set_title("mean attention received per module")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def verdict(results: Sequence[dict], tasks: Sequence[str]) -> str:
+    """One honest sentence: does AttEns beat FT_LoRA on average, and where not."""
+    cells = cell_scores(results)
+    common = [t for t in tasks if cells.get(("attens", t)) and cells.get(("ft_lora", t))]
+    if not common:
+        return "AttEns vs FT_LoRA: no task has both rows yet."
+    diff = {t: np.mean(cells[("attens", t)]) - np.mean(cells[("ft_lora", t)]) for t in common}
+    avg = float(np.mean(list(diff.values())))
+    wins = [t for t in common if diff[t] > 0]
+    losses = [t for t in common if diff[t] <= 0]
+    head = "beats" if avg > 0 else "does not beat"
+    return (f"AttEns {head} FT_LoRA on average over {', '.join(common)} "
+            f"({avg:+.1f} points); it is ahead on {', '.join(wins) or 'no task'} and behind "
+            f"or equal on {', '.join(losses) or 'no task'}.")
+
+
+def build_report(sweep: dict, out: str) -> str:
+    results = sweep["results"]
+    seen, unseen = split_tasks(results)
+    attens = [r for r in results if r["experiment"] == "attens"]
+    lines = [f"# {sweep['name']}", ""]
+    lines += ["## Table 2: target tasks that have a module", "",
+              score_table(results, ROWS, seen), "", verdict(results, seen), ""]
+    if unseen:
+        lines += ["## Table 3: unseen target tasks (no module trained on them)", "",
+                  score_table(results, ROWS, unseen), "", verdict(results, unseen), ""]
+    curves = k_sweep(results)
+    if curves:
+        ks = sorted({k for c in curves.values() for k in c})
+        lines += ["## k sweep (AttEns with the first k modules)", "",
+                  "| target | " + " | ".join(f"k={k}" for k in ks) + " |",
+                  "|---" * (len(ks) + 1) + "|"]
+        lines += [f"| {t} | " + " | ".join(f"{c[k]:.1f}" if k in c else "–" for k in ks) + " |"
+                  for t, c in curves.items()]
+        lines += ["", f"![k sweep]({os.path.basename(out)}_k_sweep.png)", ""]
+        plot_k_sweep(curves, out + "_k_sweep.png")
+    targets, modules, weights = attention_by_task(results)
+    if targets:
+        lines += ["## Combiner attention (mean weight each module receives, validation)", "",
+                  "| target | " + " | ".join(modules) + " |", "|---" * (len(modules) + 1) + "|"]
+        lines += [f"| {t} | " + " | ".join(f"{w:.3f}" for w in weights[i]) + " |"
+                  for i, t in enumerate(targets)]
+        lines += ["", f"![attention]({os.path.basename(out)}_attention.png)", ""]
+        plot_attention(targets, modules, weights, out + "_attention.png")
+    if attens:
+        lines += ["## AttEns time: feature extraction (once, cached) vs combiner training", "",
+                  "| target | seed | k | feature extraction s (train/selection/eval) | "
+                  "cache hit | combiner training s | epochs | train rows |", "|---" * 8 + "|"]
+        for r in attens:
+            fs = "/".join(f"{v:.0f}" for v in r["feature_seconds"].values())
+            lines.append(f"| {r['task']} | {r['seed']} | {r['k']} | {fs} | "
+                         f"{all(r['feature_cache_hits'].values())} | "
+                         f"{r['combiner_train_seconds']:.1f} | {r['epochs']} | "
+                         f"{r['sizes'].get('train')} |")
+        lines.append("")
+    first = results[0]
+    seeds = sorted({r["seed"] for r in results})
+    lines += ["## Protocol", "",
+              f"- Base model: `{first['model']}`; modules: "
+              f"{', '.join(attens[0]['modules']) if attens else '–'} (FT_LoRA, seed 0, each "
+              "selected on its own held-out slice).",
+              "- Selection: " + next((r["protocol"] for r in results
+                                      if r["experiment"] != "zero_shot"), "") + ".",
+              f"- Seeds: {seeds} (FT_LoRA and AttEns: mean ± std over seeds; Model and FFN: "
+              "seed 0; k sweep: seed 0).",
+              "- Rows: Model = frozen encoder + untrained head; FFN = frozen encoder + trained "
+              "linear head; FT_LoRA = single-task LoRA (r=4, alpha=32, q/k/v); AttEns = "
+              "combiner over the frozen modules.",
+              "- Sizes per target (train/selection/eval rows): " + "; ".join(
+                  f"{r['task']} " + "/".join(str(v) for v in r["sizes"].values())
+                  for r in attens if r["seed"] == 0 and row_of(r) == "attens") + ".",
+              f"- Machine: {first['machine']}.",
+              f"- Command: `{sweep['command']}`, then `python -m ensemble.report "
+              f"--sweep {out}.json --out {out}`.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sweep", required=True, help="a lora_jax.sweep .json")
+    p.add_argument("--out", required=True, help="path stem for .md and .png files")
+    a = p.parse_args(argv)
+    if not os.path.isfile(a.sweep):
+        print(f"error: {a.sweep} does not exist; run python -m lora_jax.sweep first",
+              file=sys.stderr)
+        return 2
+    with open(a.sweep) as f:
+        sweep = json.load(f)
+    text = build_report(sweep, a.out)
+    with open(a.out + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
