@@ -5,7 +5,8 @@
 
 Both sides: LoRA r=4, alpha=32, dropout 0.1 on query/key/value, linear head trained, AdamW,
 dropout on, a fixed batch of random token ids (no padding), fp32. Timed after warm-up (JAX
-compilation excluded). Prints one JSON line: examples/s of each and the ratio jax/torch.
+compilation excluded) in alternating rounds; medians. Prints one JSON line: examples/s of each
+and the ratio jax/torch.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import time
 import numpy as np
 
 
-def bench_jax(model_dir: str, batch: int, length: int, steps: int, dtype: str) -> float:
+def timed(step_fn, batch: int, steps: int) -> float:
+    """examples/s of `steps` calls of a warmed-up step function."""
+    t0 = time.perf_counter()
+    step_fn(steps)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def make_jax_runner(model_dir: str, batch: int, length: int, dtype: str):
     import jax
     import jax.numpy as jnp
     import optax
@@ -47,17 +55,18 @@ def bench_jax(model_dir: str, batch: int, length: int, steps: int, dtype: str) -
     step = jax.jit(make_train_step(model, tx, False, jax.random.PRNGKey(2)), donate_argnums=(0, 1))
     b = dict(input_ids=ids, attention_mask=ones, token_type_ids=ids * 0,
              labels=jnp.asarray(rng.integers(0, 2, batch)), weights=jnp.ones(batch))
-    for i in range(3):
-        trainable, opt_state, m = step(trainable, opt_state, i, frozen, b)
-    jax.block_until_ready(trainable)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        trainable, opt_state, m = step(trainable, opt_state, i, frozen, b)
-    jax.block_until_ready(trainable)
-    return batch * steps / (time.perf_counter() - t0)
+    state = {"t": trainable, "o": opt_state}
+
+    def run(n):
+        for i in range(n):
+            state["t"], state["o"], _ = step(state["t"], state["o"], i, frozen, b)
+        jax.block_until_ready(state["t"])
+
+    run(3)  # compile + warm up
+    return run
 
 
-def bench_torch(model_dir: str, batch: int, length: int, steps: int) -> float:
+def make_torch_runner(model_dir: str, batch: int, length: int):
     import peft
     import torch
     import transformers
@@ -79,12 +88,12 @@ def bench_torch(model_dir: str, batch: int, length: int, steps: int) -> float:
         model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss.backward()
         opt.step()
 
-    for _ in range(3):
-        one()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        one()
-    return batch * steps / (time.perf_counter() - t0)
+    def run(n):
+        for _ in range(n):
+            one()
+
+    run(3)
+    return run
 
 
 def main() -> int:
@@ -92,7 +101,8 @@ def main() -> int:
     p.add_argument("--model", default="../shared/models/paraphrase-MiniLM-L3-v2")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--length", type=int, default=64)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=30, help="steps per timed round")
+    p.add_argument("--rounds", type=int, default=3, help="alternating JAX/PyTorch rounds")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--out", default="")
     a = p.parse_args()
@@ -102,11 +112,18 @@ def main() -> int:
     import jax
     import torch
 
-    jax_rate = bench_jax(a.model, a.batch, a.length, a.steps, a.dtype)
-    torch_rate = bench_torch(a.model, a.batch, a.length, a.steps)
+    jax_run = make_jax_runner(a.model, a.batch, a.length, a.dtype)
+    torch_run = make_torch_runner(a.model, a.batch, a.length)
+    jax_rates, torch_rates = [], []
+    for _ in range(a.rounds):  # alternate, so both sides see the same machine load
+        jax_rates.append(timed(jax_run, a.batch, a.steps))
+        torch_rates.append(timed(torch_run, a.batch, a.steps))
+    jax_rate, torch_rate = float(np.median(jax_rates)), float(np.median(torch_rates))
     dev = jax.devices()[0]
     out = {"benchmark": "lora_train_throughput", "model": a.model, "batch": a.batch,
-           "length": a.length, "steps": a.steps, "jax_dtype": a.dtype,
+           "length": a.length, "steps": a.steps, "rounds": a.rounds, "jax_dtype": a.dtype,
+           "jax_rounds": [round(x, 1) for x in jax_rates],
+           "torch_rounds": [round(x, 1) for x in torch_rates],
            "jax_examples_per_s": round(jax_rate, 1), "torch_peft_examples_per_s":
            round(torch_rate, 1), "ratio_jax_over_torch": round(jax_rate / torch_rate, 2),
            "jax": jax.__version__, "torch": torch.__version__,

@@ -7,28 +7,42 @@ import pathlib
 import numpy as np
 import pytest
 
-from ensemble.modules import export_module, load_module_set, write_moduleset_index
+from ensemble.modules import export_module, load_module_set
 from ensemble.train import train_attens
 from lora_jax.errors import UserError
 from lora_jax.experiments import load_config
 from lora_jax.synthetic import make_quickstart_assets
-from lora_jax.trainer import train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+SWEEP = """
+import ml_collections
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.common = ml_collections.ConfigDict(dict(
+        model={model!r}, data_dir={data!r}, max_length=32, buckets=(16, 32), batch_size=32,
+        num_epochs=2, max_train_examples=800, selection_size=200, progress=False))
+    c.experiment_overrides = ml_collections.ConfigDict(
+        {{"ft_lora": {{"optimizer": {{"learning_rate": 3e-3}}}}}})
+    c.task_overrides = ml_collections.ConfigDict({{}})
+    return c
+"""
+
+
 @pytest.fixture(scope="module")
 def module_set(tmp_path_factory):
+    """Two tiny modules trained and exported by the real command, ensemble.train_modules."""
+    from ensemble import train_modules
+
     root = tmp_path_factory.mktemp("attens")
     model, data = make_quickstart_assets(str(root / "assets"))
-    metas = []
-    for task in ("synth_sentiment", "synth_topic"):
-        _, c = load_config(str(ROOT / "configs" / "quickstart.py"))
-        c.model, c.data_dir, c.task, c.progress = model, data, task, False
-        c.num_epochs, c.max_train_examples = 2, 800
-        train_and_evaluate(c, str(root / "runs" / task))
-        metas.append(export_module(str(root / "runs" / task), str(root / "modules" / task)))
-    write_moduleset_index(str(root / "modules"), metas)
+    (root / "sweep.py").write_text(SWEEP.format(model=model, data=data))
+    rc = train_modules.main(["--sweep", str(root / "sweep.py"), "--workdir", str(root / "runs"),
+                             "--tasks", "synth_sentiment,synth_topic",
+                             "--out", str(root / "modules")])
+    assert rc == 0
     return root, model, data
 
 
@@ -55,6 +69,8 @@ def test_module_set_round_trip(module_set):
     assert ms.spec.r == 4 and ms.modules[0].head["kernel"].shape == (64, 2)
     with pytest.raises(UserError, match="not in"):
         load_module_set(str(root / "modules"), ("cola",))
+    with pytest.raises(UserError, match="is a zero_shot run|has no results.json"):
+        export_module(str(root), str(root / "nowhere"))
 
 
 def test_attens_trains_on_cached_features_and_reuses_them(module_set, tmp_path):
