@@ -62,6 +62,7 @@ from lora_jax.trainer import (
     machine_description,
     make_optimizer,
     place_pretrained,
+    prepare_workdir,
     restore_train_state,
     save_train_state,
 )
@@ -225,11 +226,7 @@ def train_attens(config, workdir: str) -> dict[str, Any]:
     """Fit the combiner; returns (and writes) results like `lora_jax.trainer.train_and_evaluate`."""
     setup = prepare_attens(config)
     task, cfg = setup.task, setup.config
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir) and not cfg.resume:
-        raise UserError(f"{workdir} already holds checkpoints; pass --config.resume=True to "
-                        "continue that run, or choose a new --workdir")
-    os.makedirs(workdir, exist_ok=True)
+    prepare_workdir(workdir, cfg.resume)
     train, sel = setup.splits["train"], setup.splits.get("selection")
     select_name = "selection" if sel is not None else task.eval_splits[0]
     select = sel if sel is not None else setup.splits[select_name]

@@ -498,6 +498,15 @@ def fit(setup: Setup, workdir: str, place: Placement, trainable, frozen, predict
     return best, step, {"seconds": seconds, "examples": trained}
 
 
+def prepare_workdir(workdir: str, resume: bool) -> None:
+    """Create the workdir; refuse one that holds another run's checkpoints unless resuming."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir) and not resume:
+        raise UserError(f"{workdir} already holds checkpoints; pass --config.resume=True to "
+                        "continue that run, or choose a new --workdir")
+    os.makedirs(workdir, exist_ok=True)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train per `config`, select on the held-out slice, report the eval splits.
 
@@ -506,11 +515,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     setup = prepare(config)
     task, cfg = setup.task, setup.config
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir) and not cfg.resume:
-        raise UserError(f"{workdir} already holds checkpoints; pass --config.resume=True to "
-                        "continue that run, or choose a new --workdir")
-    os.makedirs(workdir, exist_ok=True)
+    prepare_workdir(workdir, cfg.resume)
 
     place = Placement.all_devices()
     frozen = jax.device_put(setup.frozen, place.replicated)

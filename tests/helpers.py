@@ -29,3 +29,14 @@ def tiny_variables(model: SequenceClassifier, spec: lora.LoRASpec, seed: int = 0
     ids, mask, types = tiny_batch()
     params = model.init(jax.random.PRNGKey(seed), ids, mask, types)["params"]
     return {"params": params, "lora": lora.init_lora(jax.random.PRNGKey(seed + 1), params, spec)}
+
+
+def override(config, **dotted):
+    """Set ``override(c, **{"optimizer.learning_rate": 1e-3})`` style keys on a ConfigDict."""
+    for key, value in dotted.items():
+        node = config
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return config

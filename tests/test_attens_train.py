@@ -12,6 +12,7 @@ from ensemble.train import train_attens
 from lora_jax.errors import UserError
 from lora_jax.experiments import load_config
 from lora_jax.synthetic import make_quickstart_assets
+from tests.helpers import override
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,13 +54,7 @@ def attens_config(root, model, data, **kw):
     c.feature_cache, c.progress = str(root / "cache"), False
     c.max_length, c.buckets, c.num_epochs, c.selection_size = 32, (16, 32), 10, 200
     c.max_train_examples = 800
-    for key, value in kw.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    return override(c, **kw)
 
 
 def test_module_set_round_trip(module_set):

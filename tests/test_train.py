@@ -16,6 +16,7 @@ import pytest
 from lora_jax.experiments import load_config
 from lora_jax.synthetic import make_quickstart_assets
 from lora_jax.trainer import restore_trainable, train_and_evaluate
+from tests.helpers import override
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "quickstart.py")
@@ -32,13 +33,7 @@ def quick_config(assets, **overrides):
     c.progress = False
     c.num_epochs = 2
     c.max_train_examples = 600
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return override(c, **overrides)
 
 
 def test_end_to_end_writes_everything_and_learns(assets, tmp_path):
