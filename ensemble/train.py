@@ -54,15 +54,15 @@ from lora_jax.trainer import (
     PROTOCOL,
     Best,
     Placement,
-    _load_tokenizer,
-    _resolve_task,
     checkpoint_manager,
     load_examples,
+    load_tokenizer,
     loss_and_predictions,
     machine_description,
     make_optimizer,
     place_pretrained,
     prepare_workdir,
+    resolve_task,
     restore_train_state,
     save_train_state,
 )
@@ -121,7 +121,7 @@ def _check(config) -> None:
 def prepare_attens(config) -> AttensSetup:
     """Validate, load modules/base/data and produce (or read) the features. Writes only cache."""
     _check(config)
-    task = _resolve_task(config)
+    task = resolve_task(config)
     mset = load_module_set(config.module_dir, tuple(config.modules))
     k = config.k or len(mset.modules)
     if not 1 <= k <= len(mset.modules):
@@ -132,7 +132,7 @@ def prepare_attens(config) -> AttensSetup:
     if config.combiner.base_pooling == "pooler" and not enc_cfg.has_pooler:
         raise UserError(f"combiner.base_pooling='pooler' needs a BERT pooler; {model} has none, "
                         "use mean or cls")
-    tokenizer = _load_tokenizer(model_dir, config.tokenizer)
+    tokenizer = load_tokenizer(model_dir, config.tokenizer)
     examples, sources = load_examples(config, task)
     max_len = min(config.max_length, enc_cfg.max_position_embeddings)
     encoded = {name: data_lib.encode(ex, tokenizer, max_len) for name, ex in examples.items()}

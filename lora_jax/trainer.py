@@ -67,7 +67,7 @@ class Setup:
     sources: dict[str, str]
 
 
-def _resolve_task(config) -> Task:
+def resolve_task(config) -> Task:
     if config.custom_task.get("name"):
         return custom_task(config.custom_task.to_dict())
     return get_task(config.task)
@@ -83,7 +83,7 @@ def _data_source(config) -> str:
     return "hub"
 
 
-def _load_tokenizer(model_dir: str, name: str):
+def load_tokenizer(model_dir: str, name: str):
     from transformers import AutoTokenizer
 
     try:
@@ -194,7 +194,7 @@ def trainable_patterns(config) -> tuple[str, ...]:
 
 def prepare(config) -> Setup:
     """Validate the config and inputs, load model and data. Writes nothing."""
-    task = _resolve_task(config)
+    task = resolve_task(config)
     if config.batch_size % jax.device_count():
         raise UserError(f"batch_size {config.batch_size} is not divisible by the "
                         f"{jax.device_count()} devices; use a multiple of {jax.device_count()}")
@@ -203,7 +203,7 @@ def prepare(config) -> Setup:
     patterns = trainable_patterns(config)
     model_dir, enc_cfg, pretrained, missing = load_pretrained(config.model)
     model = build_model(config, enc_cfg, task)
-    tokenizer = _load_tokenizer(model_dir, config.tokenizer)
+    tokenizer = load_tokenizer(model_dir, config.tokenizer)
     examples, sources = load_examples(config, task)
     max_len = min(config.max_length, enc_cfg.max_position_embeddings)
     splits = {k: data_lib.encode(v, tokenizer, max_len) for k, v in examples.items()}
