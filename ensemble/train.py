@@ -270,8 +270,8 @@ def train_attens(config, workdir: str) -> dict[str, Any]:
     def token_batch(idx):
         return data_lib.make_batch(setup.encoded["train"], idx, bs, setup.buckets, setup.pad_id)
 
-    writer = MetricWriter(workdir)
     mngr = checkpoint_manager(workdir)
+    writer = MetricWriter(workdir, resume_step=mngr.latest_step() if cfg.resume else None)
     best = Best(-np.inf, 0, params)
     step = 0
     if cfg.resume and mngr.latest_step() is not None:

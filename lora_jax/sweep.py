@@ -4,8 +4,9 @@
         --out results/glue_minilm_l3
 
 Each cell runs `configs/<experiment>.py` with the sweep's overrides in
-<workdir>/<experiment>_<task>_s<seed>; a cell whose results.json exists is reused, so an
-interrupted sweep continues where it stopped. Writes <out>.json (every run's results) and
+<workdir>/<experiment>_<task>_s<seed>; a cell whose results.json exists is reused and one
+with checkpoints but no results resumes, so an interrupted sweep continues where it stopped.
+Writes <out>.json (every run's results) and
 <out>.md (rows = experiments, columns = tasks + average, mean ± std over seeds).
 """
 
@@ -109,7 +110,10 @@ def main(argv=None) -> int:
                             results.append({**json.load(f), "sweep_row": exp})
                         continue
                     logging.getLogger("lora_jax").info("sweep: %s %s seed %d", exp, task, seed)
-                    result = run(cell_config(sweep, exp, task, seed, repo), workdir)
+                    config = cell_config(sweep, exp, task, seed, repo)
+                    ckpts = os.path.join(workdir, "checkpoints")
+                    config.resume = os.path.isdir(ckpts) and bool(os.listdir(ckpts))
+                    result = run(config, workdir)
                     result["sweep_row"] = exp
                     write_json_atomic(done, result)
                     results.append(result)

@@ -42,6 +42,7 @@ from lora_jax.writers import MetricWriter, write_json_atomic
 
 log = logging.getLogger(__name__)
 
+EVAL_SUBSET_SEED = 20240601  # fixed: every seed is scored on the same eval rows
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PROTOCOL = ("model selection on a held-out slice of train ({n} rows, never trained on); "
             "metrics reported on {splits}")
@@ -119,10 +120,10 @@ def load_examples(config, task: Task) -> tuple[dict[str, data_lib.Examples], dic
             out["train"] = out["train"].subset(np.sort(keep))
         if config.num_epochs == 0:
             del out["train"]
-    if config.max_eval_examples:  # a seeded random subset: some splits are sorted by label
-        for split in (*task.eval_splits, "selection"):
+    if config.max_eval_examples:  # a random subset (some splits are sorted by label), the
+        for split in (*task.eval_splits, "selection"):  # same rows for every seed and row
             if split in out and len(out[split]) > config.max_eval_examples:
-                keep = np.random.default_rng(config.seed + 3).permutation(len(out[split]))
+                keep = np.random.default_rng(EVAL_SUBSET_SEED).permutation(len(out[split]))
                 out[split] = out[split].subset(np.sort(keep[: config.max_eval_examples]))
     return out, sources
 
@@ -526,8 +527,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              cfg.experiment, n_trainable, n_total, 100 * n_trainable / n_total)
     predict = jax.jit(make_predict_step(setup.model, task.is_regression),
                       in_shardings=(place.replicated, place.replicated, place.batch))
-    writer = MetricWriter(workdir)
     total_steps = total_train_steps(setup)
+    resume_step = checkpoint_manager(workdir).latest_step() if cfg.resume else None
+    writer = MetricWriter(workdir, resume_step=resume_step)
     best, step, stats = Best(-np.inf, 0, trainable), 0, {"seconds": 0.0, "examples": 0}
     if total_steps:
         best, step, stats = fit(setup, workdir, place, trainable, frozen, predict, writer)

@@ -10,10 +10,18 @@ import tempfile
 class MetricWriter:
     """Appends scalars to <workdir>/metrics.jsonl and TensorBoard (tensorboardX) event files."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, resume_step: int | None = None):
+        """A fresh run (resume_step None) starts an empty metrics.jsonl; a resumed one keeps the
+        lines up to its checkpoint's step and drops any a killed run wrote after it."""
         from tensorboardX import SummaryWriter
 
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        path = os.path.join(workdir, "metrics.jsonl")
+        kept = []
+        if resume_step is not None and os.path.isfile(path):
+            with open(path) as f:
+                kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
+        self._jsonl = open(path, "w")  # noqa: SIM115
+        self._jsonl.writelines(kept)
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:

@@ -63,6 +63,12 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
                                  str(tmp_path / "resumed"))
     assert resumed["metrics"] == full["metrics"]
     assert resumed["best_step"] == full["best_step"]
+    def logged(run):  # metric lines without the wall-clock field
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "train/examples_per_s"}
+                for x in lines]
+
+    assert logged("resumed") == logged("full")  # no duplicated or stale lines after resuming
     a, _ = restore_trainable(str(tmp_path / "full"), "trainable")
     b, _ = restore_trainable(str(tmp_path / "resumed"), "trainable")
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
