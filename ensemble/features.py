@@ -9,8 +9,9 @@ single jit-compiled program that shares the base weights. Per example it yields
                    (D = max C_i, ``output="logits"``);
   base:    (d,)    the base encoder's pooled output (masked mean, [CLS], or BERT pooler).
 
-Because everything here is frozen, the features of a split are computed once (eval mode) and
-cached on disk, keyed by the model, the adapters' bytes, the settings and the texts.
+Because everything here is frozen, each example's features are computed once (eval mode) and
+cached on disk (`FeatureStore`), keyed by the model, the adapters' bytes, the settings and the
+example's text; seeds, k, held-out slices and overlapping samples reuse them.
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from lora_jax import data as data_lib
 from lora_jax.models import Encoder
 from lora_jax.models.encoder import pool
 
@@ -119,44 +118,74 @@ def fingerprint(tree) -> str:
     return h.hexdigest()
 
 
-def cache_key(settings: dict, texts: list[tuple[str, ...]]) -> str:
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for t in texts:
-        h.update("\x1f".join(t).encode() + b"\x1e")
-    return h.hexdigest()[:24]
+def row_keys(texts: list[tuple[str, ...]]) -> np.ndarray:
+    """One 24-hex-digit content key per example (its text fields)."""
+    return np.array([hashlib.sha256("\x1f".join(t).encode()).hexdigest()[:24] for t in texts])
 
 
-def compute_split_features(feature_fn: Callable, base_params, stacked, heads,
-                           enc: data_lib.Encoded, *, batch_size: int, buckets, pad_id: int,
-                           put: Callable = lambda b: b, desc: str = "features"):
-    """(modules (N, k, D), base (N, d)) float32 numpy for every example of a split."""
-    fn = jax.jit(feature_fn)
-    modules = base = None
-    for idx in tqdm(data_lib.eval_order(enc.lengths, batch_size), desc=desc, leave=False):
-        batch = put(data_lib.make_batch(enc, idx, batch_size, buckets, pad_id))
-        m, b = jax.device_get(fn(base_params, stacked, heads, batch))
-        if modules is None:
-            modules = np.zeros((len(enc), *m.shape[1:]), np.float32)
-            base = np.zeros((len(enc), *b.shape[1:]), np.float32)
-        modules[idx], base[idx] = m[: len(idx)], b[: len(idx)]
-    return modules, base
+class FeatureStore:
+    """Row-level feature cache: every example's features are computed once per settings.
+
+    ``<cache_dir>/<settings hash>/`` holds ``settings.json`` and shards ``part-*.npz`` with
+    ``keys`` (row content keys), ``modules`` (n, k, D) and ``base`` (n, d). Seeds, k, held-out
+    slices and overlapping samples all reuse the rows they share.
+    """
+
+    def __init__(self, cache_dir: str, settings: dict):
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+        self.dir = os.path.join(cache_dir, digest)
+        os.makedirs(self.dir, exist_ok=True)
+        with open(os.path.join(self.dir, "settings.json"), "w") as f:
+            json.dump(settings, f, indent=1)
+
+    def _shards(self):
+        return sorted(p for p in os.listdir(self.dir) if p.startswith("part-") and
+                      p.endswith(".npz"))
+
+    def lookup(self, keys: np.ndarray):
+        """(found (N,) bool, modules, base): arrays hold zeros where not found."""
+        found = np.zeros(len(keys), bool)
+        modules = base = None
+        where: dict[str, list[int]] = {}
+        for i, k in enumerate(keys):
+            where.setdefault(k, []).append(i)
+        for name in self._shards():
+            with np.load(os.path.join(self.dir, name)) as z:
+                hits = [(i, j) for j, k in enumerate(z["keys"]) for i in where.get(k, ())]
+                if not hits:
+                    continue
+                if modules is None:
+                    modules = np.zeros((len(keys), *z["modules"].shape[1:]), np.float32)
+                    base = np.zeros((len(keys), *z["base"].shape[1:]), np.float32)
+                dst, src = (np.array(x) for x in zip(*hits, strict=True))
+                modules[dst], base[dst] = z["modules"][src], z["base"][src]
+                found[dst] = True
+        return found, modules, base
+
+    def add(self, keys: np.ndarray, modules: np.ndarray, base: np.ndarray) -> None:
+        name = f"part-{len(self._shards()):05d}-{os.getpid()}.npz"
+        tmp = os.path.join(self.dir, name + ".tmp.npz")
+        np.savez(tmp, keys=keys, modules=modules, base=base)
+        os.replace(tmp, os.path.join(self.dir, name))
 
 
 def cached_features(cache_dir: str, settings: dict, texts, compute: Callable):
-    """Load (modules, base, seconds=0) from the cache, or compute, save and time them."""
-    key = cache_key(settings, texts)
-    path = os.path.join(cache_dir, f"{key}.npz")
-    if cache_dir and os.path.isfile(path):
-        with np.load(path) as z:
-            return z["modules"], z["base"], 0.0, True
+    """(modules, base, seconds, n_computed) for every row of `texts`.
+
+    `compute(idx)` returns (modules, base) for the rows `idx` only; with a cache_dir, rows that
+    were computed before (same settings and text) are read back instead.
+    """
     t0 = time.perf_counter()
-    modules, base = compute()
-    seconds = time.perf_counter() - t0
-    if cache_dir:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, modules=modules, base=base)
-        os.replace(tmp, path)
-        with open(os.path.join(cache_dir, f"{key}.json"), "w") as f:
-            json.dump({**settings, "rows": len(texts), "seconds": round(seconds, 2)}, f, indent=1)
-    return modules, base, seconds, False
+    if not cache_dir:
+        modules, base = compute(np.arange(len(texts)))
+        return modules, base, time.perf_counter() - t0, len(texts)
+    store = FeatureStore(cache_dir, settings)
+    keys = row_keys(texts)
+    unique, first = np.unique(keys, return_index=True)
+    found, modules, base = store.lookup(keys)
+    missing = np.sort(first[~np.isin(unique, keys[found])])
+    if len(missing):
+        new_m, new_b = compute(missing)
+        store.add(keys[missing], new_m, new_b)
+        found, modules, base = store.lookup(keys)
+    return modules, base, time.perf_counter() - t0 if len(missing) else 0.0, len(missing)

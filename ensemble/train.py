@@ -159,21 +159,19 @@ def prepare_attens(config) -> AttensSetup:
     settings = {"model": os.path.realpath(model_dir), "adapters": fingerprint((stacked, heads)),
                 "modules": mset.tasks, "output": config.combiner.output,
                 "agg1": config.combiner.agg1, "base_pooling": config.combiner.base_pooling,
-                "count_padding": q.count_padding, "max_length": max_len, "dtype": config.dtype,
-                "task": task.name}
+                "count_padding": q.count_padding, "max_length": max_len, "dtype": config.dtype}
     place = Placement.all_devices()
     splits = {}
     for name, enc in encoded.items():
-        compute = lambda enc=enc, name=name: compute_split_features(
-            feature_fn, base_params, stacked, heads, enc, batch_size=config.feature_batch_size,
-            buckets=buckets, pad_id=pad_id, put=place.put_batch,
-            desc=f"features {task.name}/{name}")
-        modules, base, seconds, hit = cached_features(
-            config.feature_cache, {**settings, "split": name},
-            examples[name].texts, compute)
-        log.info("features %s/%s: %s (%d rows, %.1f s)", task.name, name,
-                 "cache hit" if hit else "computed", len(enc), seconds)
-        splits[name] = FeatureSplit(modules[:, :k], base, enc.labels, seconds, hit)
+        compute = lambda idx, enc=enc, name=name: compute_split_features(
+            feature_fn, base_params, stacked, heads, enc.subset(idx),
+            batch_size=config.feature_batch_size, buckets=buckets, pad_id=pad_id,
+            put=place.put_batch, desc=f"features {task.name}/{name}")
+        modules, base, seconds, n_new = cached_features(config.feature_cache, settings,
+                                                        examples[name].texts, compute)
+        log.info("features %s/%s: %d rows, %d computed (%.1f s), %d from the cache", task.name,
+                 name, len(enc), n_new, seconds, len(enc) - n_new)
+        splits[name] = FeatureSplit(modules[:, :k], base, enc.labels, seconds, n_new == 0)
     k_stacked = jax.tree_util.tree_map(
         lambda x: jnp.concatenate([x[:k], x[-1:]]), stacked)  # first k modules + the base slot
     return AttensSetup(config, task, mset, k, splits, encoded, feature_fn, base_params,

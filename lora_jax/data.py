@@ -217,6 +217,10 @@ class Encoded:
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(x) for x in self.input_ids), np.int64, len(self.input_ids))
 
+    def subset(self, idx) -> Encoded:
+        return Encoded([self.input_ids[i] for i in idx], [self.token_type_ids[i] for i in idx],
+                       self.labels[np.asarray(idx, np.int64)])
+
 
 def encode(examples: Examples, tokenizer, max_length: int) -> Encoded:
     """Tokenize (truncating pairs longest-first) to at most max_length tokens per example."""

@@ -180,3 +180,31 @@ def test_dropout_only_when_training():
     b = model.apply(params, modules, base, deterministic=False,
                     rngs={"dropout": jax.random.PRNGKey(1)})
     assert not np.allclose(np.asarray(a), np.asarray(b))
+
+
+def test_row_cache_computes_each_example_once(tmp_path):
+    from ensemble.features import cached_features
+
+    calls = []
+
+    def make_compute(texts):
+        def compute(idx):
+            calls.append([texts[i][0] for i in idx])
+            mods = np.stack([np.full((2, 3), len(texts[i][0]), np.float32) for i in idx])
+            return mods, np.stack([np.full(4, ord(texts[i][0][0]), np.float32) for i in idx])
+        return compute
+
+    settings = {"model": "m", "agg1": "mean"}
+    first = [("aa",), ("bbb",), ("aa",)]  # a duplicate row is computed once
+    m, b, seconds, n_new = cached_features(str(tmp_path), settings, first, make_compute(first))
+    assert calls == [["aa", "bbb"]] and n_new == 2 and seconds > 0
+    np.testing.assert_array_equal(m[:, 0, 0], [2, 3, 2])
+    second = [("bbb",), ("cccc",)]  # overlaps: only the new row is computed
+    m, b, seconds, n_new = cached_features(str(tmp_path), settings, second, make_compute(second))
+    assert calls[-1] == ["cccc"] and n_new == 1
+    np.testing.assert_array_equal(m[:, 0, 0], [3, 4])
+    np.testing.assert_array_equal(b[:, 0], [ord("b"), ord("c")])
+    m, _, seconds, n_new = cached_features(str(tmp_path), settings, second, make_compute(second))
+    assert n_new == 0 and seconds == 0.0 and len(calls) == 2
+    cached_features(str(tmp_path), {**settings, "agg1": "max"}, second, make_compute(second))
+    assert calls[-1] == ["bbb", "cccc"]  # other settings: another store
