@@ -222,6 +222,7 @@ def evaluate_combiner(predict, params, split: FeatureSplit, task: Task, batch_si
 
 def train_attens(config, workdir: str) -> dict[str, Any]:
     """Fit the combiner; returns (and writes) results like `lora_jax.trainer.train_and_evaluate`."""
+    wall_start = time.perf_counter()
     setup = prepare_attens(config)
     task, cfg = setup.task, setup.config
     prepare_workdir(workdir, cfg.resume)
@@ -333,6 +334,7 @@ def train_attens(config, workdir: str) -> dict[str, Any]:
         if "selection" in sizes else f"no selection; metrics on {', '.join(task.eval_splits)}",
         "quirks": cfg.quirks.to_dict(), "combiner": cfg.combiner.to_dict(),
         "data_sources": setup.sources, "seed": cfg.seed, "machine": machine_description(),
+        "wall_seconds": round(time.perf_counter() - wall_start, 1),
         "command": " ".join(sys.argv), "config": cfg.to_dict(),
     })
     writer.close()

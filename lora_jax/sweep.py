@@ -54,7 +54,7 @@ def cell_config(sweep, experiment: str, task: str, seed: int, repo: str):
     return config
 
 
-def markdown_table(sweep, results: list[dict], command: str) -> str:
+def markdown_table(sweep, results: list[dict], command: str, note: str = "") -> str:
     first = results[0]
     main_seed = sweep.seeds[0]
     ft = [r for r in results if r["experiment"] == "ft_lora" and r["seed"] == main_seed]
@@ -68,11 +68,13 @@ def markdown_table(sweep, results: list[dict], command: str) -> str:
         f"seeds {list(sweep.seeds)}" + (" (mean ± std)" if len(sweep.seeds) > 1 else "") + ".",
         f"- Model: `{first['model']}`; pooling `{first['config']['pooling']}`; dtype "
         f"`{first['config']['dtype']}`.",
-        "- Protocol: " + next((r["protocol"] for r in results if r["experiment"] != "zero_shot"),
-                              first["protocol"]) + "; Model row = untrained head, no training.",
+        "- Protocol: model selection on a held-out slice of train (the `selection` rows below, "
+        "never trained on); metrics reported on validation; Model row = untrained head, no "
+        "training.",
         f"- Rows per split (FT_LoRA): {sizes}.",
         f"- FT_LoRA training time: {timing}.",
         f"- Machine: {first['machine']}.",
+        *([f"- Note: {note}"] if note else []),
         f"- Command: `{command}`",
     ]) + "\n"
 
@@ -85,6 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="comma list of tasks to run (default all)")
     parser.add_argument("--rows", default="", help="comma list of experiments/rows (default all)")
     parser.add_argument("--seeds", default="", help="comma list of seeds to run (default all)")
+    parser.add_argument("--note", default="", help="a remark printed under the table")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("lora_jax").setLevel(logging.INFO)
@@ -123,8 +126,8 @@ def main(argv=None) -> int:
     command = "python -m lora_jax.sweep " + " ".join(argv if argv is not None else sys.argv[1:])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_json_atomic(args.out + ".json", {"name": sweep.name, "command": command,
-                                           "results": results})
-    table = markdown_table(sweep, results, command)
+                                           "note": args.note, "results": results})
+    table = markdown_table(sweep, results, command, args.note)
     with open(args.out + ".md", "w") as f:
         f.write(table)
     print(table)

@@ -514,6 +514,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns the results dict (also written to <workdir>/results.json), or
     ``{"stopped_at_step", "total_steps"}`` when `stop_after_steps` ended the run early.
     """
+    wall_start = time.perf_counter()
     setup = prepare(config)
     task, cfg = setup.task, setup.config
     prepare_workdir(workdir, cfg.resume)
@@ -561,6 +562,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"no selection (last step); metrics reported on {', '.join(task.eval_splits)}",
         "data_sources": setup.sources, "seed": cfg.seed,
         "machine": machine_description(), "command": " ".join(sys.argv),
+        "wall_seconds": round(time.perf_counter() - wall_start, 1),
         "config": cfg.to_dict(),
     })
     main_split = task.eval_splits[0]

@@ -43,4 +43,5 @@ def write_json_atomic(path: str, obj) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are meant to be shared
     os.replace(tmp, path)
