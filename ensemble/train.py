@@ -192,6 +192,17 @@ def feature_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.n
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
+def index_matrix(batches: list[np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(idx (steps, size) int32, weights (steps, size) float32); short batches padded with
+    row 0 at weight 0."""
+    idx = np.zeros((len(batches), size), np.int32)
+    weights = np.zeros((len(batches), size), np.float32)
+    for j, b in enumerate(batches):
+        idx[j, : len(b)] = b
+        weights[j, : len(b)] = 1
+    return idx, weights
+
+
 def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)]) if len(x) < size else x
 
@@ -253,13 +264,30 @@ def train_attens(config, workdir: str) -> dict[str, Any]:
         logits = combiner.apply(p, modules, base, deterministic=False, rngs={"dropout": rng})
         return loss_and_predictions(logits, batch["labels"], batch["weights"], regression)[0]
 
-    @jax.jit
-    def train_step(p, opt_state, step, batch):
+    def update(p, opt_state, step, batch):
         loss, grads = jax.value_and_grad(loss_fn)(p, batch, jax.random.fold_in(base_rng, step))
         updates, opt_state = tx.update(grads, opt_state, p)
         p = optax.apply_updates(p, updates)
         return p, opt_state, {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
                               "train/param_norm": optax.global_norm(p)}
+
+    train_step = jax.jit(update)  # one token batch (the encoder-dropout quirk)
+
+    @jax.jit
+    def train_epoch(p, opt_state, first_step, idx, weights, data):
+        """Steps over (steps, B) index batches into on-device features, in one lax.scan."""
+
+        def body(carry, xs):
+            p, opt_state, step = carry
+            i, w = xs
+            batch = {"modules": data["modules"][i], "base": data["base"][i],
+                     "labels": data["labels"][i], "weights": w}
+            p, opt_state, m = update(p, opt_state, step, batch)
+            return (p, opt_state, step + 1), m
+
+        (p, opt_state, _), metrics = jax.lax.scan(body, (p, opt_state, first_step),
+                                                  (idx, weights))
+        return p, opt_state, metrics
 
     @jax.jit
     def predict(p, batch):
@@ -281,15 +309,27 @@ def train_attens(config, workdir: str) -> dict[str, Any]:
     paused = 0.0
     bar = tqdm(total=total_steps, initial=step, desc=f"attens {task.name} k={setup.k}",
                disable=not cfg.progress, dynamic_ncols=True)
+    on_device = {"modules": jnp.asarray(train.modules), "base": jnp.asarray(train.base),
+                 "labels": jnp.asarray(train.labels)}
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        for idx in feature_batches(len(train), bs, cfg.seed, epoch)[offset:]:
-            batch = token_batch(idx) if dropout_quirk else feature_batch(train, idx, bs)
-            params, opt_state, m = train_step(params, opt_state, step, batch)
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every_steps == 0:
-                writer.write(step, jax.device_get(m))
+        batches = feature_batches(len(train), bs, cfg.seed, epoch)[offset:]
+        if dropout_quirk:
+            for idx in batches:
+                params, opt_state, m = train_step(params, opt_state, step, token_batch(idx))
+                step += 1
+                bar.update(1)
+                if step % cfg.log_every_steps == 0:
+                    writer.write(step, jax.device_get(m))
+        else:
+            idx, weights = index_matrix(batches, bs)
+            params, opt_state, ms = train_epoch(params, opt_state, step, idx, weights, on_device)
+            ms = jax.device_get(ms)
+            for j in range(len(batches)):
+                if (step + j + 1) % cfg.log_every_steps == 0:
+                    writer.write(step + j + 1, {k: v[j] for k, v in ms.items()})
+            step += len(batches)
+            bar.update(len(batches))
         t_eval = time.perf_counter()
         scores, _ = evaluate_combiner(predict, params, select, task, cfg.eval_batch_size)
         writer.write(step, {f"{select_name}/{k}": v for k, v in scores.items()})
