@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", default="", help="comma list of experiments/rows (default all)")
     parser.add_argument("--seeds", default="", help="comma list of seeds to run (default all)")
     parser.add_argument("--note", default="", help="a remark printed under the table")
+    parser.add_argument("--collect", action="store_true",
+                        help="only gather finished cells (results.json); run nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("lora_jax").setLevel(logging.INFO)
@@ -111,6 +113,8 @@ def main(argv=None) -> int:
                     if os.path.isfile(done):
                         with open(done) as f:
                             results.append({**json.load(f), "sweep_row": exp})
+                        continue
+                    if args.collect:
                         continue
                     logging.getLogger("lora_jax").info("sweep: %s %s seed %d", exp, task, seed)
                     config = cell_config(sweep, exp, task, seed, repo)
