@@ -57,7 +57,8 @@ def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}; options look like --config.task=rte")
     logging.getLogger().setLevel(logging.WARNING)  # Orbax and JAX log every step at INFO
-    logging.getLogger("lora_jax").setLevel(logging.INFO)
+    for package in ("lora_jax", "ensemble", "t5_hybrid"):
+        logging.getLogger(package).setLevel(logging.INFO)
     from lora_jax.experiments import run
     from lora_jax.report import print_results
 

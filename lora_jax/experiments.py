@@ -21,6 +21,7 @@ RUNNERS = {
     "zero_shot": "lora_jax.trainer:train_and_evaluate",
     "full": "lora_jax.trainer:train_and_evaluate",
     "attens": "ensemble.train:train_attens",
+    "t5_hybrid": "t5_hybrid.train:train_t5",
 }
 
 

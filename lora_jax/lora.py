@@ -27,7 +27,11 @@ from flax import traverse_util
 from lora_jax.errors import UserError
 
 # Dense layers that consume an adapter (`LoRADense`); paths are relative to the params root.
-LORA_CAPABLE = re.compile(r"(^|/)layer_\d+/(attention/(query|key|value|output)|intermediate|output)$")
+# Encoders: layer_i/attention/{query,key,value,output}, layer_i/{intermediate,output};
+# T5: blocks_i/{self,cross}_attention/{q,k,v,o}, blocks_i/mlp/{wi,wi_0,wi_1,wo}.
+LORA_CAPABLE = re.compile(
+    r"(^|/)layer_\d+/(attention/(query|key|value|output)|intermediate|output)$"
+    r"|(^|/)blocks_\d+/((self|cross)_attention/[qkvo]|mlp/(wi|wi_0|wi_1|wo))$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +40,8 @@ class LoRASpec:
 
     targets: regular expressions matched against the end of a module path such as
       ``encoder/layer_3/attention/query`` (``"query"`` matches every query projection; the
-      names are the same for BERT, DistilBERT and ELECTRA).
+      names are the same for BERT, DistilBERT and ELECTRA). T5 uses PEFT's names: ``"q"``,
+      ``"v"`` match the projections of encoder self, decoder self and cross attention.
     """
 
     r: int = 4

@@ -20,7 +20,8 @@ def results_table(results: Sequence[dict]) -> str:
         split, score = _main_score(r)
         others = "; ".join(f"{s}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
                            for s, m in r["metrics"].items())
-        lines.append(f"| {r['experiment']} | {r['task']} | {r['main_metric']} ({split}) | "
+        experiment = r["experiment"] + (f":{r['variant']}" if "variant" in r else "")
+        lines.append(f"| {experiment} | {r['task']} | {r['main_metric']} ({split}) | "
                      f"{score:.4f} | {others} | {r['sizes'].get('train', 0)} | "
                      f"{r['trainable_params']:,} | {r['train_seconds']} | "
                      f"{r['train_examples_per_s'] or '-'} |")

@@ -74,7 +74,7 @@ def resolve_task(config) -> Task:
     return get_task(config.task)
 
 
-def _data_source(config) -> str:
+def data_source_of(config) -> str:
     if config.data_source != "auto":
         return config.data_source
     if config.data_dir:
@@ -101,7 +101,7 @@ def load_tokenizer(model_dir: str, name: str):
 
 def load_examples(config, task: Task) -> tuple[dict[str, data_lib.Examples], dict[str, str]]:
     """Train / selection / eval splits as Examples, after the held-out slice and size caps."""
-    source = _data_source(config)
+    source = data_source_of(config)
     files = {k: v for k, v in config.data_files.items() if v}
     sources, out = {}, {}
     for split in ("train", *task.eval_splits):
@@ -221,7 +221,7 @@ def prepare(config) -> Setup:
 
 def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
     opt = config.optimizer
-    warmup = int(opt.warmup_ratio * total_steps)
+    warmup = opt.get("warmup_steps", 0) or int(opt.warmup_ratio * total_steps)
     warmup_part = optax.linear_schedule(0.0, opt.learning_rate, max(warmup, 1))
     rest = max(total_steps - warmup, 1)
     if opt.schedule == "linear":

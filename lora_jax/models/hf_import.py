@@ -176,20 +176,23 @@ def _flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, object]:
     return out
 
 
-def convert_state_dict(state: Mapping[str, np.ndarray], config: EncoderConfig,
-                       expected: Mapping) -> tuple[dict, list[str], list[str]]:
+def convert_state_dict(state: Mapping[str, np.ndarray], config: EncoderConfig | None,
+                       expected: Mapping, name_map: Mapping | None = None
+                       ) -> tuple[dict, list[str], list[str]]:
     """Map a Hugging Face state dict onto the encoder's Flax param tree.
 
     Args:
       state: tensor name -> array, as in the checkpoint.
       config: the encoder architecture.
       expected: the encoder's param tree (arrays or ShapeDtypeStructs), for the shape check.
+      name_map: HF name -> (Flax path, transform) for another architecture (e.g. T5); default
+        `hf_name_map(config)`.
     Returns:
       (params, missing, unexpected): a nested dict of float32 arrays for every mapped weight,
       the Flax paths ("a/b/c") the checkpoint did not provide, and the checkpoint names that map
       to nothing.
     """
-    name_map = hf_name_map(config)
+    name_map = hf_name_map(config) if name_map is None else name_map
     params: dict = {}
     unexpected = []
     for raw, value in state.items():

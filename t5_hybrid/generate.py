@@ -1,0 +1,157 @@
+"""Jit-compiled greedy and beam-search decoding for `T5ForConditionalGeneration`.
+
+Both run the encoder once and then one decoder position per step inside a `lax.while_loop`,
+reading and writing the per-layer key/value cache (`use_cache=False` re-runs the decoder over the
+whole prefix each step instead; same tokens, for tests and debugging). Sequences stop at EOS and
+are padded with the pad id after it; the loop exits early when every sequence is finished.
+
+    generate = make_generate(model, max_new_tokens=32, num_beams=4)
+    tokens = generate(variables, input_ids, attention_mask)   # (B, max_new_tokens) int32
+
+`variables` is the whole ``{"params", "lora", "prompt"}`` dict the model is applied with.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax.errors import UserError
+from t5_hybrid.model import T5ForConditionalGeneration
+
+
+def _encode(model, variables, input_ids, attention_mask):
+    return model.apply(variables, input_ids, attention_mask, method=model.encode)
+
+
+def _next_logits(model, variables, tokens, i, states, mask, cache, use_cache):
+    """float32 logits (N, vocab) for position i, given tokens[:, :i + 1] (N, T + 1)."""
+    if use_cache:
+        current = jax.lax.dynamic_slice_in_dim(tokens, i, 1, axis=1)
+        logits, cache = model.apply(variables, current, states, mask, cache=cache, cache_index=i,
+                                    method=model.decode)
+        return logits[:, 0], cache
+    logits, _ = model.apply(variables, tokens[:, :-1], states, mask, method=model.decode)
+    return jax.lax.dynamic_index_in_dim(logits, i, 1, keepdims=False), cache
+
+
+def greedy_search(model: T5ForConditionalGeneration, variables, input_ids, attention_mask,
+                  max_new_tokens: int, use_cache: bool = True) -> jax.Array:
+    """Argmax decoding. input_ids/attention_mask (B, L) -> tokens (B, max_new_tokens)."""
+    cfg = model.config
+    batch = input_ids.shape[0]
+    states, mask = _encode(model, variables, input_ids, attention_mask)
+    cache = (model.apply(variables, states, max_new_tokens, method=model.init_cache)
+             if use_cache else None)
+    tokens = jnp.full((batch, max_new_tokens + 1), cfg.pad_token_id, jnp.int32)
+    tokens = tokens.at[:, 0].set(cfg.decoder_start_token_id)
+
+    def cond(carry):
+        i, _, _, done = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, tokens, cache, done = carry
+        logits, cache = _next_logits(model, variables, tokens, i, states, mask, cache, use_cache)
+        token = jnp.where(done, cfg.pad_token_id, jnp.argmax(logits, -1).astype(jnp.int32))
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], i + 1, axis=1)
+        return i + 1, tokens, cache, done | (token == cfg.eos_token_id)
+
+    carry = (jnp.int32(0), tokens, cache, jnp.zeros((batch,), bool))
+    return jax.lax.while_loop(cond, body, carry)[1][:, 1:]
+
+
+def beam_search(model: T5ForConditionalGeneration, variables, input_ids, attention_mask,
+                max_new_tokens: int, num_beams: int, length_penalty: float = 1.0,
+                use_cache: bool = True) -> jax.Array:
+    """Beam search; a finished hypothesis scores sum(log p) / length ** length_penalty (length
+    counts the generated tokens, EOS included). Returns the best hypothesis per example,
+    (B, max_new_tokens). A batch row stops once its K finished hypotheses cannot be beaten."""
+    cfg = model.config
+    batch, k = input_ids.shape[0], num_beams
+    states, mask = _encode(model, variables, input_ids, attention_mask)
+    states, mask = jnp.repeat(states, k, 0), jnp.repeat(mask, k, 0)
+    cache = (model.apply(variables, states, max_new_tokens, method=model.init_cache)
+             if use_cache else None)
+    seqs = jnp.full((batch, k, max_new_tokens + 1), cfg.pad_token_id, jnp.int32)
+    seqs = seqs.at[:, :, 0].set(cfg.decoder_start_token_id)
+    alive_logp = jnp.tile(jnp.asarray([0.0] + [-jnp.inf] * (k - 1), jnp.float32), (batch, 1))
+    finished = seqs
+    finished_score = jnp.full((batch, k), -jnp.inf, jnp.float32)
+
+    def normalise(logp, length):
+        return logp / jnp.power(length.astype(jnp.float32), length_penalty)
+
+    def cond(carry):
+        i, _, alive_logp, _, finished_score, _ = carry
+        # best reachable score of a live beam: its log-prob can only fall, its length is at
+        # most max_new_tokens (the bound is exact for length_penalty >= 0).
+        bound_len = jnp.where(length_penalty > 0, max_new_tokens, i + 1)
+        best_alive = normalise(alive_logp.max(-1), bound_len)
+        full = jnp.all(jnp.isfinite(finished_score), -1)
+        done = full & (best_alive < finished_score.min(-1))
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, seqs, alive_logp, finished, finished_score, cache = carry
+        flat = seqs.reshape(batch * k, -1)
+        logits, cache = _next_logits(model, variables, flat, i, states, mask, cache, use_cache)
+        logp = jax.nn.log_softmax(logits, -1).reshape(batch, k, -1)
+        vocab = logp.shape[-1]
+        cand = (alive_logp[..., None] + logp).reshape(batch, k * vocab)
+        top_logp, top_idx = jax.lax.top_k(cand, 2 * k)
+        src, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
+        cand_seqs = jnp.take_along_axis(seqs, src[..., None], 1)
+        cand_seqs = jax.lax.dynamic_update_slice_in_dim(cand_seqs, token[..., None], i + 1, 2)
+        is_eos = token == cfg.eos_token_id
+        # finished: keep the best k of the old ones and the candidates that just emitted EOS
+        new_fin = jnp.where(is_eos, normalise(top_logp, i + 1), -jnp.inf)
+        pool_score = jnp.concatenate([finished_score, new_fin], 1)
+        pool_seqs = jnp.concatenate([finished, cand_seqs], 1)
+        finished_score, keep = jax.lax.top_k(pool_score, k)
+        finished = jnp.take_along_axis(pool_seqs, keep[..., None], 1)
+        # alive: the best k candidates that did not emit EOS
+        alive_logp, keep = jax.lax.top_k(jnp.where(is_eos, -jnp.inf, top_logp), k)
+        seqs = jnp.take_along_axis(cand_seqs, keep[..., None], 1)
+        if use_cache:
+            rows = (jnp.take_along_axis(src, keep, 1) + k * jnp.arange(batch)[:, None]).reshape(-1)
+            cache = {"cross": cache["cross"],
+                     "self": jax.tree_util.tree_map(lambda c: c[rows], cache["self"])}
+        return i + 1, seqs, alive_logp, finished, finished_score, cache
+
+    carry = (jnp.int32(0), seqs, alive_logp, finished, finished_score, cache)
+    steps, seqs, alive_logp, finished, finished_score, _ = jax.lax.while_loop(cond, body, carry)
+    # rows that ran out of steps: live beams compete with the finished ones
+    alive_score = normalise(alive_logp, steps)
+    pool_score = jnp.concatenate([finished_score, alive_score], 1)
+    pool_seqs = jnp.concatenate([finished, seqs], 1)
+    best = jnp.argmax(pool_score, 1)
+    return jnp.take_along_axis(pool_seqs, best[:, None, None], 1)[:, 0, 1:]
+
+
+def make_generate(model: T5ForConditionalGeneration, max_new_tokens: int, num_beams: int = 1,
+                  length_penalty: float = 1.0, use_cache: bool = True):
+    """A jitted ``generate(variables, input_ids, attention_mask) -> (B, max_new_tokens)``."""
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_beams < 1:
+        raise UserError(f"num_beams must be >= 1, got {num_beams}")
+    if num_beams == 1:
+        fn = functools.partial(greedy_search, model, max_new_tokens=max_new_tokens,
+                               use_cache=use_cache)
+    else:
+        fn = functools.partial(beam_search, model, max_new_tokens=max_new_tokens,
+                               num_beams=num_beams, length_penalty=length_penalty,
+                               use_cache=use_cache)
+    return jax.jit(fn)
+
+
+def strip_after_eos(tokens, eos_id: int, pad_id: int) -> list[list[int]]:
+    """Token lists without EOS, anything after it, and padding (numpy/JAX (B, T) input)."""
+    out = []
+    for row in tokens.tolist():
+        row = row[: row.index(eos_id)] if eos_id in row else row
+        out.append([t for t in row if t != pad_id])
+    return out

@@ -1,0 +1,312 @@
+"""Flax T5 encoder-decoder (v1.0 and v1.1 / FLAN-T5) with LoRA-capable projections, an optional
+soft prompt and an explicit key/value cache for incremental decoding.
+
+Variables:
+  ``params``  the pretrained model (frozen in prompt/LoRA training);
+  ``lora``    adapters for any `LoRADense` (attention q/k/v/o, feed-forward), see `lora_jax.lora`;
+  ``prompt``  ``{"embedding": (P, d_model)}``: P soft tokens prepended to the encoder input.
+
+Entry points (all pure; use ``model.apply(variables, ..., method=...)``):
+  `__call__`   teacher-forced logits (B, T, vocab) float32;
+  `encode`     encoder states (B, P + L, d_model) and the matching mask;
+  `init_cache` per-layer decoder caches for `decode` (self-attention K/V zeros, cross K/V filled);
+  `decode`     logits for some decoder positions, with or without a cache.
+
+Attention uses no 1/sqrt(d) scaling (T5 folds it into the initialisation); softmax and RMSNorm run
+in float32 whatever the compute dtype; masks are additive (0 or `NEG_INF`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lora_jax.models.layers import ACTIVATIONS, LoRADense
+from t5_hybrid.config import T5Config
+
+PROMPT_COLLECTION = "prompt"
+NEG_INF = -1e9
+
+
+def relative_position_bucket(relative_position: jax.Array, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> jax.Array:
+    """T5's bucket of ``key_position - query_position``: exact for small distances, log-spaced
+    up to `max_distance`, and (bidirectional) half the buckets for keys after the query."""
+    buckets = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_position > 0).astype(jnp.int32) * num_buckets
+        distance = jnp.abs(relative_position)
+    else:
+        distance = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    large = max_exact + (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
+                         / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return buckets + jnp.where(is_small, distance, large)
+
+
+def padding_bias(mask: jax.Array) -> jax.Array:
+    """(B, L) 1/0 key mask -> (B, 1, 1, L) additive float32 bias."""
+    return jnp.where(mask[:, None, None, :] > 0, 0.0, NEG_INF).astype(jnp.float32)
+
+
+class RMSNorm(nn.Module):
+    """T5's LayerNorm: scale only, no mean subtraction, statistics in float32."""
+
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        return (y * scale).astype(x.dtype)
+
+
+class T5Attention(nn.Module):
+    """Multi-head attention with projections q, k, v, o (no biases); K/V computed separately so
+    the caller can cache them."""
+
+    config: T5Config
+    lora_alpha: float = 1.0
+    lora_dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        dense = functools.partial(LoRADense, use_bias=False, lora_alpha=self.lora_alpha,
+                                  lora_dropout=self.lora_dropout, dtype=self.dtype,
+                                  kernel_init=nn.initializers.normal(cfg.d_model ** -0.5))
+        self.q = dense(cfg.inner_dim)
+        self.k = dense(cfg.inner_dim)
+        self.v = dense(cfg.inner_dim)
+        self.o = dense(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        return x.reshape(*x.shape[:-1], self.config.num_heads, self.config.d_kv)
+
+    def key_value(self, x: jax.Array, deterministic: bool) -> tuple[jax.Array, jax.Array]:
+        """(B, L, d_model) -> K, V each (B, L, heads, d_kv)."""
+        return self._heads(self.k(x, deterministic)), self._heads(self.v(x, deterministic))
+
+    def __call__(self, x: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array,
+                 deterministic: bool) -> jax.Array:
+        """x (B, Lq, d_model) attends to key/value (B, Lk, heads, d_kv); bias broadcasts to
+        (B, heads, Lq, Lk). Returns (B, Lq, d_model)."""
+        q = self._heads(self.q(x, deterministic))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, key.astype(self.dtype),
+                            preferred_element_type=jnp.float32) + bias
+        probs = self.dropout(jax.nn.softmax(scores, -1), deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), value.astype(self.dtype))
+        return self.o(out.reshape(*out.shape[:2], self.config.inner_dim), deterministic)
+
+
+class T5FeedForward(nn.Module):
+    """ReLU (v1.0) or gated-GELU (v1.1): wo(act(wi_0 x) * wi_1 x)."""
+
+    config: T5Config
+    lora_alpha: float = 1.0
+    lora_dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        dense = functools.partial(LoRADense, use_bias=False, lora_alpha=self.lora_alpha,
+                                  lora_dropout=self.lora_dropout, dtype=self.dtype,
+                                  kernel_init=nn.initializers.normal(cfg.d_model ** -0.5))
+        act = ACTIVATIONS[cfg.activation]
+        if cfg.is_gated:
+            h = act(dense(cfg.d_ff, name="wi_0")(x, deterministic)) * dense(
+                cfg.d_ff, name="wi_1")(x, deterministic)
+        else:
+            h = act(dense(cfg.d_ff, name="wi")(x, deterministic))
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        return dense(cfg.d_model, name="wo")(h, deterministic)
+
+
+class T5Block(nn.Module):
+    """Pre-norm block: self-attention, (decoder) cross-attention, feed-forward; residuals."""
+
+    config: T5Config
+    is_decoder: bool
+    lora_alpha: float = 1.0
+    lora_dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        kw = dict(config=cfg, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                  dtype=self.dtype)
+        self.self_attention = T5Attention(**kw)
+        self.self_attention_norm = RMSNorm(cfg.layer_norm_epsilon)
+        if self.is_decoder:
+            self.cross_attention = T5Attention(**kw)
+            self.cross_attention_norm = RMSNorm(cfg.layer_norm_epsilon)
+        self.mlp = T5FeedForward(**kw)
+        self.mlp_norm = RMSNorm(cfg.layer_norm_epsilon)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def cross_key_value(self, encoder_states: jax.Array, deterministic: bool):
+        return self.cross_attention.key_value(encoder_states, deterministic)
+
+    def __call__(self, x, self_bias, deterministic, cross_bias=None, cross_kv=None, cache=None,
+                 cache_index=None):
+        """x (B, L, d_model). With `cache` ({"k", "v"}: (B, max_len, heads, d_kv)) the new
+        positions' K/V are written at `cache_index` and attention runs over the whole cache.
+        Returns (x, updated cache or None)."""
+        h = self.self_attention_norm(x)
+        key, value = self.self_attention.key_value(h, deterministic)
+        if cache is not None:
+            at = (0, cache_index, 0, 0)
+            key = jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), at)
+            value = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), at)
+            cache = {"k": key, "v": value}
+        x = x + self.dropout(self.self_attention(h, key, value, self_bias, deterministic),
+                             deterministic=deterministic)
+        if self.is_decoder:
+            h = self.cross_attention_norm(x)
+            x = x + self.dropout(self.cross_attention(h, *cross_kv, cross_bias, deterministic),
+                                 deterministic=deterministic)
+        x = x + self.dropout(self.mlp(self.mlp_norm(x), deterministic), deterministic=deterministic)
+        return x, cache
+
+
+class T5Stack(nn.Module):
+    """Encoder or decoder: blocks, one relative-position bias table, final RMSNorm."""
+
+    config: T5Config
+    is_decoder: bool
+    lora_alpha: float = 1.0
+    lora_dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        n = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
+        self.relative_attention_bias = nn.Embed(cfg.relative_attention_num_buckets,
+                                                cfg.num_heads)
+        self.blocks = [T5Block(cfg, self.is_decoder, self.lora_alpha, self.lora_dropout,
+                               self.dtype) for _ in range(n)]
+        self.final_norm = RMSNorm(cfg.layer_norm_epsilon)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def position_bias(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
+        """(Lq,), (Lk,) int positions -> (1, heads, Lq, Lk) float32 bias."""
+        cfg = self.config
+        buckets = relative_position_bucket(key_positions[None, :] - query_positions[:, None],
+                                           not self.is_decoder,
+                                           cfg.relative_attention_num_buckets,
+                                           cfg.relative_attention_max_distance)
+        return self.relative_attention_bias(buckets).astype(jnp.float32).transpose(2, 0, 1)[None]
+
+    def cross_key_values(self, encoder_states: jax.Array, deterministic: bool) -> list:
+        return [b.cross_key_value(encoder_states, deterministic) for b in self.blocks]
+
+    def __call__(self, x, self_bias, deterministic, cross_bias=None, cross_kvs=None, caches=None,
+                 cache_index=None):
+        x = self.dropout(x, deterministic=deterministic)
+        new_caches = []
+        for i, block in enumerate(self.blocks):
+            x, cache = block(x, self_bias, deterministic, cross_bias,
+                             None if cross_kvs is None else cross_kvs[i],
+                             None if caches is None else caches[i], cache_index)
+            new_caches.append(cache)
+        x = self.dropout(self.final_norm(x), deterministic=deterministic)
+        return x, (new_caches if caches is not None else None)
+
+
+class T5ForConditionalGeneration(nn.Module):
+    """T5 with an LM head. See the module docstring for variables and methods."""
+
+    config: T5Config
+    lora_alpha: float = 1.0
+    lora_dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype,
+                               embedding_init=nn.initializers.normal(1.0))
+        kw = dict(lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, dtype=self.dtype)
+        self.encoder = T5Stack(cfg, False, **kw)
+        self.decoder = T5Stack(cfg, True, **kw)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = LoRADense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
+                                     kernel_init=nn.initializers.normal(cfg.d_model ** -0.5))
+
+    def encode(self, input_ids: jax.Array, attention_mask: jax.Array,
+               deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+        """(B, L) ids and 1/0 mask -> states (B, P + L, d_model), mask (B, P + L); P soft-prompt
+        tokens come first when the ``prompt`` collection is present."""
+        x = self.shared(input_ids)
+        mask = attention_mask.astype(jnp.int32)
+        if self.has_variable(PROMPT_COLLECTION, "embedding"):
+            prompt = self.get_variable(PROMPT_COLLECTION, "embedding").astype(x.dtype)
+            batch = x.shape[0]
+            x = jnp.concatenate([jnp.broadcast_to(prompt, (batch, *prompt.shape)), x], 1)
+            mask = jnp.concatenate([jnp.ones((batch, prompt.shape[0]), jnp.int32), mask], 1)
+        positions = jnp.arange(x.shape[1])
+        bias = self.encoder.position_bias(positions, positions) + padding_bias(mask)
+        states, _ = self.encoder(x, bias, deterministic)
+        return states, mask
+
+    def init_cache(self, encoder_states: jax.Array, max_length: int) -> dict:
+        """{"cross": per-layer (K, V) of the encoder states, "self": per-layer zero K/V caches of
+        `max_length` decoder positions}."""
+        cfg = self.config
+        batch = encoder_states.shape[0]
+        zeros = jnp.zeros((batch, max_length, cfg.num_heads, cfg.d_kv), self.dtype)
+        return {"cross": self.decoder.cross_key_values(encoder_states, True),
+                "self": [{"k": zeros, "v": zeros} for _ in range(cfg.num_decoder_layers)]}
+
+    def decode(self, decoder_input_ids: jax.Array, encoder_states: jax.Array,
+               encoder_mask: jax.Array, deterministic: bool = True, cache: dict | None = None,
+               cache_index: jax.Array | int = 0) -> tuple[jax.Array, dict | None]:
+        """Logits (B, T, vocab) float32 for decoder positions [cache_index, cache_index + T).
+
+        Without `cache` the T inputs are the whole prefix (teacher forcing, causal mask). With a
+        cache from `init_cache` they are the next T tokens; returns the updated cache.
+        """
+        x = self.shared(decoder_input_ids)
+        length = x.shape[1]
+        if cache is None:
+            query_pos = key_pos = jnp.arange(length)
+            cross_kvs = self.decoder.cross_key_values(encoder_states, deterministic)
+        else:
+            query_pos = cache_index + jnp.arange(length)
+            key_pos = jnp.arange(cache["self"][0]["k"].shape[1])
+            cross_kvs = cache["cross"]
+        causal = jnp.where(key_pos[None, :] <= query_pos[:, None], 0.0, NEG_INF)
+        self_bias = self.decoder.position_bias(query_pos, key_pos) + causal[None, None]
+        states, caches = self.decoder(x, self_bias, deterministic, padding_bias(encoder_mask),
+                                      cross_kvs, None if cache is None else cache["self"],
+                                      cache_index)
+        new_cache = None if cache is None else {"cross": cache["cross"], "self": caches}
+        return self.logits(states), new_cache
+
+    def logits(self, states: jax.Array) -> jax.Array:
+        if self.config.tie_word_embeddings:
+            return self.shared.attend(states * self.config.d_model ** -0.5).astype(jnp.float32)
+        return self.lm_head(states).astype(jnp.float32)
+
+    def __call__(self, input_ids, attention_mask, decoder_input_ids, deterministic: bool = True):
+        """Teacher-forced logits (B, T, vocab) float32."""
+        states, mask = self.encode(input_ids, attention_mask, deterministic)
+        return self.decode(decoder_input_ids, states, mask, deterministic)[0]
+
+
+def shift_right(labels: jax.Array, start_id: int, pad_id: int) -> jax.Array:
+    """Decoder inputs for teacher forcing: [start, y0, ..., y_{T-2}], -100 ignored ids -> pad."""
+    labels = jnp.where(labels < 0, pad_id, labels)
+    start = jnp.full((labels.shape[0], 1), start_id, labels.dtype)
+    return jnp.concatenate([start, labels[:, :-1]], 1)

@@ -1,0 +1,160 @@
+"""Soft prompt + LoRA on T5: parameter counts against PEFT and the paper, the prompt's effect,
+frozen weights bit-identical after training, tasks and metrics, load from a saved folder."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lora_jax import lora as lora_lib
+from lora_jax.errors import UserError
+from t5_hybrid import adapters
+from t5_hybrid import metrics as t5_metrics
+from t5_hybrid.config import T5Config
+from t5_hybrid.hf_import import load_pretrained, param_shapes
+from t5_hybrid.model import T5ForConditionalGeneration
+from t5_hybrid.tasks import get_task, pairs_from_rows
+from t5_hybrid.train import make_train_step
+
+FLAN_T5_BASE = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12,
+                        num_decoder_layers=12, num_heads=12, feed_forward_proj="gated-gelu",
+                        tie_word_embeddings=False)
+TINY = T5Config(vocab_size=101, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.1)
+SPEC = lora_lib.LoRASpec(r=4, alpha=4.0, dropout=0.05, targets=("q", "v"))
+
+
+def _abstract_variables(config: T5Config, variant: str) -> dict:
+    params = param_shapes(config)
+    return jax.eval_shape(lambda p: adapters.init_variables(jax.random.PRNGKey(0), p, variant,
+                                                            SPEC, 30), params)
+
+
+def test_flan_t5_base_prompt_lora_count_is_the_papers_465408():
+    variables = _abstract_variables(FLAN_T5_BASE, "prompt_lora")  # shapes only, no memory
+    mask = lora_lib.trainable_mask(variables, adapters.trainable_patterns("prompt_lora"))
+    trainable, _ = lora_lib.split(variables, mask)
+    assert lora_lib.count_params(trainable) == 465_408
+    assert lora_lib.count_params(trainable["prompt"]) == 30 * 768
+    assert len(jax.tree_util.tree_leaves(trainable["lora"])) == 2 * 72  # q, v of 36 attentions
+
+
+def test_lora_count_equals_peft_on_the_same_t5():
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_cfg = transformers.T5Config(**{k: v for k, v in TINY.to_hf().items()
+                                      if k not in ("model_type", "architectures")})
+    peft_model = peft.get_peft_model(
+        transformers.T5ForConditionalGeneration(hf_cfg),
+        peft.LoraConfig(r=4, lora_alpha=4, lora_dropout=0.05, target_modules=["q", "v"],
+                        task_type="SEQ_2_SEQ_LM"))
+    peft_trainable, _ = peft_model.get_nb_trainable_parameters()
+    variables = _abstract_variables(TINY, "lora_only")
+    assert lora_lib.count_params(variables["lora"]) == peft_trainable
+
+
+def test_prompt_is_initialised_from_vocabulary_rows_and_changes_the_output():
+    model = T5ForConditionalGeneration(TINY)
+    ids = jnp.asarray(np.random.default_rng(0).integers(2, 101, (2, 7)), jnp.int32)
+    mask = jnp.ones_like(ids)
+    params = model.init(jax.random.PRNGKey(0), ids, mask, ids)["params"]
+    prompt = adapters.init_prompt(jax.random.PRNGKey(1), params["shared"]["embedding"], 5)
+    table = np.asarray(params["shared"]["embedding"])
+    for row in np.asarray(prompt["embedding"]):
+        assert np.any(np.all(table == row, axis=1))  # each soft token is a vocabulary row
+    states, full_mask = model.apply({"params": params, "prompt": prompt}, ids, mask,
+                                    method=model.encode)
+    assert states.shape == (2, 12, 32) and full_mask.shape == (2, 12)
+    plain = model.apply({"params": params}, ids, mask, ids)
+    prompted = model.apply({"params": params, "prompt": prompt}, ids, mask, ids)
+    assert not np.allclose(plain, prompted)
+    with pytest.raises(UserError, match="num_tokens"):
+        adapters.init_prompt(jax.random.PRNGKey(1), params["shared"]["embedding"], 500)
+
+
+def test_zero_lora_b_equals_base_and_training_keeps_frozen_bit_identical():
+    model = T5ForConditionalGeneration(TINY, lora_alpha=4.0, lora_dropout=0.05)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(2, 101, (4, 9)), jnp.int32)
+    labels = jnp.asarray(rng.integers(2, 101, (4, 5)), jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids), labels)["params"]
+    variables = adapters.init_variables(jax.random.PRNGKey(1), params, "prompt_lora", SPEC, 6)
+    base = model.apply({"params": params, "prompt": variables["prompt"]}, ids,
+                       jnp.ones_like(ids), labels)
+    np.testing.assert_array_equal(model.apply(variables, ids, jnp.ones_like(ids), labels), base)
+
+    mask = lora_lib.trainable_mask(variables, adapters.trainable_patterns("prompt_lora"))
+    trainable, frozen = lora_lib.split(variables, mask)
+    before = jax.tree_util.tree_map(np.array, frozen)
+    first_trainable = jax.tree_util.tree_map(np.array, trainable)
+    tx = optax.adamw(1e-2)
+    step = jax.jit(make_train_step(model, tx, jax.random.PRNGKey(2)))
+    opt_state = tx.init(trainable)
+    batch = dict(input_ids=ids, attention_mask=jnp.ones_like(ids), labels=labels,
+                 label_mask=jnp.ones_like(labels))
+    losses = []
+    for i in range(5):
+        trainable, opt_state, m = step(trainable, opt_state, i, frozen, batch)
+        losses.append(float(m["train/loss"]))
+    assert losses[-1] < losses[0]
+    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(frozen),
+                    strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, np.asarray(b)),
+                                     first_trainable, trainable)
+    assert all(jax.tree_util.tree_leaves(changed))  # every adapter leaf moved (B from zero)
+
+
+def test_tasks_build_sources_and_targets_and_reject_bad_rows():
+    sst2 = get_task("sst2")
+    assert pairs_from_rows([{"sentence": "a fine film", "label": 1}], sst2, "f") == (
+        ["a fine film"], ["positive"])
+    wikisql = get_task("wikisql")
+    row = {"question": "who won?", "table": {"header": ["Player", "Year"]},
+           "sql": {"human_readable": "SELECT Player FROM table WHERE Year = 1990"}}
+    assert pairs_from_rows([row], wikisql, "f", prefix="p: ") == (
+        ["p: who won? table: Player | Year"], ["SELECT Player FROM table WHERE Year = 1990"])
+    with pytest.raises(UserError, match="no table header"):
+        pairs_from_rows([{**row, "table": {"header": []}}], wikisql, "f")
+    with pytest.raises(UserError, match="empty dialogue"):
+        pairs_from_rows([{"dialogue": "  ", "summary": "x"}], get_task("samsum"), "f")
+    with pytest.raises(UserError, match="unknown t5 task 'sst3'"):
+        get_task("sst3")
+    with pytest.raises(UserError, match="no rows"):
+        pairs_from_rows([], sst2, "f")
+
+
+def test_metrics_exact_match_and_rouge():
+    pytest.importorskip("rouge_score")
+    assert t5_metrics.exact_match(["positive ", "negative"], ["positive", "positive"]) == 0.5
+    scores = t5_metrics.compute(("rougeL", "rouge1", "rouge2"), ["the cats sat on a mat"],
+                                ["the cat sat on the mat"])
+    assert scores["rouge1"] == pytest.approx(5 / 6)  # stemming: cats -> cat
+    assert scores["rouge2"] == pytest.approx(3 / 5)
+    assert set(scores) == {"rougeL", "rouge1", "rouge2"}
+
+
+def test_load_pretrained_from_a_saved_transformers_folder(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_cfg = transformers.T5Config(**{k: v for k, v in TINY.to_hf().items()
+                                      if k not in ("model_type", "architectures")})
+    tm = transformers.T5ForConditionalGeneration(hf_cfg).eval()
+    tm.save_pretrained(tmp_path)
+    _, config, params = load_pretrained(str(tmp_path))
+    assert config == TINY
+    ids = np.random.default_rng(0).integers(2, 101, (2, 6))
+    with torch.no_grad():
+        ref = tm(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(ids)).logits.numpy()
+    model = T5ForConditionalGeneration(config)
+    ours = model.apply({"params": params}, jnp.asarray(ids), jnp.ones((2, 6), jnp.int32),
+                       jnp.asarray(ids))
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(UserError, match="does not exist"):
+        load_pretrained(str(tmp_path / "missing/model"))
