@@ -34,7 +34,8 @@ def get_config(variant: str = "prompt_lora") -> ml_collections.ConfigDict:
     c.data_dir = ""  # ../shared/data layout
     c.data_files = ml_collections.ConfigDict({"train": "", "validation": "", "test": ""})
     c.train_split = "train"  # e.g. validation for WikiSQL offline (no train split there)
-    c.selection_split = ""  # "": the task's (SST-2: a held-out slice of train)
+    c.selection_split = ""  # "": the task's (SST-2: heldout); a split name, or "heldout":
+    # a slice of train (selection_size rows), never trained on
     c.selection_size = 0.05  # held-out slice of train when the task selects on train
     c.max_source_length = 0  # tokens; 0: the task's default
     c.max_target_length = 0

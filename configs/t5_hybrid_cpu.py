@@ -4,7 +4,8 @@
     python train.py --config configs/t5_hybrid_cpu.py:prompt_lora --workdir runs/t5_cpu/sst2 \
         --config.task=sst2
     # samsum: --config.task=samsum; wikisql has no train split offline:
-    #   --config.task=wikisql --config.train_split=validation --config.selection_split=test
+    #   --config.task=wikisql --config.train_split=validation --config.selection_split=heldout
+    # (trains on validation minus a held-out slice that selects the model, reports test)
 
 No real T5 weights exist on these machines, so the scores only show that the pipeline runs
 end to end (training, selection, generation, metrics, checkpoints, samples); they are not the

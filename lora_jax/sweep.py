@@ -7,12 +7,14 @@ Each cell runs `configs/<experiment>.py` with the sweep's overrides in
 <workdir>/<experiment>_<task>_s<seed>; a cell whose results.json exists is reused and one
 with checkpoints but no results resumes, so an interrupted sweep continues where it stopped.
 Writes <out>.json (every run's results) and
-<out>.md (rows = experiments, columns = tasks + average, mean ± std over seeds).
+<out>.md (rows = experiments, columns = tasks + average, mean ± std over seeds; a sweep config
+can name its own table writer as ``table = "module:function"``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -79,6 +81,15 @@ def markdown_table(sweep, results: list[dict], command: str, note: str = "") -> 
     ]) + "\n"
 
 
+def table_function(sweep):
+    """The sweep's table writer: ``sweep.table = "module:function"``, default `markdown_table`."""
+    target = sweep.get("table", "")
+    if not target:
+        return markdown_table
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
@@ -131,7 +142,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_json_atomic(args.out + ".json", {"name": sweep.name, "command": command,
                                            "note": args.note, "results": results})
-    table = markdown_table(sweep, results, command, args.note)
+    table = table_function(sweep)(sweep, results, command, args.note)
     with open(args.out + ".md", "w") as f:
         f.write(table)
     print(table)

@@ -154,6 +154,7 @@ def load_pairs(config, task: Seq2SeqTask, prefix: str) -> tuple[dict[str, tuple]
     source = core.data_source_of(config)
     files = {k: v for k, v in config.data_files.items() if v}
     selection = config.selection_split or task.selection_split
+    selection = "" if selection == "heldout" else selection  # a held-out slice of train
     wanted = list(dict.fromkeys([*(["train"] if config.num_epochs else []),
                                  *([selection] if selection else []), *task.eval_splits]))
     if config.train_split != "train" and config.num_epochs:

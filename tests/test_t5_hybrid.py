@@ -42,6 +42,10 @@ def test_flan_t5_base_prompt_lora_count_is_the_papers_465408():
     assert len(jax.tree_util.tree_leaves(trainable["lora"])) == 2 * 72  # q, v of 36 attentions
 
 
+def test_flan_t5_base_full_count_is_the_papers_247577856():
+    assert lora_lib.count_params(param_shapes(FLAN_T5_BASE)) == 247_577_856
+
+
 def test_lora_count_equals_peft_on_the_same_t5():
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
@@ -158,3 +162,41 @@ def test_load_pretrained_from_a_saved_transformers_folder(tmp_path):
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=1e-4)
     with pytest.raises(UserError, match="does not exist"):
         load_pretrained(str(tmp_path / "missing/model"))
+
+
+def test_report_tables_have_the_papers_shape():
+    from t5_hybrid.report import markdown_table
+
+    def result(variant, task, metrics, seed=0):
+        return {"experiment": "t5_hybrid", "variant": variant, "task": task, "seed": seed,
+                "metrics": {"test": metrics}, "trainable_params": 10, "model": "random:tiny",
+                "sizes": {"train": 5}, "protocol": "p", "data_sources": {"train": "f"},
+                "machine": "cpu", "config": {"dtype": "float32", "num_beams": 1,
+                                             "num_epochs": 2, "early_stopping_patience": 3,
+                                             "batch_size": 16, "optimizer": {
+                                                 "learning_rate": 1e-3, "warmup_steps": 5}}}
+
+    results = [result("prompt_lora", "sst2", {"accuracy": 0.9}),
+               result("prompt_lora", "sst2", {"accuracy": 0.8}, seed=1),
+               result("base", "samsum", {"rouge1": 0.5, "rouge2": 0.25, "rougeL": 0.4})]
+    text = markdown_table(None, results, "cmd")
+    assert "| Prompt Tuning + LoRA | 10 | – | – | 85.0 ± 7.1 |" in text
+    assert "| Base Model | 50.0 / 25.0 / 40.0 | – | – |" in text
+    assert "| Fully Fine-Tuned Model | – | – | – | – |" in text
+
+
+def test_bf16_train_step_keeps_float32_adapters():
+    model = T5ForConditionalGeneration(TINY, lora_alpha=4.0, dtype=jnp.bfloat16)
+    ids = jnp.asarray(np.random.default_rng(0).integers(2, 101, (2, 6)), jnp.int32)
+    params = T5ForConditionalGeneration(TINY).init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids),
+                                                   ids)["params"]
+    variables = adapters.init_variables(jax.random.PRNGKey(1), params, "prompt_lora", SPEC, 4)
+    trainable, frozen = lora_lib.split(variables, lora_lib.trainable_mask(
+        variables, adapters.trainable_patterns("prompt_lora")))
+    tx = optax.adamw(1e-3)
+    batch = dict(input_ids=ids, attention_mask=jnp.ones_like(ids), labels=ids,
+                 label_mask=jnp.ones_like(ids))
+    new, _, m = jax.jit(make_train_step(model, tx, jax.random.PRNGKey(2)))(
+        trainable, tx.init(trainable), 0, frozen, batch)
+    assert np.isfinite(float(m["train/loss"]))
+    assert {x.dtype for x in jax.tree_util.tree_leaves(new)} == {jnp.dtype(jnp.float32)}
