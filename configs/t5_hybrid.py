@@ -41,6 +41,7 @@ def get_config(variant: str = "prompt_lora") -> ml_collections.ConfigDict:
     c.max_target_length = 0
     c.buckets = (8, 16, 32, 64, 128, 256, 512)
     c.length_grouping = True
+    c.skip_empty_rows = False  # True: drop rows with an empty text (SAMSum train has one)
     c.max_train_examples = 0  # 0: all
     c.max_eval_examples = 0
 

@@ -394,6 +394,44 @@ class Placement:
         return jax.device_put(batch, self.batch)
 
 
+class TrainProgress:
+    """The tqdm bar, metric lines every `log_every` steps with examples/s, and the pure training
+    time: evaluation and checkpoint writes are excluded (`pause`) from both."""
+
+    def __init__(self, writer: MetricWriter, total_steps: int, start_step: int, desc: str,
+                 log_every: int, steps_per_epoch: int, enabled: bool = True):
+        self.writer, self.total_steps = writer, total_steps
+        self.log_every, self.steps_per_epoch = log_every, steps_per_epoch
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, disable=not enabled,
+                        dynamic_ncols=True)
+        self.start = self.window_start = time.perf_counter()
+        self.window_examples, self.examples, self.paused = 0, 0, 0.0
+
+    def step(self, step: int, examples: int, metrics: dict) -> None:
+        """Count one finished step; on logging steps fetch `metrics` and write them."""
+        self.window_examples += examples
+        self.examples += examples
+        self.bar.update(1)
+        if step % self.log_every == 0 or step == self.total_steps:
+            metrics = jax.device_get(metrics)
+            now = time.perf_counter()
+            rate = self.window_examples / max(now - self.window_start, 1e-9)
+            self.window_examples, self.window_start = 0, now
+            self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", ex_s=f"{rate:.0f}")
+            self.writer.write(step, {**metrics, "train/examples_per_s": rate,
+                                     "train/epoch": step / self.steps_per_epoch})
+
+    def pause(self, seconds: float) -> None:
+        self.paused += seconds
+        self.window_start += seconds
+
+    def close(self) -> dict:
+        """{"seconds", "examples"} of pure training."""
+        self.bar.close()
+        return {"seconds": time.perf_counter() - self.start - self.paused,
+                "examples": self.examples}
+
+
 def train_stream(enc: data_lib.Encoded, cfg, start_step: int, total_steps: int):
     """(step, index batch) pairs from start_step up to total_steps.
 
@@ -453,26 +491,14 @@ def fit(setup: Setup, workdir: str, place: Placement, trainable, frozen, predict
     meta = {"task": task.name, "experiment": cfg.experiment, "model": cfg.model,
             "config": cfg.to_dict()}
 
-    bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.experiment} {task.name}",
-               disable=not cfg.progress, dynamic_ncols=True)
-    window_examples, window_start = 0, time.perf_counter()
-    loop_start, paused, trained = time.perf_counter(), 0.0, 0
+    progress = TrainProgress(writer, total_steps, step, f"{cfg.experiment} {task.name}",
+                             cfg.log_every_steps, steps_per_epoch, cfg.progress)
     for at, idx in train_stream(setup.splits["train"], cfg, step, total_steps):
         batch = place.put_batch(data_lib.make_batch(setup.splits["train"], idx, cfg.batch_size,
                                                     setup.buckets, setup.pad_id))
         trainable, opt_state, m = train_step(trainable, opt_state, at, frozen, batch)
         step = at + 1
-        window_examples += len(idx)
-        trained += len(idx)
-        bar.update(1)
-        if step % cfg.log_every_steps == 0 or step == total_steps:
-            m = jax.device_get(m)
-            now = time.perf_counter()
-            rate = window_examples / max(now - window_start, 1e-9)
-            window_examples, window_start = 0, now
-            bar.set_postfix(loss=f"{m['train/loss']:.4f}", ex_s=f"{rate:.0f}")
-            writer.write(step, {**m, "train/examples_per_s": rate,
-                                "train/epoch": step / steps_per_epoch})
+        progress.step(step, len(idx), m)
         t0 = time.perf_counter()
         if step % eval_every == 0 or step == total_steps:
             scores = evaluate(predict, trainable, frozen, select_enc, task, setup,
@@ -486,17 +512,14 @@ def fit(setup: Setup, workdir: str, place: Placement, trainable, frozen, predict
         stopping = step == cfg.stop_after_steps
         if step % cfg.checkpoint_every_steps == 0 or step == total_steps or stopping:
             save_train_state(mngr, step, trainable, opt_state, best, meta)
-        pause = time.perf_counter() - t0
-        paused += pause
-        window_start += pause  # throughput excludes evaluation and checkpoint time
+        progress.pause(time.perf_counter() - t0)
         if stopping:
             break
     jax.block_until_ready(trainable)
-    seconds = time.perf_counter() - loop_start - paused
-    bar.close()
+    stats = progress.close()
     mngr.wait_until_finished()
     mngr.close()
-    return best, step, {"seconds": seconds, "examples": trained}
+    return best, step, stats
 
 
 def prepare_workdir(workdir: str, resume: bool) -> None:

@@ -18,7 +18,6 @@ in float32 whatever the compute dtype; masks are additive (0 or `NEG_INF`).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -71,20 +70,33 @@ class RMSNorm(nn.Module):
         return (y * scale).astype(x.dtype)
 
 
-class T5Attention(nn.Module):
-    """Multi-head attention with projections q, k, v, o (no biases); K/V computed separately so
-    the caller can cache them."""
+class T5Module(nn.Module):
+    """Fields shared by every T5 part: the architecture, LoRA scale/dropout, compute dtype."""
 
     config: T5Config
     lora_alpha: float = 1.0
     lora_dropout: float = 0.0
     dtype: Any = jnp.float32
 
+    @property
+    def part_kwargs(self) -> dict:
+        return dict(config=self.config, lora_alpha=self.lora_alpha,
+                    lora_dropout=self.lora_dropout, dtype=self.dtype)
+
+    def dense(self, features: int, **kw) -> LoRADense:
+        """A bias-free LoRA-capable projection (T5 initialisation scale)."""
+        return LoRADense(features, use_bias=False, lora_alpha=self.lora_alpha,
+                         lora_dropout=self.lora_dropout, dtype=self.dtype,
+                         kernel_init=nn.initializers.normal(self.config.d_model ** -0.5), **kw)
+
+
+class T5Attention(T5Module):
+    """Multi-head attention with projections q, k, v, o (no biases); K/V computed separately so
+    the caller can cache them."""
+
     def setup(self):
         cfg = self.config
-        dense = functools.partial(LoRADense, use_bias=False, lora_alpha=self.lora_alpha,
-                                  lora_dropout=self.lora_dropout, dtype=self.dtype,
-                                  kernel_init=nn.initializers.normal(cfg.d_model ** -0.5))
+        dense = self.dense
         self.q = dense(cfg.inner_dim)
         self.k = dense(cfg.inner_dim)
         self.v = dense(cfg.inner_dim)
@@ -110,20 +122,13 @@ class T5Attention(nn.Module):
         return self.o(out.reshape(*out.shape[:2], self.config.inner_dim), deterministic)
 
 
-class T5FeedForward(nn.Module):
+class T5FeedForward(T5Module):
     """ReLU (v1.0) or gated-GELU (v1.1): wo(act(wi_0 x) * wi_1 x)."""
-
-    config: T5Config
-    lora_alpha: float = 1.0
-    lora_dropout: float = 0.0
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.config
-        dense = functools.partial(LoRADense, use_bias=False, lora_alpha=self.lora_alpha,
-                                  lora_dropout=self.lora_dropout, dtype=self.dtype,
-                                  kernel_init=nn.initializers.normal(cfg.d_model ** -0.5))
+        dense = self.dense
         act = ACTIVATIONS[cfg.activation]
         if cfg.is_gated:
             h = act(dense(cfg.d_ff, name="wi_0")(x, deterministic)) * dense(
@@ -134,19 +139,14 @@ class T5FeedForward(nn.Module):
         return dense(cfg.d_model, name="wo")(h, deterministic)
 
 
-class T5Block(nn.Module):
+class T5Block(T5Module):
     """Pre-norm block: self-attention, (decoder) cross-attention, feed-forward; residuals."""
 
-    config: T5Config
-    is_decoder: bool
-    lora_alpha: float = 1.0
-    lora_dropout: float = 0.0
-    dtype: Any = jnp.float32
+    is_decoder: bool = False
 
     def setup(self):
         cfg = self.config
-        kw = dict(config=cfg, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                  dtype=self.dtype)
+        kw = self.part_kwargs
         self.self_attention = T5Attention(**kw)
         self.self_attention_norm = RMSNorm(cfg.layer_norm_epsilon)
         if self.is_decoder:
@@ -181,22 +181,18 @@ class T5Block(nn.Module):
         return x, cache
 
 
-class T5Stack(nn.Module):
+class T5Stack(T5Module):
     """Encoder or decoder: blocks, one relative-position bias table, final RMSNorm."""
 
-    config: T5Config
-    is_decoder: bool
-    lora_alpha: float = 1.0
-    lora_dropout: float = 0.0
-    dtype: Any = jnp.float32
+    is_decoder: bool = False
 
     def setup(self):
         cfg = self.config
         n = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
         self.relative_attention_bias = nn.Embed(cfg.relative_attention_num_buckets,
                                                 cfg.num_heads)
-        self.blocks = [T5Block(cfg, self.is_decoder, self.lora_alpha, self.lora_dropout,
-                               self.dtype) for _ in range(n)]
+        self.blocks = [T5Block(**self.part_kwargs, is_decoder=self.is_decoder)
+                       for _ in range(n)]
         self.final_norm = RMSNorm(cfg.layer_norm_epsilon)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
@@ -225,24 +221,17 @@ class T5Stack(nn.Module):
         return x, (new_caches if caches is not None else None)
 
 
-class T5ForConditionalGeneration(nn.Module):
+class T5ForConditionalGeneration(T5Module):
     """T5 with an LM head. See the module docstring for variables and methods."""
-
-    config: T5Config
-    lora_alpha: float = 1.0
-    lora_dropout: float = 0.0
-    dtype: Any = jnp.float32
 
     def setup(self):
         cfg = self.config
         self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype,
                                embedding_init=nn.initializers.normal(1.0))
-        kw = dict(lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, dtype=self.dtype)
-        self.encoder = T5Stack(cfg, False, **kw)
-        self.decoder = T5Stack(cfg, True, **kw)
+        self.encoder = T5Stack(**self.part_kwargs, is_decoder=False)
+        self.decoder = T5Stack(**self.part_kwargs, is_decoder=True)
         if not cfg.tie_word_embeddings:
-            self.lm_head = LoRADense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
-                                     kernel_init=nn.initializers.normal(cfg.d_model ** -0.5))
+            self.lm_head = self.dense(cfg.vocab_size)
 
     def encode(self, input_ids: jax.Array, attention_mask: jax.Array,
                deterministic: bool = True) -> tuple[jax.Array, jax.Array]:

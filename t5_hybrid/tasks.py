@@ -16,9 +16,12 @@ which split selects the model and which are reported, and how predictions are sc
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 
 from lora_jax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +57,16 @@ def _field(row: dict, key: str, where: str, task: str):
     return row[key]
 
 
+class EmptyTextError(UserError):
+    """A row whose source or target text is empty (`skip_empty` drops such rows instead)."""
+
+
 def _text(row: dict, key: str, where: str, task: str) -> str:
     value = _field(row, key, where, task)
     if not isinstance(value, str) or not value.strip():
-        raise UserError(f"{where}: row with {key}={value!r} has an empty {key}; task {task!r} "
-                        f"needs a non-empty {key} in every row (drop or fix that row)")
+        raise EmptyTextError(f"{where}: row with {key}={value!r} has an empty {key}; task "
+                             f"{task!r} needs a non-empty {key} in every row (fix or drop that "
+                             "row, or pass --config.skip_empty_rows=True to skip such rows)")
     return value
 
 
@@ -121,12 +129,29 @@ def get_task(name: str) -> Seq2SeqTask:
     return TASKS[name]
 
 
-def pairs_from_rows(rows: list[dict], task: Seq2SeqTask, where: str,
-                    prefix: str = "") -> tuple[list[str], list[str]]:
-    """(sources, targets) of every row, each checked; `prefix` is prepended to the sources."""
+def pairs_from_rows(rows: list[dict], task: Seq2SeqTask, where: str, prefix: str = "",
+                    skip_empty: bool = False) -> tuple[list[str], list[str]]:
+    """(sources, targets) of every row, each checked; `prefix` is prepended to the sources.
+
+    A row with an empty text is an error, or with `skip_empty` is dropped (and counted in a
+    warning; the real SAMSum train split has one such dialogue).
+    """
     if not rows:
         raise UserError(f"{where} has no rows for task {task.name!r}; point the config at a "
                         "non-empty split")
-    sources = [prefix + task.source_fn(r, where) for r in rows]
-    targets = [task.target_fn(r, where) for r in rows]
+    sources, targets, skipped = [], [], 0
+    for row in rows:
+        try:
+            source, target = task.source_fn(row, where), task.target_fn(row, where)
+        except EmptyTextError:
+            if not skip_empty:
+                raise
+            skipped += 1
+            continue
+        sources.append(prefix + source)
+        targets.append(target)
+    if skipped:
+        log.warning("%s: skipped %d of %d rows with an empty text", where, skipped, len(rows))
+    if not sources:
+        raise UserError(f"{where}: every row has an empty text for task {task.name!r}")
     return sources, targets

@@ -163,7 +163,7 @@ def load_pairs(config, task: Seq2SeqTask, prefix: str) -> tuple[dict[str, tuple]
     for split in wanted:
         rows, where = data_lib.load_split(task, split, source, config.data_dir, files)
         where_from[split] = where
-        out[split] = pairs_from_rows(rows, task, where, prefix)
+        out[split] = pairs_from_rows(rows, task, where, prefix, config.skip_empty_rows)
     if config.num_epochs and config.train_split != "train":
         out["train"] = out.pop(config.train_split)
         where_from["train"] = where_from.pop(config.train_split)
@@ -300,24 +300,15 @@ def fit(setup: Setup, workdir: str, place: core.Placement, trainable, frozen, ge
         log.info("resumed from step %d", step)
     meta = {"task": task.name, "variant": cfg.variant, "model": cfg.model,
             "config": cfg.to_dict()}
-    bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.variant} {task.name}",
-               disable=not cfg.progress, dynamic_ncols=True)
-    window, window_start = 0, time.perf_counter()
-    loop_start, paused, trained, stopped_early = time.perf_counter(), 0.0, 0, False
+    progress = core.TrainProgress(writer, total_steps, step, f"{cfg.variant} {task.name}",
+                                  cfg.log_every_steps, steps_per_epoch, cfg.progress)
+    stopped_early = False
     for at, idx in core.train_stream(train, cfg, step, total_steps):
         batch = place.put_batch(make_batch(train, idx, cfg.batch_size, setup.source_buckets,
                                            setup.target_buckets, setup.model.config.pad_token_id))
         trainable, opt_state, m = train_step(trainable, opt_state, at, frozen, batch)
-        step, window, trained = at + 1, window + len(idx), trained + len(idx)
-        bar.update(1)
-        if step % cfg.log_every_steps == 0 or step == total_steps:
-            m = jax.device_get(m)
-            now = time.perf_counter()
-            rate = window / max(now - window_start, 1e-9)
-            window, window_start = 0, now
-            bar.set_postfix(loss=f"{m['train/loss']:.4f}", ex_s=f"{rate:.0f}")
-            writer.write(step, {**m, "train/examples_per_s": rate,
-                                "train/epoch": step / steps_per_epoch})
+        step = at + 1
+        progress.step(step, len(idx), m)
         t0 = time.perf_counter()
         if step % eval_every == 0 or step == total_steps:
             scores, _ = evaluate(setup, generate, trainable, frozen,
@@ -333,20 +324,17 @@ def fit(setup: Setup, workdir: str, place: core.Placement, trainable, frozen, ge
         stopping = stopped_early or step == cfg.stop_after_steps
         if step % cfg.checkpoint_every_steps == 0 or step == total_steps or stopping:
             core.save_train_state(mngr, step, trainable, opt_state, best, meta)
-        paused += time.perf_counter() - t0
-        window_start += time.perf_counter() - t0
+        progress.pause(time.perf_counter() - t0)
         if stopping:
             if stopped_early:
                 log.info("early stop at step %d: no gain for %d evaluations",
                          step, cfg.early_stopping_patience)
             break
     jax.block_until_ready(trainable)
-    seconds = time.perf_counter() - loop_start - paused
-    bar.close()
+    stats = progress.close()
     mngr.wait_until_finished()
     mngr.close()
-    return best, step, {"seconds": seconds, "examples": trained, "total_steps": total_steps,
-                        "stopped_early": stopped_early}
+    return best, step, {**stats, "total_steps": total_steps, "stopped_early": stopped_early}
 
 
 def write_samples(path: str, pairs: Pairs, predictions: list[str]) -> None:

@@ -125,8 +125,11 @@ def test_tasks_build_sources_and_targets_and_reject_bad_rows():
         ["p: who won? table: Player | Year"], ["SELECT Player FROM table WHERE Year = 1990"])
     with pytest.raises(UserError, match="no table header"):
         pairs_from_rows([{**row, "table": {"header": []}}], wikisql, "f")
-    with pytest.raises(UserError, match="empty dialogue"):
-        pairs_from_rows([{"dialogue": "  ", "summary": "x"}], get_task("samsum"), "f")
+    samsum_rows = [{"dialogue": "  ", "summary": "x"}, {"dialogue": "A: hi", "summary": "hi"}]
+    with pytest.raises(UserError, match="empty dialogue.*skip_empty_rows=True"):
+        pairs_from_rows(samsum_rows, get_task("samsum"), "f")
+    assert pairs_from_rows(samsum_rows, get_task("samsum"), "f", skip_empty=True) == (
+        ["A: hi"], ["hi"])
     with pytest.raises(UserError, match="unknown t5 task 'sst3'"):
         get_task("sst3")
     with pytest.raises(UserError, match="no rows"):
