@@ -26,10 +26,10 @@ def get_config():
     c.common = ml_collections.ConfigDict({"progress": False, "max_train_examples": 2000,
                                           "max_eval_examples": 200, "num_epochs": 2})
     c.task_overrides = ml_collections.ConfigDict({
-        "samsum": {"max_source_length": 256, "max_target_length": 96,
+        "samsum": {"max_source_length": 256, "max_target_length": 128,
                    "skip_empty_rows": True},  # one empty dialogue in the real train split
         "wikisql": {"train_split": "validation", "selection_split": "heldout",
-                    "max_source_length": 160, "max_target_length": 96},
+                    "max_source_length": 192, "max_target_length": 128},
     })
     c.experiment_overrides = ml_collections.ConfigDict({})
     return c

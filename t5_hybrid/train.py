@@ -78,13 +78,26 @@ class Pairs:
             self.sources, self.targets, self.source_ids, self.target_ids)))
 
 
+def _truncate(ids: list[int], max_length: int) -> np.ndarray:
+    """At most max_length ids, keeping the final EOS."""
+    if len(ids) > max_length:
+        ids = ids[: max_length - 1] + ids[-1:]
+    return np.asarray(ids, np.int32)
+
+
 def encode_pairs(sources: list[str], targets: list[str], tokenizer, max_source: int,
-                 max_target: int) -> Pairs:
-    """Tokenize with truncation; T5 tokenizers end every sequence with EOS."""
-    src = tokenizer(sources, truncation=True, max_length=max_source)["input_ids"]
-    tgt = tokenizer(targets, truncation=True, max_length=max_target)["input_ids"]
-    return Pairs(sources, targets, [np.asarray(x, np.int32) for x in src],
-                 [np.asarray(x, np.int32) for x in tgt])
+                 max_target: int, where: str = "") -> Pairs:
+    """Tokenize (T5 tokenizers end every sequence with EOS) and truncate; a warning counts the
+    targets that did not fit, since a truncated target can never be generated exactly."""
+    src = tokenizer(sources)["input_ids"]
+    tgt = tokenizer(targets)["input_ids"]
+    cut = sum(len(x) > max_target for x in tgt)
+    if cut:
+        log.warning("%s: %d of %d targets are longer than max_target_length=%d tokens (longest "
+                    "%d) and are truncated; raise --config.max_target_length", where or "data",
+                    cut, len(tgt), max_target, max(len(x) for x in tgt))
+    return Pairs(sources, targets, [_truncate(x, max_source) for x in src],
+                 [_truncate(x, max_target) for x in tgt])
 
 
 def make_batch(pairs: Pairs, idx: np.ndarray, batch_size: int, source_buckets: Sequence[int],
@@ -155,6 +168,11 @@ def load_pairs(config, task: Seq2SeqTask, prefix: str) -> tuple[dict[str, tuple]
     files = {k: v for k, v in config.data_files.items() if v}
     selection = config.selection_split or task.selection_split
     selection = "" if selection == "heldout" else selection  # a held-out slice of train
+    if config.num_epochs and config.train_split in (selection, *task.eval_splits):
+        raise UserError(f"train_split {config.train_split!r} is also the selection or a reported "
+                        f"split of {task.name!r} (selection {selection or 'heldout'!r}, reported "
+                        f"{', '.join(task.eval_splits)}); pass --config.selection_split=heldout "
+                        "or another train_split")
     wanted = list(dict.fromkeys([*(["train"] if config.num_epochs else []),
                                  *([selection] if selection else []), *task.eval_splits]))
     if config.train_split != "train" and config.num_epochs:
@@ -193,7 +211,8 @@ def prepare(config) -> Setup:
     raw, sources, selection_name = load_pairs(config, task, prefix)
     max_src = config.max_source_length or task.max_source_length
     max_tgt = config.max_target_length or task.max_target_length
-    splits = {k: encode_pairs(*v, tokenizer, max_src, max_tgt) for k, v in raw.items()}
+    splits = {k: encode_pairs(*v, tokenizer, max_src, max_tgt, sources.get(k, k))
+              for k, v in raw.items()}
     if "train" in splits:
         if selection_name == "selection":
             splits["train"], splits["selection"] = data_lib.hold_out(

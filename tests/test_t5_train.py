@@ -89,7 +89,7 @@ def _write(path: pathlib.Path, rows):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["task", "header", "dialogue", "variant"])
+@pytest.mark.parametrize("case", ["task", "header", "dialogue", "variant", "split"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(synth_dir, tmp_path, case):
     wikisql = {"question": "who?", "table": {"header": []},
                "sql": {"human_readable": "SELECT a FROM table"}}
@@ -105,6 +105,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(synth_dir, tmp_path, ca
         "dialogue": ([data, "--config.task=samsum"], "empty dialogue"),
         "variant": ([f"--config.data_dir={synth_dir}", "--config.variant=prompt_lorra",
                      "--config.task=synth_keyword"], "t5 variant 'prompt_lorra' is unknown"),
+        "split": ([data, "--config.task=wikisql", "--config.train_split=validation"],
+                  "also the selection or a reported split"),
     }[case]
     workdir = tmp_path / "workdir"
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config",
