@@ -116,3 +116,33 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(synth_dir, tmp_path, ca
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr and not workdir.exists()
+
+
+DP_SCRIPT = """
+import json, sys, jax, numpy as np
+sys.path.insert(0, {root!r})
+from tests.test_t5_train import t5_config
+from t5_hybrid.train import train_t5
+from lora_jax.trainer import restore_trainable
+r = train_t5(t5_config({data!r}, max_steps=4, max_eval_examples=16, eval_batch_size=16),
+             {workdir!r})
+t, _ = restore_trainable({workdir!r}, "trainable")
+np.savez({out!r}, *[np.asarray(x) for x in jax.tree_util.tree_leaves(t)])
+print(json.dumps({{"devices": jax.device_count()}}))
+"""
+
+
+@pytest.mark.slow
+def test_data_parallel_on_8_devices_matches_1(synth_dir, tmp_path):
+    outs = {}
+    for n in (1, 8):
+        script = DP_SCRIPT.format(root=str(ROOT), data=synth_dir, workdir=str(tmp_path / f"w{n}"),
+                                  out=str(tmp_path / f"p{n}.npz"))
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                                "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads(proc.stdout.strip().splitlines()[-1])["devices"] == n
+        outs[n] = np.load(tmp_path / f"p{n}.npz")
+    for key in outs[1].files:
+        np.testing.assert_allclose(outs[8][key], outs[1][key], atol=2e-5, rtol=1e-4)
