@@ -33,3 +33,18 @@ def test_benchmark_bad_model_is_one_line_error(tmp_path):
                            "--model", str(tmp_path / "nope")], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: model folder")
+
+
+def test_t5_generate_benchmark_prints_one_json_line(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "gen.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "t5_generate.py"), "--batch", "2",
+         "--source", "8", "--new", "4", "--rounds", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(line["tokens_per_s"]) == {"jax_cached", "jax_uncached", "torch_generate"}
+    assert line["ratio_cached_over_uncached"] == pytest.approx(
+        line["tokens_per_s"]["jax_cached"] / line["tokens_per_s"]["jax_uncached"], rel=0.02)
+    assert json.loads(out.read_text()) == line
