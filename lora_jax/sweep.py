@@ -103,7 +103,8 @@ def main(argv=None) -> int:
                         help="only gather finished cells (results.json); run nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    logging.getLogger("lora_jax").setLevel(logging.INFO)
+    for package in ("lora_jax", "ensemble", "t5_hybrid"):
+        logging.getLogger(package).setLevel(logging.INFO)
     from lora_jax.experiments import run
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,8 +7,10 @@ Unused and missing weights are reported the way transformers reports them.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import operator
 import os
 
 import jax
@@ -96,6 +98,6 @@ def to_hf_state_dict(params: dict, config: T5Config) -> dict[str, np.ndarray]:
     """Inverse of `convert_state_dict` (float32 numpy, torch's (out, in) layout)."""
     out = {}
     for name, (path, transform) in hf_name_map(config).items():
-        value = np.asarray(base._get(params, path), np.float32)
+        value = np.asarray(functools.reduce(operator.getitem, path, params), np.float32)
         out[name] = np.ascontiguousarray(value.T if transform == "T" else value)
     return out
