@@ -18,6 +18,7 @@ import importlib
 import json
 import logging
 import os
+import shlex
 import sys
 
 import ml_collections
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    command = "python -m lora_jax.sweep " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m lora_jax.sweep " + shlex.join(argv if argv is not None else sys.argv[1:])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_json_atomic(args.out + ".json", {"name": sweep.name, "command": command,
                                            "note": args.note, "results": results})

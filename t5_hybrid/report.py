@@ -77,18 +77,24 @@ def tables(results: list[dict]) -> str:
                       "## Table 2: ablation", "", *t2])
 
 
+def _representative(results: list[dict]) -> dict:
+    """The paper's method if present (a trained row states the training protocol)."""
+    return next((r for r in results if _variant(r) == "prompt_lora"),
+                next((r for r in results if r.get("total_steps")), results[0]))
+
+
 def protocol_lines(results: list[dict]) -> list[str]:
-    first = results[0]
+    first = _representative(results)
     cfg = first["config"]
     lines = [f"- Model: `{first['model']}`; compute dtype `{cfg['dtype']}`; decoding "
              f"{'greedy' if cfg['num_beams'] == 1 else 'beam ' + str(cfg['num_beams'])}.",
              f"- Epochs (max): {cfg['num_epochs']}, early stopping patience "
              f"{cfg['early_stopping_patience']}; batch {cfg['batch_size']}; lr "
-             f"{cfg['optimizer']['learning_rate']} (full fine-tuning: see its config), cosine, "
+             f"{cfg['optimizer']['learning_rate']} (full fine-tuning: its config's), cosine, "
              f"{cfg['optimizer']['warmup_steps']} warmup steps; seeds "
              f"{sorted({r['seed'] for r in results})}."]
     for task in sorted({r["task"] for r in results}):
-        r = next(x for x in results if x["task"] == task)
+        r = _representative([x for x in results if x["task"] == task])
         sizes = ", ".join(f"{k} {v}" for k, v in r["sizes"].items())
         lines.append(f"- {task}: {r['protocol']}; rows: {sizes}; data: "
                      f"{', '.join(sorted(set(r['data_sources'].values())))}.")
