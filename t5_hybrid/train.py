@@ -337,7 +337,7 @@ def fit(setup: Setup, workdir: str, place: core.Placement, trainable, frozen, ge
             if scores[task.main_metric] > best.score:
                 best = core.Best(scores[task.main_metric], step,
                                  jax.tree_util.tree_map(jnp.copy, trainable))
-            log.info("step %d: %s %s %.2f (best %.2f at step %d)", step, setup.selection_name,
+            log.info("step %d: %s %s %.4f (best %.4f at step %d)", step, setup.selection_name,
                      task.main_metric, scores[task.main_metric], best.score, best.step)
             stopped_early = (step - best.step) >= cfg.early_stopping_patience * eval_every
         stopping = stopped_early or step == cfg.stop_after_steps
