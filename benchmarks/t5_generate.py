@@ -12,13 +12,11 @@ warm-up (JAX compilation excluded) in alternating rounds; medians of generated t
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 
 import numpy as np
+from common import emit, environment
 
 CONFIG = dict(vocab_size=32128, d_model=256, d_kv=32, d_ff=1024, num_layers=4,
               num_decoder_layers=4, num_heads=8, feed_forward_proj="gated-gelu",
@@ -76,23 +74,14 @@ def main() -> int:
             for k, f in runs.items():
                 rates[k].append(timed(f, a.batch * a.new))
     med = {k: float(np.median(v)) for k, v in rates.items()}
-    dev = jax.devices()[0]
     out = {"benchmark": "t5_greedy_generation", "config": CONFIG, "batch": a.batch,
            "source_tokens": a.source, "new_tokens": a.new, "rounds": a.rounds,
            "tokens_per_s_rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
            "tokens_per_s": {k: round(v, 1) for k, v in med.items()},
            "ratio_cached_over_uncached": round(med["jax_cached"] / med["jax_uncached"], 2),
            "ratio_jax_cached_over_torch": round(med["jax_cached"] / med["torch_generate"], 2),
-           "jax": jax.__version__, "torch": torch.__version__,
-           "torch_threads": torch.get_num_threads(),
-           "machine": f"{platform.machine()} {dev.platform.upper()} ({dev.device_kind}), "
-                      f"{os.cpu_count()} CPU cores",
-           "command": "python " + " ".join(sys.argv)}
-    print(json.dumps(out))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
+           **environment()}
+    emit(out, a.out)
     return 0
 
 

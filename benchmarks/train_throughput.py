@@ -12,13 +12,12 @@ and the ratio jax/torch.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
 import numpy as np
+from common import emit, environment
 
 
 def timed(step_fn, batch: int, steps: int) -> float:
@@ -109,8 +108,6 @@ def main() -> int:
     if not os.path.isdir(a.model):
         print(f"error: model folder {a.model!r} does not exist; pass --model", file=sys.stderr)
         return 2
-    import jax
-    import torch
 
     jax_run = make_jax_runner(a.model, a.batch, a.length, a.dtype)
     torch_run = make_torch_runner(a.model, a.batch, a.length)
@@ -119,23 +116,14 @@ def main() -> int:
         jax_rates.append(timed(jax_run, a.batch, a.steps))
         torch_rates.append(timed(torch_run, a.batch, a.steps))
     jax_rate, torch_rate = float(np.median(jax_rates)), float(np.median(torch_rates))
-    dev = jax.devices()[0]
     out = {"benchmark": "lora_train_throughput", "model": a.model, "batch": a.batch,
            "length": a.length, "steps": a.steps, "rounds": a.rounds, "jax_dtype": a.dtype,
            "jax_rounds": [round(x, 1) for x in jax_rates],
            "torch_rounds": [round(x, 1) for x in torch_rates],
            "jax_examples_per_s": round(jax_rate, 1), "torch_peft_examples_per_s":
            round(torch_rate, 1), "ratio_jax_over_torch": round(jax_rate / torch_rate, 2),
-           "jax": jax.__version__, "torch": torch.__version__,
-           "torch_threads": torch.get_num_threads(),
-           "machine": f"{platform.machine()} {dev.platform.upper()} ({dev.device_kind}), "
-                      f"{os.cpu_count()} CPU cores",
-           "command": "python " + " ".join(sys.argv)}
-    print(json.dumps(out))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
+           **environment()}
+    emit(out, a.out)
     return 0
 
 
