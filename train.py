@@ -57,11 +57,10 @@ def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}; options look like --config.task=rte")
     logging.getLogger().setLevel(logging.WARNING)  # Orbax and JAX log every step at INFO
-    for package in ("lora_jax", "ensemble", "t5_hybrid"):
-        logging.getLogger(package).setLevel(logging.INFO)
-    from lora_jax.experiments import run
+    from lora_jax.experiments import log_packages_at_info, run
     from lora_jax.report import print_results
 
+    log_packages_at_info()
     try:
         results = run(FLAGS.config, FLAGS.workdir)
     except UserError as e:

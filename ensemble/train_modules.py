@@ -18,7 +18,7 @@ import sys
 
 from ensemble.modules import export_module, write_moduleset_index
 from lora_jax.errors import UserError
-from lora_jax.experiments import load_config
+from lora_jax.experiments import load_config, log_packages_at_info
 from lora_jax.sweep import cell_config
 
 
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    logging.getLogger("lora_jax").setLevel(logging.INFO)
+    log_packages_at_info()
     from lora_jax.trainer import train_and_evaluate
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 
@@ -23,6 +24,15 @@ RUNNERS = {
     "attens": "ensemble.train:train_attens",
     "t5_hybrid": "t5_hybrid.train:train_t5",
 }
+
+# The packages whose INFO lines (selection scores, timings, resumes) the command-line tools show.
+PACKAGES = ("lora_jax", "ensemble", "t5_hybrid")
+
+
+def log_packages_at_info() -> None:
+    """Let the project's own loggers through at INFO; other libraries keep the root's level."""
+    for package in PACKAGES:
+        logging.getLogger(package).setLevel(logging.INFO)
 
 
 def load_config(spec: str):

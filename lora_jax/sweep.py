@@ -24,7 +24,7 @@ import sys
 import ml_collections
 
 from lora_jax.errors import UserError
-from lora_jax.experiments import load_config
+from lora_jax.experiments import load_config, log_packages_at_info, run
 from lora_jax.report import score_table
 from lora_jax.writers import write_json_atomic
 
@@ -104,9 +104,7 @@ def main(argv=None) -> int:
                         help="only gather finished cells (results.json); run nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    for package in ("lora_jax", "ensemble", "t5_hybrid"):
-        logging.getLogger(package).setLevel(logging.INFO)
-    from lora_jax.experiments import run
+    log_packages_at_info()
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
