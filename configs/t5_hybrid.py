@@ -56,7 +56,7 @@ def get_config(variant: str = "prompt_lora") -> ml_collections.ConfigDict:
     c.eval_batch_size = 64
     c.num_epochs = 20
     c.max_steps = 0
-    c.early_stopping_patience = 3  # evaluations without a new best
+    c.early_stopping_patience = 3  # evaluations without a new best; 0: never stop early
     c.num_beams = 1  # decoding for evaluation: 1 greedy, >1 beam search
 
     c.seed = 0

@@ -451,32 +451,43 @@ def train_stream(enc: data_lib.Encoded, cfg, start_step: int, total_steps: int):
             step += 1
 
 
+def num_train_steps(num_examples: int, cfg) -> int:
+    """Optimizer steps for `cfg.num_epochs` over `num_examples` rows, capped by `max_steps`."""
+    total = cfg.num_epochs * -(-num_examples // cfg.batch_size)
+    return min(total, cfg.max_steps) if cfg.max_steps else total
+
+
 def total_train_steps(setup: Setup) -> int:
     train = setup.splits.get("train")
-    if train is None:
-        return 0
-    total = setup.config.num_epochs * -(-len(train) // setup.config.batch_size)
-    return min(total, setup.config.max_steps) if setup.config.max_steps else total
+    return 0 if train is None else num_train_steps(len(train), setup.config)
 
 
-def fit(setup: Setup, workdir: str, place: Placement, trainable, frozen, predict: Callable,
-        writer: MetricWriter) -> tuple[Best, int, dict]:
-    """Train, evaluating on the selection split and checkpointing as configured.
+def train_loop(cfg, train, workdir: str, place: Placement, trainable, frozen,
+               writer: MetricWriter, *, make_step: Callable, batch_of: Callable,
+               select: Callable, selection_name: str, main_metric: str, desc: str, meta: dict,
+               patience: int = 0) -> tuple[Best, int, dict]:
+    """The training loop every model here shares: optimizer, jit-compiled step over the mesh,
+    selection every `cfg.eval_every_steps` (default: once per epoch), Orbax checkpoints, resume.
 
-    Returns (best, last_step, stats) with stats = {"seconds", "examples"} of pure training time
-    (evaluation and checkpoint writes excluded).
+    Args:
+      cfg: the run's config (optimizer, batch_size, num_epochs, max_steps, seed, resume, ...).
+      train: the training split (`len` and `.lengths`, for the length-grouped batch order).
+      make_step: tx -> pure train_step(trainable, opt_state, step, frozen, batch) ->
+        (trainable, opt_state, metrics).
+      batch_of: (B,) row indices of `train` -> host batch of numpy arrays.
+      select: trainable -> {metric: score} on the selection split.
+      patience: stop after this many evaluations without a new best; 0 never stops early.
+    Returns:
+      (best, last_step, stats) with stats = {"seconds", "examples"} of pure training time
+      (evaluation and checkpoint writes excluded), "total_steps" and "stopped_early".
     """
-    cfg, task = setup.config, setup.task
-    total_steps = total_train_steps(setup)
-    select_name = "selection" if "selection" in setup.splits else task.eval_splits[0]
-    select_enc = setup.splits[select_name]
-    steps_per_epoch = -(-len(setup.splits["train"]) // cfg.batch_size)
+    steps_per_epoch = -(-len(train) // cfg.batch_size)
+    total_steps = num_train_steps(len(train), cfg)
     eval_every = cfg.eval_every_steps or steps_per_epoch
-
     tx = make_optimizer(cfg, total_steps)
     opt_state = jax.jit(tx.init, out_shardings=place.replicated)(trainable)
     train_step = jax.jit(
-        make_train_step(setup.model, tx, task.is_regression, jax.random.PRNGKey(cfg.seed + 2)),
+        make_step(tx),
         in_shardings=(place.replicated, place.replicated, None, place.replicated, place.batch),
         out_shardings=(place.replicated, place.replicated, place.replicated),
         donate_argnums=(0, 1))
@@ -486,40 +497,61 @@ def fit(setup: Setup, workdir: str, place: Placement, trainable, frozen, predict
     step = 0
     if cfg.resume and mngr.latest_step() is not None:
         step, trainable, opt_state, best = restore_train_state(mngr, trainable, opt_state)
-        log.info("resumed from step %d (best %s %.4f at step %d)", step, task.main_metric,
+        log.info("resumed from step %d (best %s %.4f at step %d)", step, main_metric,
                  best.score, best.step)
-    meta = {"task": task.name, "experiment": cfg.experiment, "model": cfg.model,
-            "config": cfg.to_dict()}
 
-    progress = TrainProgress(writer, total_steps, step, f"{cfg.experiment} {task.name}",
-                             cfg.log_every_steps, steps_per_epoch, cfg.progress)
-    for at, idx in train_stream(setup.splits["train"], cfg, step, total_steps):
-        batch = place.put_batch(data_lib.make_batch(setup.splits["train"], idx, cfg.batch_size,
-                                                    setup.buckets, setup.pad_id))
+    progress = TrainProgress(writer, total_steps, step, desc, cfg.log_every_steps,
+                             steps_per_epoch, cfg.progress)
+    stopped_early = False
+    for at, idx in train_stream(train, cfg, step, total_steps):
+        batch = place.put_batch(batch_of(idx))
         trainable, opt_state, m = train_step(trainable, opt_state, at, frozen, batch)
         step = at + 1
         progress.step(step, len(idx), m)
         t0 = time.perf_counter()
         if step % eval_every == 0 or step == total_steps:
-            scores = evaluate(predict, trainable, frozen, select_enc, task, setup,
-                              place.put_batch, desc=f"eval {select_name}")
-            writer.write(step, {f"{select_name}/{k}": v for k, v in scores.items()})
-            if scores[task.main_metric] > best.score:
-                best = Best(scores[task.main_metric], step,
+            scores = select(trainable)
+            writer.write(step, {f"{selection_name}/{k}": v for k, v in scores.items()})
+            if scores[main_metric] > best.score:
+                best = Best(scores[main_metric], step,
                             jax.tree_util.tree_map(jnp.copy, trainable))
-            log.info("step %d: %s %s %.4f (best %.4f at step %d)", step, select_name,
-                     task.main_metric, scores[task.main_metric], best.score, best.step)
-        stopping = step == cfg.stop_after_steps
+            log.info("step %d: %s %s %.4f (best %.4f at step %d)", step, selection_name,
+                     main_metric, scores[main_metric], best.score, best.step)
+            stopped_early = bool(patience) and step - best.step >= patience * eval_every
+        stopping = stopped_early or step == cfg.stop_after_steps
         if step % cfg.checkpoint_every_steps == 0 or step == total_steps or stopping:
             save_train_state(mngr, step, trainable, opt_state, best, meta)
         progress.pause(time.perf_counter() - t0)
         if stopping:
+            if stopped_early:
+                log.info("early stop at step %d: no new best in %d evaluations", step, patience)
             break
     jax.block_until_ready(trainable)
     stats = progress.close()
     mngr.wait_until_finished()
     mngr.close()
-    return best, step, stats
+    return best, step, {**stats, "total_steps": total_steps, "stopped_early": stopped_early}
+
+
+def fit(setup: Setup, workdir: str, place: Placement, trainable, frozen, predict: Callable,
+        writer: MetricWriter) -> tuple[Best, int, dict]:
+    """`train_loop` for a sequence classifier: selection on the held-out slice (or the first
+    eval split), no early stopping."""
+    cfg, task = setup.config, setup.task
+    train = setup.splits["train"]
+    select_name = "selection" if "selection" in setup.splits else task.eval_splits[0]
+    return train_loop(
+        cfg, train, workdir, place, trainable, frozen, writer,
+        make_step=lambda tx: make_train_step(setup.model, tx, task.is_regression,
+                                             jax.random.PRNGKey(cfg.seed + 2)),
+        batch_of=lambda idx: data_lib.make_batch(train, idx, cfg.batch_size, setup.buckets,
+                                                 setup.pad_id),
+        select=lambda params: evaluate(predict, params, frozen, setup.splits[select_name], task,
+                                       setup, place.put_batch, desc=f"eval {select_name}"),
+        selection_name=select_name, main_metric=task.main_metric,
+        desc=f"{cfg.experiment} {task.name}",
+        meta={"task": task.name, "experiment": cfg.experiment, "model": cfg.model,
+              "config": cfg.to_dict()})
 
 
 def prepare_workdir(workdir: str, resume: bool) -> None:

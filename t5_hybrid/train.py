@@ -297,63 +297,23 @@ def evaluate(setup: Setup, generate, trainable, frozen, pairs: Pairs, place: cor
 
 def fit(setup: Setup, workdir: str, place: core.Placement, trainable, frozen, generate,
         writer: MetricWriter) -> tuple[core.Best, int, dict]:
-    """Train with per-epoch selection and early stopping. Returns (best, last step, stats)."""
+    """`core.train_loop` for T5: selection by generation on the selection split, early
+    stopping after `early_stopping_patience` evaluations without a new best."""
     cfg, task = setup.config, setup.task
-    train = setup.splits["train"]
-    steps_per_epoch = -(-len(train) // cfg.batch_size)
-    total_steps = cfg.num_epochs * steps_per_epoch
-    total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    eval_every = cfg.eval_every_steps or steps_per_epoch
-    tx = core.make_optimizer(cfg, total_steps)
-    opt_state = jax.jit(tx.init, out_shardings=place.replicated)(trainable)
-    train_step = jax.jit(
-        make_train_step(setup.model, tx, jax.random.PRNGKey(cfg.seed + 2)),
-        in_shardings=(place.replicated, place.replicated, None, place.replicated, place.batch),
-        out_shardings=(place.replicated, place.replicated, place.replicated),
-        donate_argnums=(0, 1))
-    best = core.Best(-np.inf, 0, jax.tree_util.tree_map(jnp.copy, trainable))
-    mngr = core.checkpoint_manager(workdir)
-    step = 0
-    if cfg.resume and mngr.latest_step() is not None:
-        step, trainable, opt_state, best = core.restore_train_state(mngr, trainable, opt_state)
-        log.info("resumed from step %d", step)
-    meta = {"task": task.name, "variant": cfg.variant, "model": cfg.model,
-            "config": cfg.to_dict()}
-    progress = core.TrainProgress(writer, total_steps, step, f"{cfg.variant} {task.name}",
-                                  cfg.log_every_steps, steps_per_epoch, cfg.progress)
-    stopped_early = False
-    for at, idx in core.train_stream(train, cfg, step, total_steps):
-        batch = place.put_batch(make_batch(train, idx, cfg.batch_size, setup.source_buckets,
-                                           setup.target_buckets, setup.model.config.pad_token_id))
-        trainable, opt_state, m = train_step(trainable, opt_state, at, frozen, batch)
-        step = at + 1
-        progress.step(step, len(idx), m)
-        t0 = time.perf_counter()
-        if step % eval_every == 0 or step == total_steps:
-            scores, _ = evaluate(setup, generate, trainable, frozen,
-                                 setup.splits[setup.selection_name], place,
-                                 f"eval {setup.selection_name}")
-            writer.write(step, {f"{setup.selection_name}/{k}": v for k, v in scores.items()})
-            if scores[task.main_metric] > best.score:
-                best = core.Best(scores[task.main_metric], step,
-                                 jax.tree_util.tree_map(jnp.copy, trainable))
-            log.info("step %d: %s %s %.4f (best %.4f at step %d)", step, setup.selection_name,
-                     task.main_metric, scores[task.main_metric], best.score, best.step)
-            stopped_early = (step - best.step) >= cfg.early_stopping_patience * eval_every
-        stopping = stopped_early or step == cfg.stop_after_steps
-        if step % cfg.checkpoint_every_steps == 0 or step == total_steps or stopping:
-            core.save_train_state(mngr, step, trainable, opt_state, best, meta)
-        progress.pause(time.perf_counter() - t0)
-        if stopping:
-            if stopped_early:
-                log.info("early stop at step %d: no gain for %d evaluations",
-                         step, cfg.early_stopping_patience)
-            break
-    jax.block_until_ready(trainable)
-    stats = progress.close()
-    mngr.wait_until_finished()
-    mngr.close()
-    return best, step, {**stats, "total_steps": total_steps, "stopped_early": stopped_early}
+    train, pad_id = setup.splits["train"], setup.model.config.pad_token_id
+    return core.train_loop(
+        cfg, train, workdir, place, trainable, frozen, writer,
+        make_step=lambda tx: make_train_step(setup.model, tx, jax.random.PRNGKey(cfg.seed + 2)),
+        batch_of=lambda idx: make_batch(train, idx, cfg.batch_size, setup.source_buckets,
+                                        setup.target_buckets, pad_id),
+        select=lambda params: evaluate(setup, generate, params, frozen,
+                                       setup.splits[setup.selection_name], place,
+                                       f"eval {setup.selection_name}")[0],
+        selection_name=setup.selection_name, main_metric=task.main_metric,
+        desc=f"{cfg.variant} {task.name}",
+        meta={"task": task.name, "variant": cfg.variant, "model": cfg.model,
+              "config": cfg.to_dict()},
+        patience=cfg.early_stopping_patience)
 
 
 def write_samples(path: str, pairs: Pairs, predictions: list[str]) -> None:

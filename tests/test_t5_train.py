@@ -67,6 +67,19 @@ def test_base_variant_only_evaluates_and_full_finetune_trains_params(synth_dir, 
     assert source.startswith("has a zebra: ")  # the full row gets the hand-written prefix
 
 
+def test_early_stopping_after_patience_evaluations_without_a_new_best(synth_dir, tmp_path):
+    # lr 0: the selection score never changes, so the best stays at the first evaluation
+    # (step 2) and the run stops `patience` evaluations later, long before its 38 steps.
+    c = t5_config(synth_dir, max_train_examples=600, eval_every_steps=2,
+                  early_stopping_patience=2, num_epochs=2, max_eval_examples=20)
+    c.optimizer.learning_rate = 0.0
+    results = train_t5(c, str(tmp_path))
+    assert results["stopped_early"] and results["total_steps"] == 38
+    assert (results["best_step"], results["last_step"]) == (2, 6)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "selection/accuracy" in x] == [2, 4, 6]
+
+
 def test_resume_equals_uninterrupted(synth_dir, tmp_path):
     kw = dict(max_train_examples=320, checkpoint_every_steps=3, eval_every_steps=4,
               num_epochs=2, max_eval_examples=40)
