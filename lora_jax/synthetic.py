@@ -41,7 +41,8 @@ def _sentence(rng: np.random.Generator) -> tuple[str, int]:
     return " ".join(words), int(score > 0)
 
 
-def _write_jsonl_gz(path: str, rows: list[dict]) -> None:
+def write_jsonl_gz(path: str | os.PathLike, rows: list[dict]) -> None:
+    """One JSON object per line, gzip-compressed: the `../shared/data` split format."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with gzip.open(path, "wt", encoding="utf-8") as f:
         for row in rows:
@@ -68,9 +69,9 @@ def make_sentiment_task(data_dir: str, n_train: int = 2000, n_validation: int = 
             topic.append({"sentence": text, "label": int(any(w in text.split()
                                                                 for w in TOPIC_NOUNS)), "idx": i})
             texts.append(text)
-        _write_jsonl_gz(os.path.join(data_dir, "synth", "sentiment", f"{split}.jsonl.gz"),
+        write_jsonl_gz(os.path.join(data_dir, "synth", "sentiment", f"{split}.jsonl.gz"),
                         sentiment)
-        _write_jsonl_gz(os.path.join(data_dir, "synth", "topic", f"{split}.jsonl.gz"), topic)
+        write_jsonl_gz(os.path.join(data_dir, "synth", "topic", f"{split}.jsonl.gz"), topic)
     return texts
 
 

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from lora_jax.synthetic import _write_jsonl_gz
+from lora_jax.synthetic import write_jsonl_gz
 
 FILLERS = ("the", "a", "cat", "dog", "sat", "on", "mat", "ran", "home", "red", "blue", "big",
            "small", "tree", "house", "bird", "fish", "sun", "moon", "rain")
@@ -33,5 +33,5 @@ def make_keyword_task(data_dir: str, n_train: int = 2000, n_validation: int = 20
     rng = np.random.default_rng(seed)
     folder = os.path.join(data_dir, "synth", "keyword")
     for split, n in (("train", n_train), ("validation", n_validation)):
-        _write_jsonl_gz(os.path.join(folder, f"{split}.jsonl.gz"), [_row(rng) for _ in range(n)])
+        write_jsonl_gz(os.path.join(folder, f"{split}.jsonl.gz"), [_row(rng) for _ in range(n)])
     return folder

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import numpy as np
@@ -10,15 +9,8 @@ import pytest
 
 from lora_jax import data
 from lora_jax.errors import UserError
+from lora_jax.synthetic import write_jsonl_gz
 from lora_jax.tasks import TASKS, custom_task, get_task
-
-
-def _write_jsonl_gz(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wt") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-
 
 ROWS = [{"sentence": "good film", "label": 1}, {"sentence": "bad film", "label": 0}]
 
@@ -27,7 +19,7 @@ ROWS = [{"sentence": "good film", "label": 1}, {"sentence": "bad film", "label":
 def test_readers_agree(tmp_path, ext):
     path = tmp_path / f"train{ext}"
     if ext == ".jsonl.gz":
-        _write_jsonl_gz(path, ROWS)
+        write_jsonl_gz(path, ROWS)
     elif ext == ".jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     elif ext == ".json":
@@ -56,7 +48,7 @@ def test_registry_covers_the_paper_tasks():
 
 
 def test_local_layout_and_missing_split(tmp_path):
-    _write_jsonl_gz(tmp_path / "glue" / "sst2" / "train.jsonl.gz", ROWS)
+    write_jsonl_gz(tmp_path / "glue" / "sst2" / "train.jsonl.gz", ROWS)
     task = get_task("sst2")
     rows, where = data.load_split(task, "train", "local", str(tmp_path))
     assert len(rows) == 2 and where.endswith("glue/sst2/train.jsonl.gz")

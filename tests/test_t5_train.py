@@ -4,7 +4,6 @@ input is a one-line error."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import pathlib
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 from lora_jax.experiments import load_config
+from lora_jax.synthetic import write_jsonl_gz
 from lora_jax.trainer import restore_trainable
 from t5_hybrid.synthetic import make_keyword_task
 from t5_hybrid.train import train_t5
@@ -94,21 +94,15 @@ def test_resume_equals_uninterrupted(synth_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def _write(path: pathlib.Path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wt") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["task", "header", "dialogue", "variant", "split"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(synth_dir, tmp_path, case):
     wikisql = {"question": "who?", "table": {"header": []},
                "sql": {"human_readable": "SELECT a FROM table"}}
-    _write(tmp_path / "data" / "wikisql" / "validation.jsonl.gz", [wikisql])
-    _write(tmp_path / "data" / "wikisql" / "test.jsonl.gz", [wikisql])
-    _write(tmp_path / "data" / "samsum" / "train.jsonl.gz", [{"dialogue": "", "summary": "x"}])
+    for split in ("validation", "test"):
+        write_jsonl_gz(tmp_path / "data" / "wikisql" / f"{split}.jsonl.gz", [wikisql])
+    write_jsonl_gz(tmp_path / "data" / "samsum" / "train.jsonl.gz",
+                   [{"dialogue": "", "summary": "x"}])
     data = f"--config.data_dir={tmp_path / 'data'}"
     args, message = {
         "task": ([f"--config.data_dir={synth_dir}", "--config.task=sst3"],

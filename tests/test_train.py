@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import pathlib
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from lora_jax.experiments import load_config
-from lora_jax.synthetic import make_quickstart_assets
+from lora_jax.synthetic import make_quickstart_assets, write_jsonl_gz
 from lora_jax.trainer import restore_trainable, train_and_evaluate
 from tests.helpers import override
 
@@ -90,26 +89,20 @@ def _run_cli(args, cwd=ROOT, env=None):
                           env={**os.environ, **(env or {})})
 
 
-def _write(path: pathlib.Path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wt") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-
-
 def _bad_inputs(assets, tmp: pathlib.Path):
     model, data_dir = assets
     good = ["--config", CONFIG, f"--config.model={model}", f"--config.data_dir={data_dir}"]
     bad_label = tmp / "bad_label"
-    _write(bad_label / "synth" / "sentiment" / "train.jsonl.gz",
-           [{"sentence": "fine", "label": 1}, {"sentence": "odd", "label": 5}])
-    _write(bad_label / "synth" / "sentiment" / "validation.jsonl.gz",
-           [{"sentence": "fine", "label": 1}])
+    one = [{"sentence": "x", "label": 1}]
+    write_jsonl_gz(bad_label / "synth" / "sentiment" / "train.jsonl.gz",
+                   [{"sentence": "fine", "label": 1}, {"sentence": "odd", "label": 5}])
+    write_jsonl_gz(bad_label / "synth" / "sentiment" / "validation.jsonl.gz",
+                   [{"sentence": "fine", "label": 1}])
     no_val = tmp / "no_val"
-    _write(no_val / "synth" / "sentiment" / "train.jsonl.gz", [{"sentence": "x", "label": 1}] * 9)
+    write_jsonl_gz(no_val / "synth" / "sentiment" / "train.jsonl.gz", one * 9)
     empty = tmp / "empty"
-    _write(empty / "synth" / "sentiment" / "train.jsonl.gz", [])
-    _write(empty / "synth" / "sentiment" / "validation.jsonl.gz", [{"sentence": "x", "label": 1}])
+    write_jsonl_gz(empty / "synth" / "sentiment" / "train.jsonl.gz", [])
+    write_jsonl_gz(empty / "synth" / "sentiment" / "validation.jsonl.gz", one)
     return {
         "model path": (good + ["--config.model=/no/such/model"], "does not exist"),
         "unknown task": (good + ["--config.task=sst3"], "unknown task 'sst3'"),
