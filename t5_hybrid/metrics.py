@@ -10,7 +10,7 @@ import numpy as np
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Fraction of predictions equal to their reference after stripping outer whitespace."""
     return float(np.mean([p.strip() == r.strip()
-                                  for p, r in zip(predictions, references, strict=True)]))
+                          for p, r in zip(predictions, references, strict=True)]))
 
 
 def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:

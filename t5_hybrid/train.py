@@ -149,7 +149,6 @@ def load_model(config) -> tuple[T5Config, dict, object]:
         model = T5ForConditionalGeneration(t5_config)
         ids = jnp.zeros((1, 4), jnp.int32)
         init = lambda rng: model.init(rng, ids, ids, ids)["params"]
-        jax.eval_shape(init, jax.random.PRNGKey(0))
         params = jax.jit(init)(jax.random.PRNGKey(config.model_seed))
         return t5_config, params, ByT5Tokenizer()
     model_dir, t5_config, params = load_pretrained(config.model)
