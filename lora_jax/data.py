@@ -238,6 +238,18 @@ def bucket_lengths(max_length: int, buckets: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted({b for b in buckets if b < max_length} | {max_length}))
 
 
+def pad_to_bucket(seqs: Sequence[np.ndarray], batch_size: int, buckets: Sequence[int],
+                  pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask), each int32 (batch_size, smallest bucket >= the longest of `seqs`): the
+    sequences left-aligned, `pad_id` and mask 0 after them and in the rows past len(seqs)."""
+    length = next(b for b in buckets if b >= max(len(s) for s in seqs))
+    ids = np.full((batch_size, length), pad_id, np.int32)
+    mask = np.zeros((batch_size, length), np.int32)
+    for row, s in enumerate(seqs):
+        ids[row, : len(s)], mask[row, : len(s)] = s, 1
+    return ids, mask
+
+
 def make_batch(enc: Encoded, idx: np.ndarray, batch_size: int, buckets: Sequence[int],
                pad_id: int) -> dict[str, np.ndarray]:
     """Arrays for the examples `idx`, padded to (batch_size, smallest bucket >= longest).
@@ -245,16 +257,8 @@ def make_batch(enc: Encoded, idx: np.ndarray, batch_size: int, buckets: Sequence
     Rows past len(idx) are padding with weight 0. Keys: input_ids, attention_mask,
     token_type_ids (int32, (B, T)), labels (B,), weights (B,) float32.
     """
-    longest = max(len(enc.input_ids[i]) for i in idx)
-    length = next(b for b in buckets if b >= longest)
-    ids = np.full((batch_size, length), pad_id, np.int32)
-    types = np.zeros((batch_size, length), np.int32)
-    mask = np.zeros((batch_size, length), np.int32)
-    for row, i in enumerate(idx):
-        n = len(enc.input_ids[i])
-        ids[row, :n] = enc.input_ids[i]
-        types[row, :n] = enc.token_type_ids[i]
-        mask[row, :n] = 1
+    ids, mask = pad_to_bucket([enc.input_ids[i] for i in idx], batch_size, buckets, pad_id)
+    types, _ = pad_to_bucket([enc.token_type_ids[i] for i in idx], batch_size, (ids.shape[1],), 0)
     labels = np.zeros((batch_size,), enc.labels.dtype)
     labels[: len(idx)] = enc.labels[idx]
     weights = np.zeros((batch_size,), np.float32)

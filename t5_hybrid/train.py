@@ -104,16 +104,10 @@ def make_batch(pairs: Pairs, idx: np.ndarray, batch_size: int, source_buckets: S
                target_buckets: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
     """input_ids/attention_mask (B, S) and labels/label_mask (B, T) padded to bucket lengths;
     rows past len(idx) are padding (all-zero masks)."""
-    def pad(seqs, buckets):
-        length = next(b for b in buckets if b >= max(len(s) for s in seqs))
-        ids = np.full((batch_size, length), pad_id, np.int32)
-        mask = np.zeros((batch_size, length), np.int32)
-        for row, s in enumerate(seqs):
-            ids[row, : len(s)], mask[row, : len(s)] = s, 1
-        return ids, mask
-
-    input_ids, attention_mask = pad([pairs.source_ids[i] for i in idx], source_buckets)
-    labels, label_mask = pad([pairs.target_ids[i] for i in idx], target_buckets)
+    input_ids, attention_mask = data_lib.pad_to_bucket([pairs.source_ids[i] for i in idx],
+                                                       batch_size, source_buckets, pad_id)
+    labels, label_mask = data_lib.pad_to_bucket([pairs.target_ids[i] for i in idx], batch_size,
+                                                target_buckets, pad_id)
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                 label_mask=label_mask)
 
