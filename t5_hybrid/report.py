@@ -13,6 +13,7 @@ import argparse
 import glob
 import json
 import os
+import shlex
 import statistics
 import sys
 from collections.abc import Sequence
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
     if not results:
         print(f"error: no t5_hybrid results.json under {args.runs}", file=sys.stderr)
         return 2
-    command = "python -m t5_hybrid.report " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m t5_hybrid.report " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = markdown_table(None, results, command, args.note)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
     with open(args.out + ".md", "w") as f:

@@ -33,6 +33,14 @@ def _abstract_variables(config: T5Config, variant: str) -> dict:
                                                             SPEC, 30), params)
 
 
+def _torch_tiny(torch, transformers):
+    """transformers' PyTorch T5 with TINY's architecture, seeded weights."""
+    torch.manual_seed(0)
+    hf_cfg = transformers.T5Config(**{k: v for k, v in TINY.to_hf().items()
+                                      if k not in ("model_type", "architectures")})
+    return transformers.T5ForConditionalGeneration(hf_cfg)
+
+
 def test_flan_t5_base_prompt_lora_count_is_the_papers_465408():
     variables = _abstract_variables(FLAN_T5_BASE, "prompt_lora")  # shapes only, no memory
     mask = lora_lib.trainable_mask(variables, adapters.trainable_patterns("prompt_lora"))
@@ -50,11 +58,8 @@ def test_lora_count_equals_peft_on_the_same_t5():
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf_cfg = transformers.T5Config(**{k: v for k, v in TINY.to_hf().items()
-                                      if k not in ("model_type", "architectures")})
     peft_model = peft.get_peft_model(
-        transformers.T5ForConditionalGeneration(hf_cfg),
+        _torch_tiny(torch, transformers),
         peft.LoraConfig(r=4, lora_alpha=4, lora_dropout=0.05, target_modules=["q", "v"],
                         task_type="SEQ_2_SEQ_LM"))
     peft_trainable, _ = peft_model.get_nb_trainable_parameters()
@@ -149,10 +154,7 @@ def test_metrics_exact_match_and_rouge():
 def test_load_pretrained_from_a_saved_transformers_folder(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf_cfg = transformers.T5Config(**{k: v for k, v in TINY.to_hf().items()
-                                      if k not in ("model_type", "architectures")})
-    tm = transformers.T5ForConditionalGeneration(hf_cfg).eval()
+    tm = _torch_tiny(torch, transformers).eval()
     tm.save_pretrained(tmp_path)
     _, config, params = load_pretrained(str(tmp_path))
     assert config == TINY
