@@ -14,18 +14,13 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from lora_jax.errors import UserError
+from lora_jax.cli import fail, run_main
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and results.json.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def flag_error_message(error: Exception) -> str:
@@ -61,15 +56,16 @@ def main(argv):
     from lora_jax.report import print_results
 
     log_packages_at_info()
-    try:
+
+    def body():
         results = run(FLAGS.config, FLAGS.workdir)
-    except UserError as e:
-        fail(str(e))
-    if "stopped_at_step" in results:
-        print(f"stopped at step {results['stopped_at_step']} of {results['total_steps']}; "
-              "continue with --config.resume=True")
-    else:
-        print_results([results])
+        if "stopped_at_step" in results:
+            print(f"stopped at step {results['stopped_at_step']} of {results['total_steps']}; "
+                  "continue with --config.resume=True")
+        else:
+            print_results([results])
+
+    sys.exit(run_main(body))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@ warm-up (JAX compilation excluded) in alternating rounds; medians of generated t
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import numpy as np
 from common import emit, environment
+
+from lora_jax.cli import ArgumentParser
 
 CONFIG = dict(vocab_size=32128, d_model=256, d_kv=32, d_ff=1024, num_layers=4,
               num_decoder_layers=4, num_heads=8, feed_forward_proj="gated-gelu",
@@ -31,7 +32,7 @@ def timed(fn, tokens: int) -> float:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--source", type=int, default=64, help="source tokens")
     p.add_argument("--new", type=int, default=64, help="generated tokens")

@@ -11,13 +11,14 @@ and the ratio jax/torch.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 import numpy as np
 from common import emit, environment
+
+from lora_jax.cli import ArgumentParser, fail
 
 
 def timed(step_fn, batch: int, steps: int) -> float:
@@ -35,10 +36,11 @@ def make_jax_runner(model_dir: str, batch: int, length: int, dtype: str):
     from lora_jax import lora
     from lora_jax.models import SequenceClassifier
     from lora_jax.models.hf_import import load_pretrained
+    from lora_jax.classifier import make_loss_fn
     from lora_jax.trainer import make_train_step
 
     _, cfg, encoder, _ = load_pretrained(model_dir)
-    model = SequenceClassifier(cfg, 2, pooling="cls", lora_alpha=32.0, lora_dropout=0.1,
+    model = SequenceClassifier(cfg, 2, pooling="cls", lora_dropout=0.1,
                                dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(1000, cfg.vocab_size, (batch, length)), jnp.int32)
@@ -49,9 +51,11 @@ def make_jax_runner(model_dir: str, batch: int, length: int, dtype: str):
                                                           lora.LoRASpec(r=4, alpha=32.0))}
     trainable, frozen = lora.split(variables, lora.trainable_mask(variables,
                                                                   ("^lora/", "^params/head/")))
-    tx = optax.adamw(5e-4, weight_decay=0.01)
+    tx = optax.multi_transform({"trainable": optax.adamw(5e-4, weight_decay=0.01),
+                                "frozen": optax.set_to_zero()}, lora.optimizer_labels)
     opt_state = tx.init(trainable)
-    step = jax.jit(make_train_step(model, tx, False, jax.random.PRNGKey(2)), donate_argnums=(0, 1))
+    step = jax.jit(make_train_step(make_loss_fn(model, False), tx, jax.random.PRNGKey(2)),
+                   donate_argnums=(0, 1))
     b = dict(input_ids=ids, attention_mask=ones, token_type_ids=ids * 0,
              labels=jnp.asarray(rng.integers(0, 2, batch)), weights=jnp.ones(batch))
     state = {"t": trainable, "o": opt_state}
@@ -96,7 +100,7 @@ def make_torch_runner(model_dir: str, batch: int, length: int):
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="../shared/models/paraphrase-MiniLM-L3-v2")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--length", type=int, default=64)
@@ -106,8 +110,7 @@ def main() -> int:
     p.add_argument("--out", default="")
     a = p.parse_args()
     if not os.path.isdir(a.model):
-        print(f"error: model folder {a.model!r} does not exist; pass --model", file=sys.stderr)
-        return 2
+        fail(f"model folder {a.model!r} does not exist; pass --model")
 
     jax_run = make_jax_runner(a.model, a.batch, a.length, a.dtype)
     torch_run = make_torch_runner(a.model, a.batch, a.length)

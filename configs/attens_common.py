@@ -1,20 +1,23 @@
 """Shared AttEns settings; the attens_*.py configs pick the backbone and the module set.
 
 Not run directly. The combiner follows ../shared/DESIGN.md; quirk flags reproduce the authors'
-PyTorch code (all off by default).
+PyTorch code (all off by default). The LoRA settings, pooling and head come with the module set
+(`ensemble.train_modules`), so this config has no ``lora``, ``pooling`` or ``trainable`` keys.
 """
 
 import ml_collections
 
-from configs import default
+from configs.common import common_config, custom_task
 
 GLUE_MODULES = ("sst2", "cola", "mnli", "qnli", "rte", "wnli", "mrpc", "qqp")
 
 
 def attens_config(model: str, module_dir: str, modules=GLUE_MODULES) -> ml_collections.ConfigDict:
-    c = default.get_config()
+    c = common_config()
     c.experiment = "attens"
     c.model = model  # "" = the module set's model
+    c.custom_task = custom_task()
+    c.max_length = 128  # tokens, truncating
     c.module_dir = module_dir  # made by python -m ensemble.train_modules
     c.modules = tuple(modules)  # module order; the k sweep takes the first k
     c.k = 0  # 0: all modules
@@ -39,5 +42,6 @@ def attens_config(model: str, module_dir: str, modules=GLUE_MODULES) -> ml_colle
     c.batch_size = 32
     c.optimizer.learning_rate = 1e-3
     c.optimizer.warmup_ratio = 0.0
+    c.length_grouping = False  # features have no padding: plain shuffled batches
     c.log_every_steps = 100
     return c

@@ -1,8 +1,9 @@
 """Quickstart smoke run: a tiny random BERT on a synthetic sentiment task, fully offline.
 
-`python -m lora_jax.quickstart` creates the assets (a WordPiece vocabulary counted on the fly,
-a randomly initialised 2-layer BERT, and the synthetic task under runs/quickstart/assets) and
-runs this config as ft_lora, ffn and zero_shot. Once the assets exist, one experiment alone:
+`python -m ensemble.quickstart` creates the assets (a WordPiece vocabulary counted on the fly,
+a randomly initialised 2-layer BERT, and three synthetic tasks under runs/quickstart/assets) and
+runs this config as zero_shot, ffn and ft_lora on each task (the FT_LoRA runs are AttEns's
+modules; see configs/quickstart_sweep.py). Once the assets exist, one experiment alone:
 
     python train.py --config configs/quickstart.py --workdir runs/quickstart/ft_lora
 

@@ -15,23 +15,21 @@ offline smoke version.
 
 import ml_collections
 
+from configs.common import common_config
 from t5_hybrid.adapters import VARIANTS
 
 
 def get_config(variant: str = "prompt_lora") -> ml_collections.ConfigDict:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
-    c = ml_collections.ConfigDict()
+    c = common_config()
     c.experiment = "t5_hybrid"
     c.variant = variant
     c.model = "google/flan-t5-base"  # hub id, local HF folder, or random:tiny / random:small
     c.model_seed = 0  # init seed of a random:* model
-    c.tokenizer = ""  # default: the model folder's tokenizer (ByT5 bytes for random:*)
-    c.dtype = "bfloat16"  # compute dtype; params stay float32
+    c.dtype = "bfloat16"  # compute dtype; trainable params stay float32
 
     c.task = "sst2"  # sst2 | samsum | wikisql (t5_hybrid/tasks.py)
-    c.data_source = "auto"  # auto: local if data_dir, files if data_files, else hub | tfds
-    c.data_dir = ""  # ../shared/data layout
     c.data_files = ml_collections.ConfigDict({"train": "", "validation": "", "test": ""})
     c.train_split = "train"  # e.g. validation for WikiSQL offline (no train split there)
     c.selection_split = ""  # "": the task's (SST-2: heldout); a split name, or "heldout":
@@ -40,10 +38,7 @@ def get_config(variant: str = "prompt_lora") -> ml_collections.ConfigDict:
     c.max_source_length = 0  # tokens; 0: the task's default
     c.max_target_length = 0
     c.buckets = (8, 16, 32, 64, 128, 256, 512)
-    c.length_grouping = True
     c.skip_empty_rows = False  # True: drop rows with an empty text (SAMSum train has one)
-    c.max_train_examples = 0  # 0: all
-    c.max_eval_examples = 0
 
     c.prompt = ml_collections.ConfigDict({"num_tokens": 30})
     c.lora = ml_collections.ConfigDict(
@@ -52,18 +47,8 @@ def get_config(variant: str = "prompt_lora") -> ml_collections.ConfigDict:
         {"learning_rate": 1e-4 if variant == "full_finetune" else 1e-3, "weight_decay": 1e-3,
          "b1": 0.9, "b2": 0.999, "eps": 1e-8, "schedule": "cosine", "warmup_steps": 500,
          "warmup_ratio": 0.0, "grad_clip": 1.0})
-    c.batch_size = 16
     c.eval_batch_size = 64
     c.num_epochs = 20
-    c.max_steps = 0
     c.early_stopping_patience = 3  # evaluations without a new best; 0: never stop early
     c.num_beams = 1  # decoding for evaluation: 1 greedy, >1 beam search
-
-    c.seed = 0
-    c.log_every_steps = 50
-    c.eval_every_steps = 0  # 0: once per epoch
-    c.checkpoint_every_steps = 1000
-    c.resume = False
-    c.stop_after_steps = 0
-    c.progress = True
     return c

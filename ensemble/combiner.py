@@ -14,7 +14,8 @@ factor k cancels); max and min differ.
 
 Quirk flags reproduce the authors' PyTorch code (all default off):
   ``attend_across_batch``: `nn.MultiheadAttention` without ``batch_first`` treats the batch axis
-    as the sequence, so each module index attends over the examples of the batch;
+    as the sequence, so each module index attends over the examples of the batch (only the real
+    ones: ``row_mask`` hides the rows that pad a short batch, which the authors' code never has);
   ``shared_layernorm``: one LayerNorm instance serves all four normalisations.
 (The other two quirks, padding counted in the token mean and dropout active in the frozen
 encoders, act on the features; see `ensemble.features`.)
@@ -56,7 +57,13 @@ class AttEnsCombiner(nn.Module):
 
     @nn.compact
     def __call__(self, modules: jax.Array, base: jax.Array, deterministic: bool = True,
-                 return_attention: bool = False):
+                 return_attention: bool = False, row_mask: jax.Array | None = None):
+        """modules (B, k, D), base (B, d) -> logits (B, C) [, attention weights].
+
+        row_mask: (B,) bool, False for rows that only pad the batch; with
+        ``attend_across_batch`` no real row attends to them (other rows are independent anyway).
+        Attention weights are (B, heads, k, k), or (k, heads, B, B) across the batch.
+        """
         if self.agg2 not in AGGREGATIONS:
             raise ValueError(f"agg2 {self.agg2!r} is unknown; use one of {tuple(AGGREGATIONS)}")
         modules = modules.astype(jnp.float32)
@@ -70,10 +77,13 @@ class AttEnsCombiner(nn.Module):
         norm = lambda name: shared if shared is not None else nn.LayerNorm(name=name)
 
         m = norm("ln_modules")(modules)  # (B, k, d)
+        key_mask = None
         if self.attend_across_batch:
             m = jnp.swapaxes(m, 0, 1)  # (k, B, d): attention runs over the batch axis
+            if row_mask is not None:
+                key_mask = jnp.broadcast_to(row_mask[None, :], m.shape[:2])
         h, weights = MultiHeadSelfAttention(self.num_heads, self.dropout, name="attention")(
-            m, deterministic)
+            m, deterministic, key_mask)
         if self.attend_across_batch:
             h = jnp.swapaxes(h, 0, 1)
         a = norm("ln_attention")(AGGREGATIONS[self.agg2](h, 1))  # (B, d)
@@ -85,8 +95,10 @@ class AttEnsCombiner(nn.Module):
 
 
 class MultiHeadSelfAttention(nn.Module):
-    """Self-attention over axis 1 of (N, L, d) with in/out projections, as nn.MultiheadAttention.
+    """Self-attention over axis 1 of (N, L, d) with in/out projections, as nn.MultiheadAttention
+    (one fused ``in_proj`` (d, 3d) for q, k, v; ``out_proj`` (d, d); weights averaged by nobody).
 
+    key_mask: optional (N, L) bool; False keys get zero attention weight.
     Returns (outputs (N, L, d), attention weights (N, heads, L, L)).
     """
 
@@ -94,7 +106,8 @@ class MultiHeadSelfAttention(nn.Module):
     dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True):
+    def __call__(self, x: jax.Array, deterministic: bool = True,
+                 key_mask: jax.Array | None = None):
         n, length, d = x.shape
         if d % self.num_heads:
             raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
@@ -102,6 +115,8 @@ class MultiHeadSelfAttention(nn.Module):
         qkv = nn.Dense(3 * d, name="in_proj")(x).reshape(n, length, 3, self.num_heads, hd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         scores = jnp.einsum("nqhd,nkhd->nhqk", q, k) / jnp.sqrt(hd)
+        if key_mask is not None:
+            scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
         weights = jax.nn.softmax(scores, axis=-1)
         dropped = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
         out = jnp.einsum("nhqk,nkhd->nqhd", dropped, v).reshape(n, length, d)

@@ -10,8 +10,9 @@ single jit-compiled program that shares the base weights. Per example it yields
   base:    (d,)    the base encoder's pooled output (masked mean, [CLS], or BERT pooler).
 
 Because everything here is frozen, each example's features are computed once (eval mode) and
-cached on disk (`FeatureStore`), keyed by the model, the adapters' bytes, the settings and the
-example's text; seeds, k, held-out slices and overlapping samples reuse them.
+cached on disk (`FeatureStore`), keyed by the model's and the adapters' bytes, the tokenizer,
+the settings and the example's text; seeds, k, held-out slices and overlapping samples reuse
+them.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ OUTPUTS = ("hidden", "logits")
 def aggregate_tokens(x: jax.Array, mask: jax.Array, how: str, count_padding: bool = False):
     """Agg1 over the token axis of (..., B, T, D) with mask (B, T); returns (..., B, D) float32.
 
-    count_padding=True reproduces the reference code's plain mean over all T positions.
+    count_padding=True reproduces the reference code's plain mean over all T positions. A row
+    whose mask is all zero aggregates to 0 with every `how`.
     """
     x = x.astype(jnp.float32)
     m = jnp.ones_like(mask) if count_padding else mask
@@ -47,10 +49,11 @@ def aggregate_tokens(x: jax.Array, mask: jax.Array, how: str, count_padding: boo
         return jnp.sum(jnp.where(m, x, 0.0), -2) / jnp.maximum(m.sum(-2), 1)
     if how == "sum":
         return jnp.sum(jnp.where(m, x, 0.0), -2)
-    if how == "max":
-        return jnp.max(jnp.where(m, x, -jnp.inf), -2)
-    if how == "min":
-        return jnp.min(jnp.where(m, x, jnp.inf), -2)
+    if how in ("max", "min"):
+        reduce, fill = (jnp.max, -jnp.inf) if how == "max" else (jnp.min, jnp.inf)
+        # a row without a single token (the rows that fill a short batch) gives 0, not +-inf:
+        # an infinity would turn the combiner's LayerNorm, and then every gradient, into NaN
+        return jnp.where(m.any(-2), reduce(jnp.where(m, x, fill), -2), 0.0)
     raise ValueError(f"agg1 {how!r} is unknown; use one of {AGG1}")
 
 
@@ -122,11 +125,13 @@ def fingerprint(tree) -> str:
 
 def compute_split_features(feature_fn: Callable, base_params, stacked, heads,
                            enc: data_lib.Encoded, *, batch_size: int, buckets, pad_id: int,
-                           put: Callable = lambda b: b, desc: str = "features"):
+                           put: Callable = lambda b: b, desc: str = "features",
+                           progress: bool = True):
     """(modules (N, k, D), base (N, d)) float32 numpy for every example of an encoded split."""
     fn = jax.jit(feature_fn)
     modules = base = None
-    for idx in tqdm(data_lib.eval_order(enc.lengths, batch_size), desc=desc, leave=False):
+    for idx in tqdm(data_lib.eval_order(enc.lengths, batch_size), desc=desc, leave=False,
+                    disable=not progress):
         batch = put(data_lib.make_batch(enc, idx, batch_size, buckets, pad_id))
         m, b = jax.device_get(fn(base_params, stacked, heads, batch))
         if modules is None:

@@ -8,7 +8,6 @@ Writes <out>.md, <out>_k_sweep.png and <out>_attention.png (matplotlib: pip inst
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -16,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lora_jax.cli import ArgumentParser, fail
 from lora_jax.report import cell_scores, row_of, score_table
 
 ROWS = ("zero_shot", "ffn", "ft_lora", "attens")
@@ -192,14 +192,12 @@ def build_report(sweep: dict, out: str, sweep_path: str = "") -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweep", required=True, help="a lora_jax.sweep .json")
     p.add_argument("--out", required=True, help="path stem for .md and .png files")
     a = p.parse_args(argv)
     if not os.path.isfile(a.sweep):
-        print(f"error: {a.sweep} does not exist; run python -m lora_jax.sweep first",
-              file=sys.stderr)
-        return 2
+        fail(f"{a.sweep} does not exist; run python -m lora_jax.sweep first")
     with open(a.sweep) as f:
         sweep = json.load(f)
     text = build_report(sweep, a.out, a.sweep)

@@ -1,7 +1,8 @@
 """Data: read a task's splits, validate them, tokenize, and cut them into padded batches.
 
-Flow: `load_split` (rows as dicts, from local files / hub / TFDS / user files) ->
-`examples_from_rows` (texts + labels, every row checked) -> `encode` (token ids, fast
+Flow: `load_split` (rows as dicts, from local files / hub / TFDS / user files, all read with
+`datasets`) -> `examples_from_rows` (texts + labels, every row checked) -> `load_examples`
+(held-out selection slice, size caps) -> `load_tokenizer` + `encode` (token ids, fast
 tokenizer) -> `train_order` / `eval_order` (index batches) -> `make_batch` (numpy arrays padded
 to one of a few bucket lengths, so jit compiles a bounded number of shapes).
 """
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import gzip
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -27,37 +26,36 @@ LOCAL_EXTENSIONS = (".jsonl.gz", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 # ----------------------------------------------------------------------------- reading rows
 
 
+# file name ending -> (datasets builder, its options)
+READERS = {".jsonl.gz": ("json", {}), ".json.gz": ("json", {}), ".jsonl": ("json", {}),
+           ".json": ("json", {}), ".csv": ("csv", {}),
+           ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}),
+           ".parquet": ("parquet", {})}
+
+
 def read_rows(path: str) -> list[dict]:
-    """Rows of one file (.jsonl[.gz], .json, .csv, .tsv, .parquet) as a list of dicts."""
+    """Rows of one file (.jsonl[.gz], .json, .csv, .tsv, .parquet) as a list of dicts, read with
+    ``datasets.load_dataset(<builder>, data_files=path)``."""
     if not os.path.isfile(path):
         raise UserError(f"data file {path!r} does not exist; check the path in the config")
-    name = path.lower()
-    try:
-        if name.endswith((".jsonl.gz", ".jsonl", ".json.gz")):
-            opener = gzip.open if name.endswith(".gz") else open
-            with opener(path, "rt", encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
-        if name.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-            try:
-                data = json.loads(text)
-                return data if isinstance(data, list) else [data]
-            except json.JSONDecodeError:
-                return [json.loads(line) for line in text.splitlines() if line.strip()]
-        if name.endswith((".csv", ".tsv")):
-            with open(path, newline="", encoding="utf-8") as f:
-                if name.endswith(".tsv"):
-                    return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-                return list(csv.DictReader(f))
-        if name.endswith(".parquet"):
-            import pyarrow.parquet as pq
+    ending = next((e for e in READERS if path.lower().endswith(e)), None)
+    if ending is None:
+        raise UserError(f"unsupported data file {path!r}; use one of "
+                        f"{', '.join(LOCAL_EXTENSIONS)}")
+    import datasets
 
-            return pq.read_table(path).to_pylist()
-    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"cannot parse {path!r} ({type(e).__name__}: {e}); fix the file or "
-                        "its extension") from None
-    raise UserError(f"unsupported data file {path!r}; use one of {', '.join(LOCAL_EXTENSIONS)}")
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    builder, options = READERS[ending]
+    try:
+        return datasets.load_dataset(builder, data_files=path, split="train", **options).to_list()
+    except StopIteration:  # the json builder's answer to a file without a single row
+        return []
+    except Exception as e:  # noqa: BLE001 - every parser error becomes one line naming the file
+        cause = e.__cause__ or e
+        detail = str(cause).splitlines()[0][:160] if str(cause) else ""
+        raise UserError(f"cannot parse {path!r} ({type(cause).__name__}: {detail}); fix the "
+                        "file or its extension") from None
 
 
 def local_split_path(data_dir: str, task: Task, split: str) -> str:
@@ -197,6 +195,82 @@ def hold_out(train: Examples, size: float, seed: int) -> tuple[Examples, Example
                         "fraction in (0, 1) or a count below the train size")
     perm = np.random.default_rng(seed).permutation(n)
     return train.subset(np.sort(perm[k:])), train.subset(np.sort(perm[:k]))
+
+
+def data_source_of(config) -> str:
+    """The config's data source; ``auto`` = local if data_dir, files if data_files, else hub."""
+    if config.data_source != "auto":
+        return config.data_source
+    if config.data_dir:
+        return "local"
+    if any(config.data_files.values()):
+        return "files"
+    return "hub"
+
+
+EVAL_SUBSET_SEED = 20240601  # fixed: every seed is scored on the same eval rows
+
+
+def random_subset(n: int, size: int, seed: int) -> np.ndarray | None:
+    """Sorted indices of a seeded random `size` of `n` rows, or None when nothing is cut."""
+    if not size or n <= size:
+        return None
+    return np.sort(np.random.default_rng(seed).permutation(n)[:size])
+
+
+def load_examples(config, task: Task) -> tuple[dict[str, Examples], dict[str, str]]:
+    """Train / selection / eval splits of a classification task as Examples, after the held-out
+    selection slice and the size caps; and where each split came from."""
+    source = data_source_of(config)
+    files = {k: v for k, v in config.data_files.items() if v}
+    sources, out = {}, {}
+    for split in ("train", *task.eval_splits):
+        if split == "train" and config.num_epochs == 0 and config.selection_size == 0:
+            continue
+        rows, where = load_split(task, split, source, config.data_dir, files)
+        sources[split] = where
+        out[split] = examples_from_rows(rows, task, where)
+    if "train" in out:
+        if config.selection_size:
+            out["train"], out["selection"] = hold_out(out["train"], config.selection_size,
+                                                      config.seed)
+        keep = random_subset(len(out["train"]), config.max_train_examples, config.seed + 1)
+        if keep is not None:
+            out["train"] = out["train"].subset(keep)
+        if config.num_epochs == 0:
+            del out["train"]
+    for split in (*task.eval_splits, "selection"):  # a random subset (some splits are sorted
+        if split in out:  # by label), the same rows for every seed
+            keep = random_subset(len(out[split]), config.max_eval_examples, EVAL_SUBSET_SEED)
+            if keep is not None:
+                out[split] = out[split].subset(keep)
+    return out, sources
+
+
+def load_tokenizer(model_dir: str, name: str = ""):
+    """The fast tokenizer of a model folder (or `name`, a folder or hub id)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name or model_dir, use_fast=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
+        raise UserError(f"could not load a tokenizer from {name or model_dir!r} "
+                        f"({type(e).__name__}); the model folder needs tokenizer.json or "
+                        "vocab.txt, or set --config.tokenizer=PATH") from None
+    if not tok.is_fast:
+        raise UserError(f"tokenizer at {name or model_dir!r} is not a fast tokenizer; "
+                        "provide tokenizer.json")
+    return tok
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's full serialised state (vocabulary, normaliser, special tokens):
+    two tokenizers with one fingerprint tokenize every text the same way."""
+    import hashlib
+
+    state = tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) \
+        else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(state.encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- tokens

@@ -2,13 +2,15 @@
 
 `load_config("configs/x.py")` or `load_config("configs/x.py:arg")` returns the ConfigDict of
 `get_config()` / `get_config("arg")`. `run(config, workdir)` dispatches on
-``config.experiment`` to the runner registered below (imported lazily, so the core package does
-not depend on `ensemble` or `t5_hybrid`).
+``config.experiment`` to the runner that an installed package registered under the entry-point
+group ``lora_jax.experiments`` (pyproject.toml: ``ft_lora = "lora_jax.classifier:..."``,
+``attens = "ensemble.train:train_attens"``, ...). The core names none of its extensions: a new
+experiment is a function ``run(config, workdir) -> results`` plus one entry point.
 """
 
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -16,22 +18,19 @@ import sys
 
 from lora_jax.errors import UserError
 
-RUNNERS = {
-    "ft_lora": "lora_jax.trainer:train_and_evaluate",
-    "ffn": "lora_jax.trainer:train_and_evaluate",
-    "zero_shot": "lora_jax.trainer:train_and_evaluate",
-    "full": "lora_jax.trainer:train_and_evaluate",
-    "attens": "ensemble.train:train_attens",
-    "t5_hybrid": "t5_hybrid.train:train_t5",
-}
+ENTRY_POINT_GROUP = "lora_jax.experiments"
 
-# The packages whose INFO lines (selection scores, timings, resumes) the command-line tools show.
-PACKAGES = ("lora_jax", "ensemble", "t5_hybrid")
+
+def runners() -> dict[str, importlib.metadata.EntryPoint]:
+    """{experiment name: entry point} of every installed experiment."""
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def log_packages_at_info() -> None:
-    """Let the project's own loggers through at INFO; other libraries keep the root's level."""
-    for package in PACKAGES:
+    """Let the loggers of the packages that provide experiments (and this one) through at INFO
+    (selection scores, timings, resumes); other libraries keep the root's level."""
+    packages = {"lora_jax"} | {ep.value.split(".")[0] for ep in runners().values()}
+    for package in packages:
         logging.getLogger(package).setLevel(logging.INFO)
 
 
@@ -52,9 +51,11 @@ def load_config(spec: str):
 
 def run(config, workdir: str) -> dict:
     """Train and evaluate `config` with its experiment's runner; returns the results dict."""
-    target = RUNNERS.get(config.experiment)
-    if target is None:
+    found = runners()
+    if not found:
+        raise UserError("no experiment is registered: install the project first "
+                        "(pip install -e .)")
+    if config.experiment not in found:
         raise UserError(f"experiment {config.experiment!r} is unknown; use one of "
-                        f"{', '.join(RUNNERS)}")
-    module, _, fn = target.partition(":")
-    return getattr(importlib.import_module(module), fn)(config, workdir)
+                        f"{', '.join(sorted(found))}")
+    return found[config.experiment].load()(config, workdir)

@@ -5,12 +5,17 @@ The model's variables are two collections: ``params`` (the pretrained base, froz
 
 * `init_lora(rng, params, spec)` builds the adapter tree: for every Dense kernel (in, out) whose
   module path matches a target pattern, ``A`` (in, r) ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's
-  Kaiming-uniform with a=sqrt(5)) and ``B`` (r, out) = 0, so the adapted model starts equal to
-  the base.
-* `merge(params, lora, alpha)` returns a new params tree with ``W0 + (alpha / r) A B`` folded in
-  (for export/serving); untouched subtrees are shared, not copied.
+  Kaiming-uniform with a=sqrt(5)), ``B`` (r, out) = 0, so the adapted model starts equal to the
+  base, and ``alpha`` (a float32 scalar): every adapter carries its own scale numerator.
+* `merge(params, lora)` returns a new params tree with ``W0 + (alpha / r) A B`` folded in (for
+  export/serving); untouched subtrees are shared, not copied.
 * `trainable_mask` / `split` / `combine` partition ``{"params", "lora"}`` into the trainable and
   frozen parts by path patterns; the train step differentiates w.r.t. the trainable part only.
+  ``alpha`` leaves travel with the trainable adapter (checkpoints and exports keep them) but are
+  hyper-parameters: `optimizer_labels` marks them ``"frozen"`` for ``optax.multi_transform``.
+
+Which Dense layers can take an adapter is a registry that each model family fills in
+(`register_adaptable`), so this module names no model.
 """
 
 from __future__ import annotations
@@ -26,12 +31,18 @@ from flax import traverse_util
 
 from lora_jax.errors import UserError
 
-# Dense layers that consume an adapter (`LoRADense`); paths are relative to the params root.
-# Encoders: layer_i/attention/{query,key,value,output}, layer_i/{intermediate,output};
-# T5: blocks_i/{self,cross}_attention/{q,k,v,o}, blocks_i/mlp/{wi,wi_0,wi_1,wo}.
-LORA_CAPABLE = re.compile(
-    r"(^|/)layer_\d+/(attention/(query|key|value|output)|intermediate|output)$"
-    r"|(^|/)blocks_\d+/((self|cross)_attention/[qkvo]|mlp/(wi|wi_0|wi_1|wo))$")
+ALPHA = "alpha"  # the adapter leaf that holds its scale numerator (not a parameter)
+_ADAPTABLE: dict[str, re.Pattern] = {}
+
+
+def register_adaptable(family: str, pattern: str) -> None:
+    """Declare the module paths (a regex searched in "encoder/layer_0/attention/query") of a model
+    family whose Dense kernels can take an adapter. Called once by each model module."""
+    _ADAPTABLE[family] = re.compile(pattern)
+
+
+def is_adaptable(module_path: str) -> bool:
+    return any(rx.search(module_path) for rx in _ADAPTABLE.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +65,9 @@ class LoRASpec:
             raise UserError(f"lora.r must be a positive integer, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)
+                and self.alpha > 0):
+            raise UserError(f"lora.alpha must be a positive number, got {self.alpha!r}")
 
     @property
     def scale(self) -> float:
@@ -71,7 +85,7 @@ def target_modules(params: Mapping, targets: Iterable[str]) -> list[str]:
     """
     flat = traverse_util.flatten_dict(params)
     modules = sorted({_path_str(p[:-1]) for p in flat if p[-1] == "kernel"})
-    capable = [m for m in modules if LORA_CAPABLE.search(m)]
+    capable = [m for m in modules if is_adaptable(m)]
     chosen = set()
     for pattern in targets:
         rx = re.compile(rf"(^|/)(?:{pattern})$")
@@ -85,7 +99,8 @@ def target_modules(params: Mapping, targets: Iterable[str]) -> list[str]:
 
 
 def init_lora(rng: jax.Array, params: Mapping, spec: LoRASpec) -> dict:
-    """The adapter tree for `params` (nested like it): {..module..: {"A": (in, r), "B": (r, out)}}."""
+    """The adapter tree for `params` (nested like it):
+    {..module..: {"A": (in, r), "B": (r, out), "alpha": () float32}}."""
     flat = traverse_util.flatten_dict(params)
     modules = target_modules(params, spec.targets)
     rngs = jax.random.split(rng, len(modules))
@@ -96,16 +111,18 @@ def init_lora(rng: jax.Array, params: Mapping, spec: LoRASpec) -> dict:
         bound = 1.0 / math.sqrt(fan_in)
         out[(*path, "A")] = jax.random.uniform(key, (fan_in, spec.r), jnp.float32, -bound, bound)
         out[(*path, "B")] = jnp.zeros((spec.r, fan_out), jnp.float32)
+        out[(*path, ALPHA)] = jnp.asarray(spec.alpha, jnp.float32)
     return traverse_util.unflatten_dict(out)
 
 
-def merge(params: Mapping, lora: Mapping, alpha: float) -> dict:
-    """Base params with every adapter folded in: kernel + (alpha / r) * A @ B."""
+def merge(params: Mapping, lora: Mapping) -> dict:
+    """Base params with every adapter folded in: kernel + (alpha / r) * A @ B, each adapter with
+    its own alpha."""
     merged = traverse_util.flatten_dict(params)
     for path, leaves in _adapters(lora).items():
         a, b = leaves["A"], leaves["B"]
         kernel = merged[(*path, "kernel")]
-        delta = (alpha / a.shape[-1]) * (a.astype(jnp.float32) @ b.astype(jnp.float32))
+        delta = (leaves[ALPHA] / a.shape[-1]) * (a.astype(jnp.float32) @ b.astype(jnp.float32))
         merged[(*path, "kernel")] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
     return traverse_util.unflatten_dict(merged)
 
@@ -146,11 +163,30 @@ def combine(*trees: Mapping) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
+def adapter_alphas(lora: Mapping) -> dict[str, float]:
+    """{module path: alpha} of every adapter in a ``lora`` tree (for export and reports)."""
+    return {"/".join(map(str, path)): float(leaves[ALPHA])
+            for path, leaves in _adapters(lora).items()}
+
+
+def _leaf_name(path) -> str | None:
+    return getattr(path[-1], "key", None)
+
+
+def optimizer_labels(tree: Mapping) -> dict:
+    """"frozen" for hyper-parameter leaves (adapter ``alpha``), "trainable" for the rest: the
+    labels of ``optax.multi_transform`` that keeps alpha out of every update."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if _leaf_name(path) == ALPHA else "trainable", tree)
+
+
 def weight_decay_mask(tree: Mapping) -> dict:
     """True for matrices (kernels, embeddings, LoRA A/B); False for biases and LayerNorm scales."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) not in ("bias", "scale"), tree)
+        lambda path, _: _leaf_name(path) not in ("bias", "scale", ALPHA), tree)
 
 
 def count_params(tree) -> int:
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
+    """Number of parameters in `tree` (adapter ``alpha`` leaves are settings, not counted)."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return sum(int(x.size) for path, x in leaves if _leaf_name(path) != ALPHA)

@@ -16,7 +16,7 @@ import re
 import numpy as np
 
 from lora_jax.errors import UserError
-from lora_jax.lora import LoRASpec
+from lora_jax.lora import ALPHA, LoRASpec, adapter_alphas
 from lora_jax.models import EncoderConfig
 from lora_jax.models.hf_import import hf_module_map
 
@@ -37,11 +37,16 @@ def export_peft(out_dir: str, lora_tree: dict, spec: LoRASpec, config: EncoderCo
 
     head: the ``params["head"]`` tree ({"kernel": (d, C), "bias": (C,)}) to save as the BERT
       classifier, or None.
+    spec: r and dropout of the adapter; ``lora_alpha`` is the one the adapter tree carries.
     """
     from safetensors.numpy import save_file
 
     module_map = hf_module_map(config)
     prefix = _ROOT + _ARCH_PREFIX[config.model_type]
+    alphas = sorted(set(adapter_alphas(lora_tree).values()))
+    if len(alphas) != 1:
+        raise UserError(f"the adapters carry {len(alphas)} different alphas ({alphas}); a PEFT "
+                        "LORA adapter has one lora_alpha, export each alpha group separately")
     tensors, targets = {}, set()
     for layer_path, leaves in _encoder_adapters(lora_tree).items():
         hf = module_map[layer_path]
@@ -61,7 +66,7 @@ def export_peft(out_dir: str, lora_tree: dict, spec: LoRASpec, config: EncoderCo
               os.path.join(out_dir, WEIGHTS_NAME))
     with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
         json.dump({"peft_type": "LORA", "task_type": "SEQ_CLS" if head is not None else None,
-                   "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+                   "r": spec.r, "lora_alpha": alphas[0], "lora_dropout": spec.dropout,
                    "target_modules": sorted(targets), "modules_to_save": modules_to_save,
                    "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
                    "use_dora": False, "init_lora_weights": True, "inference_mode": True,
@@ -114,6 +119,7 @@ def import_peft(adapter_dir: str, config: EncoderConfig) -> tuple[dict, LoRASpec
         for part in by_hf[m.group(1)]:
             node = node.setdefault(part, {})
         node[m.group(2)] = np.asarray(value.T, np.float32)
+        node[ALPHA] = np.asarray(pc["lora_alpha"], np.float32)  # the adapter's own alpha
     spec = LoRASpec(r=int(pc["r"]), alpha=float(pc["lora_alpha"]),
                     dropout=float(pc.get("lora_dropout") or 0.0),
                     targets=tuple(re.escape(m) for m in sorted(modules)))

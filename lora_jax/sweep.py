@@ -13,7 +13,6 @@ can name its own table writer as ``table = "module:function"``).
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import logging
@@ -23,9 +22,12 @@ import sys
 
 import ml_collections
 
+from lora_jax.cli import ArgumentParser, run_main
+from lora_jax.config_check import validate_config
 from lora_jax.errors import UserError
 from lora_jax.experiments import load_config, log_packages_at_info, run
 from lora_jax.report import score_table
+from lora_jax.trainer import provenance
 from lora_jax.writers import write_json_atomic
 
 
@@ -91,8 +93,18 @@ def table_function(sweep):
     return getattr(importlib.import_module(module), name)
 
 
+def selected(names: str, available, what: str) -> list:
+    """The comma list `names` (empty: all of `available`), each checked to exist."""
+    wanted = [x for x in names.split(",") if x]
+    unknown = [x for x in wanted if x not in map(str, available)]
+    if unknown:
+        raise UserError(f"{what} {', '.join(unknown)} not in this sweep (it has "
+                        f"{', '.join(map(str, available))})")
+    return [x for x in available if not wanted or str(x) in wanted]
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True, help="path stem for .json and .md")
@@ -105,43 +117,46 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     log_packages_at_info()
-
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        _, sweep = load_config(args.config)
-        tasks = [t for t in sweep.tasks if not args.only or t in args.only.split(",")]
-        results = []
-        row_seeds = dict(sweep.get("row_seeds", {}))
-        for seed in sweep.seeds:
-            if args.seeds and str(seed) not in args.seeds.split(","):
-                continue
-            for task in tasks:
-                for exp in [e for e in sweep.experiments
-                            if (not args.rows or e in args.rows.split(","))
-                            and seed in row_seeds.get(e, sweep.seeds)]:
-                    workdir = os.path.join(args.workdir, f"{exp}_{task}_s{seed}")
-                    done = os.path.join(workdir, "results.json")
-                    if os.path.isfile(done):
-                        with open(done) as f:
-                            results.append({**json.load(f), "sweep_row": exp})
-                        continue
-                    if args.collect:
-                        continue
-                    logging.getLogger("lora_jax").info("sweep: %s %s seed %d", exp, task, seed)
-                    config = cell_config(sweep, exp, task, seed, repo)
-                    ckpts = os.path.join(workdir, "checkpoints")
-                    config.resume = os.path.isdir(ckpts) and bool(os.listdir(ckpts))
-                    result = run(config, workdir)
-                    result["sweep_row"] = exp
-                    write_json_atomic(done, result)
-                    results.append(result)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     command = "python -m lora_jax.sweep " + shlex.join(argv if argv is not None else sys.argv[1:])
+    return run_main(lambda: run_sweep(args, command))
+
+
+def run_sweep(args, command: str) -> int:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _, sweep = load_config(args.config)
+    tasks = selected(args.only, sweep.tasks, "task(s)")
+    rows = selected(args.rows, sweep.experiments, "row(s)")
+    seeds = selected(args.seeds, sweep.seeds, "seed(s)")
+    row_seeds = dict(sweep.get("row_seeds", {}))
+    cells = [(seed, task, exp) for seed in seeds for task in tasks for exp in rows
+             if seed in row_seeds.get(exp, sweep.seeds)]
+    if not args.collect:  # every cell's config is checked before the first one runs
+        for seed, task, exp in cells:
+            validate_config(cell_config(sweep, exp, task, seed, repo))
+    results = []
+    for seed, task, exp in cells:
+        workdir = os.path.join(args.workdir, f"{exp}_{task}_s{seed}")
+        done = os.path.join(workdir, "results.json")
+        if os.path.isfile(done):
+            with open(done) as f:
+                results.append({**json.load(f), "sweep_row": exp})
+            continue
+        if args.collect:
+            continue
+        logging.getLogger("lora_jax").info("sweep: %s %s seed %d", exp, task, seed)
+        config = cell_config(sweep, exp, task, seed, repo)
+        ckpts = os.path.join(workdir, "checkpoints")
+        config.resume = os.path.isdir(ckpts) and bool(os.listdir(ckpts))
+        result = run(config, workdir)
+        result["sweep_row"] = exp
+        write_json_atomic(done, result)
+        results.append(result)
+    if not results:
+        raise UserError(f"no finished cell under {args.workdir}; run without --collect first")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_json_atomic(args.out + ".json", {"name": sweep.name, "command": command,
-                                           "note": args.note, "results": results})
+                                           "note": args.note, **provenance(),
+                                           "results": results})
     table = table_function(sweep)(sweep, results, command, args.note)
     with open(args.out + ".md", "w") as f:
         f.write(table)

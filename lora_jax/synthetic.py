@@ -57,21 +57,23 @@ def make_sentiment_task(data_dir: str, n_train: int = 2000, n_validation: int = 
     """Write the synthetic tasks over one set of sentences; returns all texts (for the tokenizer).
 
     synth/sentiment: label = majority sentiment. synth/topic: label 1 when the sentence
-    mentions a craft noun (music, camera, acting, dialogue), else 0.
+    mentions a craft noun (music, camera, acting, dialogue), else 0. synth/negation: label 1
+    when the sentence negates an adjective ("not").
     """
     rng = np.random.default_rng(seed)
     texts = []
+    labellers = {"sentiment": lambda text, label: label,
+                 "topic": lambda text, _: int(any(w in text.split() for w in TOPIC_NOUNS)),
+                 "negation": lambda text, _: int("not" in text.split())}
     for split, n in (("train", n_train), ("validation", n_validation)):
-        sentiment, topic = [], []
+        rows = {name: [] for name in labellers}
         for i in range(n):
             text, label = _sentence(rng)
-            sentiment.append({"sentence": text, "label": label, "idx": i})
-            topic.append({"sentence": text, "label": int(any(w in text.split()
-                                                                for w in TOPIC_NOUNS)), "idx": i})
+            for name, labeller in labellers.items():
+                rows[name].append({"sentence": text, "label": labeller(text, label), "idx": i})
             texts.append(text)
-        write_jsonl_gz(os.path.join(data_dir, "synth", "sentiment", f"{split}.jsonl.gz"),
-                        sentiment)
-        write_jsonl_gz(os.path.join(data_dir, "synth", "topic", f"{split}.jsonl.gz"), topic)
+        for name, task_rows in rows.items():
+            write_jsonl_gz(os.path.join(data_dir, "synth", name, f"{split}.jsonl.gz"), task_rows)
     return texts
 
 
@@ -137,7 +139,7 @@ def make_tiny_bert(out_dir: str, texts: list[str], hidden_size: int = 64, num_la
 def make_quickstart_assets(root: str, seed: int = 0) -> tuple[str, str]:
     """(model_dir, data_dir) under `root`, created once and reused."""
     model_dir, data_dir = os.path.join(root, "tiny-bert"), os.path.join(root, "data")
-    if not os.path.isfile(os.path.join(data_dir, "synth", "topic", "validation.jsonl.gz")):
+    if not os.path.isfile(os.path.join(data_dir, "synth", "negation", "validation.jsonl.gz")):
         texts = make_sentiment_task(data_dir, seed=seed)
         make_tiny_bert(model_dir, texts, seed=seed)
     return model_dir, data_dir

@@ -11,22 +11,27 @@ Users can also register their own files and columns through the config (`custom_
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from lora_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """One classification or regression task.
+    """One task: classification / regression (``text_keys`` + ``label_key``) or text-to-text
+    (``source_fn`` + ``target_fn``, ``kind == "seq2seq"``).
 
-    num_labels: number of classes; 1 means regression (targets are floats).
+    num_labels: number of classes; 1 means regression (targets are floats); 0 for seq2seq.
     splits: our split name -> the source's split name; ``eval_splits`` are reported.
+    selection_split: the split that selects the model; "" = a held-out slice of train.
     metrics: the first one is the task's main metric (model selection, tables).
+    source_fn / target_fn: (row, where) -> text, raising UserError on a bad row (seq2seq).
+    prefix: the hand-written instruction of seq2seq rows without trained inputs.
     """
 
     name: str
-    text_keys: tuple[str, ...]
-    num_labels: int
+    text_keys: tuple[str, ...] = ()
+    num_labels: int = 0
     metrics: tuple[str, ...] = ("accuracy",)
     label_key: str = "label"
     hub: tuple[str, ...] = ()
@@ -34,7 +39,17 @@ class Task:
     local: str = ""
     splits: tuple[tuple[str, str], ...] = (("train", "train"), ("validation", "validation"))
     eval_splits: tuple[str, ...] = ("validation",)
+    selection_split: str = ""
     label_range: tuple[float, float] | None = None  # regression targets
+    source_fn: Callable[[dict, str], str] | None = None
+    target_fn: Callable[[dict, str], str] | None = None
+    prefix: str = ""
+    max_source_length: int = 256
+    max_target_length: int = 64
+
+    @property
+    def kind(self) -> str:
+        return "seq2seq" if self.source_fn is not None else "classification"
 
     @property
     def is_regression(self) -> bool:
@@ -48,12 +63,25 @@ class Task:
         return dict(self.splits).get(split, split)
 
 
+_REGISTRY: dict[tuple[str, str], Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Add a task to the registry under (kind, name); extensions register theirs on import."""
+    _REGISTRY[(task.kind, task.name)] = task
+    return task
+
+
+def task_names(kind: str = "classification") -> list[str]:
+    return [name for k, name in _REGISTRY if k == kind]
+
+
 def _glue(name, keys, n, metrics=("accuracy",), **kw) -> Task:
     return Task(name, keys, n, metrics, hub=("nyu-mll/glue", name), tfds=f"glue/{name}",
                 local=f"glue/{name}", **kw)
 
 
-TASKS: dict[str, Task] = {t.name: t for t in [
+for _task in [
     _glue("cola", ("sentence",), 2, ("matthews", "accuracy")),
     _glue("sst2", ("sentence",), 2),
     _glue("mrpc", ("sentence1", "sentence2"), 2, ("accuracy", "f1")),
@@ -77,14 +105,19 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     # Generated offline by lora_jax.synthetic (quickstart and tests).
     Task("synth_sentiment", ("sentence",), 2, local="synth/sentiment"),
     Task("synth_topic", ("sentence",), 2, local="synth/topic"),
-]}
+    Task("synth_negation", ("sentence",), 2, local="synth/negation"),
+]:
+    register_task(_task)
 
 
-def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise UserError(f"unknown task {name!r}; choose one of {', '.join(TASKS)} "
-                        "(or set config.custom_task for your own files)")
-    return TASKS[name]
+def get_task(name: str, kind: str = "classification") -> Task:
+    """The registered task `name` of `kind` (classification, or seq2seq for T5)."""
+    if (kind, name) not in _REGISTRY:
+        what = "t5 task" if kind == "seq2seq" else "task"
+        hint = "" if kind == "seq2seq" else " (or set config.custom_task for your own files)"
+        raise UserError(f"unknown {what} {name!r}; choose one of "
+                        f"{', '.join(task_names(kind))}{hint}")
+    return _REGISTRY[(kind, name)]
 
 
 def custom_task(spec) -> Task:

@@ -1,10 +1,14 @@
-"""The generic single-task train loop: FT_LoRA, FFN (trained head) and zero-shot (untrained head).
+"""The training machinery every experiment shares: one train-step factory, one loop, one results
+record.
 
-`train_and_evaluate(config, workdir)` is what `train.py` runs. Everything that can fail on bad
-input is checked in `prepare` before the workdir is touched. The loop is a pure, jit-compiled
-`train_step` over a data-parallel mesh; Orbax checkpoints hold the trainable tree, optimizer
-state, step and best-so-far, and the step fixes the data position, so a resumed run replays
-exactly the batches an uninterrupted one would.
+An experiment (the sequence classifier, AttEns, T5) describes itself as an `Experiment`: its
+trainable and frozen trees, a loss function, how to cut a training batch, how to score a split.
+`run_experiment` then does the rest the same way for all of them: the workdir check, the
+data-parallel placement, the jit-compiled pure `train_step` from `make_train_step`,
+`train_loop` (selection, early stopping, Orbax checkpoints, exact resume), the evaluation of the
+best trainable tree on the reported splits and `results.json` (`results_record`).
+
+Nothing here knows a model or a task format.
 """
 
 from __future__ import annotations
@@ -13,239 +17,86 @@ import dataclasses
 import logging
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
-from lora_jax import metrics as metrics_lib
 from lora_jax.errors import UserError
-from lora_jax.models import EncoderConfig, SequenceClassifier
-from lora_jax.models.encoder import POOLINGS
-from lora_jax.models.hf_import import load_pretrained
-from lora_jax.tasks import Task, custom_task, get_task
 from lora_jax.writers import MetricWriter, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-EVAL_SUBSET_SEED = 20240601  # fixed: every seed is scored on the same eval rows
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-PROTOCOL = ("model selection on a held-out slice of train ({n} rows, never trained on); "
-            "metrics reported on {splits}")
+LossFn = Callable[[Any, Any, dict, jax.Array], jax.Array]
 
-
-# ----------------------------------------------------------------------------- setup
-
-
-@dataclasses.dataclass
-class Setup:
-    """Everything a run needs, built and validated before anything is written."""
-
-    config: ml_collections.ConfigDict
-    task: Task
-    model_dir: str
-    encoder_config: EncoderConfig
-    model: SequenceClassifier
-    frozen: dict  # variables that never change
-    trainable: dict  # variables the optimizer updates
-    splits: dict[str, data_lib.Encoded]  # "train", "selection", and the eval splits
-    pad_id: int
-    buckets: tuple[int, ...]
-    sources: dict[str, str]
-
-
-def resolve_task(config) -> Task:
-    if config.custom_task.get("name"):
-        return custom_task(config.custom_task.to_dict())
-    return get_task(config.task)
-
-
-def data_source_of(config) -> str:
-    if config.data_source != "auto":
-        return config.data_source
-    if config.data_dir:
-        return "local"
-    if any(config.data_files.values()):
-        return "files"
-    return "hub"
-
-
-def load_tokenizer(model_dir: str, name: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(name or model_dir, use_fast=True)
-    except Exception as e:
-        raise UserError(f"could not load a tokenizer from {name or model_dir!r} "
-                        f"({type(e).__name__}); the model folder needs tokenizer.json or "
-                        "vocab.txt, or set --config.tokenizer=PATH") from None
-    if not tok.is_fast:
-        raise UserError(f"tokenizer at {name or model_dir!r} is not a fast tokenizer; "
-                        "provide tokenizer.json")
-    return tok
-
-
-def load_examples(config, task: Task) -> tuple[dict[str, data_lib.Examples], dict[str, str]]:
-    """Train / selection / eval splits as Examples, after the held-out slice and size caps."""
-    source = data_source_of(config)
-    files = {k: v for k, v in config.data_files.items() if v}
-    sources, out = {}, {}
-    for split in ("train", *task.eval_splits):
-        if split == "train" and config.num_epochs == 0 and config.selection_size == 0:
-            continue
-        rows, where = load_split(task, split, source, config.data_dir, files)
-        sources[split] = where
-        out[split] = data_lib.examples_from_rows(rows, task, where)
-    if "train" in out:
-        if config.selection_size:
-            out["train"], out["selection"] = data_lib.hold_out(out["train"], config.selection_size,
-                                                               config.seed)
-        if config.max_train_examples:
-            n = min(config.max_train_examples, len(out["train"]))
-            keep = np.random.default_rng(config.seed + 1).permutation(len(out["train"]))[:n]
-            out["train"] = out["train"].subset(np.sort(keep))
-        if config.num_epochs == 0:
-            del out["train"]
-    if config.max_eval_examples:  # a random subset (some splits are sorted by label), the
-        for split in (*task.eval_splits, "selection"):  # same rows for every seed and row
-            if split in out and len(out[split]) > config.max_eval_examples:
-                keep = np.random.default_rng(EVAL_SUBSET_SEED).permutation(len(out[split]))
-                out[split] = out[split].subset(np.sort(keep[: config.max_eval_examples]))
-    return out, sources
-
-
-load_split = data_lib.load_split  # indirection point for tests
-
-
-def build_model(config, encoder_config: EncoderConfig, task: Task) -> SequenceClassifier:
-    if config.pooling not in POOLINGS:
-        raise UserError(f"pooling {config.pooling!r} is unknown; use one of {', '.join(POOLINGS)}")
-    if config.pooling == "pooler" and not encoder_config.has_pooler:
-        raise UserError(f"pooling='pooler' needs a BERT pooler; {encoder_config.model_type} has "
-                        "none, use --config.pooling=mean or cls")
-    if config.dtype not in DTYPES:
-        raise UserError(f"dtype {config.dtype!r} is unknown; use float32 or bfloat16")
-    return SequenceClassifier(encoder_config, task.num_labels, pooling=config.pooling,
-                              classifier_dropout=config.classifier_dropout,
-                              lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                              dtype=DTYPES[config.dtype])
-
-
-def place_pretrained(initialised: dict, pretrained: dict) -> dict:
-    """`initialised` with every leaf that `pretrained` has replaced by the pretrained array."""
-    flat = traverse_util.flatten_dict(initialised)
-    for path, value in traverse_util.flatten_dict(pretrained).items():
-        flat[path] = jnp.asarray(value)
-    return traverse_util.unflatten_dict(flat)
-
-
-def init_variables(model: SequenceClassifier, pretrained: dict, missing: list[str],
-                   config) -> dict:
-    """{"params": ..., "lora": ...}: the encoder from the checkpoint, the rest seeded.
-
-    `jax.eval_shape` gives the tree first; only then are the head (and checkpoint-missing
-    encoder leaves such as an absent pooler) initialised and the pretrained arrays placed.
-    """
-    ids = jnp.zeros((1, 8), jnp.int32)
-    init = lambda rng: model.init(rng, ids, ids, ids)["params"]
-    rng_init, rng_lora = jax.random.split(jax.random.PRNGKey(config.seed))
-    jax.eval_shape(init, rng_init)  # fails fast on a bad config, allocates nothing
-    params = jax.jit(init)(rng_init)
-    params["encoder"] = place_pretrained(params["encoder"], pretrained)
-    if missing:
-        log.info("initialised from seed (not in the checkpoint): %s", ", ".join(missing))
-    variables = {"params": params}
-    if config.experiment == "ft_lora":
-        spec = lora_spec(config)
-        variables["lora"] = lora_lib.init_lora(rng_lora, params, spec)
-    return variables
-
-
-def lora_spec(config) -> lora_lib.LoRASpec:
-    return lora_lib.LoRASpec(r=config.lora.r, alpha=config.lora.alpha,
-                             dropout=config.lora.dropout, targets=tuple(config.lora.targets))
-
-
-EXPERIMENTS = ("ft_lora", "ffn", "zero_shot", "full")
-
-
-def trainable_patterns(config) -> tuple[str, ...]:
-    if config.experiment not in EXPERIMENTS:
-        raise UserError(f"experiment {config.experiment!r} is unknown; use one of "
-                        f"{', '.join(EXPERIMENTS)}")
-    if config.trainable:
-        return tuple(config.trainable)
-    return {"ft_lora": ("^lora/", "^params/head/"), "ffn": ("^params/head/",),
-            "zero_shot": (), "full": (".*",)}[config.experiment]
-
-
-def prepare(config) -> Setup:
-    """Validate the config and inputs, load model and data. Writes nothing."""
-    task = resolve_task(config)
-    if config.batch_size % jax.device_count():
-        raise UserError(f"batch_size {config.batch_size} is not divisible by the "
-                        f"{jax.device_count()} devices; use a multiple of {jax.device_count()}")
-    if config.experiment == "zero_shot":
-        config.num_epochs = 0
-    patterns = trainable_patterns(config)
-    model_dir, enc_cfg, pretrained, missing = load_pretrained(config.model)
-    model = build_model(config, enc_cfg, task)
-    tokenizer = load_tokenizer(model_dir, config.tokenizer)
-    examples, sources = load_examples(config, task)
-    max_len = min(config.max_length, enc_cfg.max_position_embeddings)
-    splits = {k: data_lib.encode(v, tokenizer, max_len) for k, v in examples.items()}
-    variables = init_variables(model, pretrained, missing, config)
-    mask = lora_lib.trainable_mask(variables, patterns)
-    trainable, frozen = lora_lib.split(variables, mask)
-    return Setup(config, task, model_dir, enc_cfg, model, frozen, trainable, splits,
-                 tokenizer.pad_token_id or 0, data_lib.bucket_lengths(max_len, config.buckets),
-                 sources)
-
-
-# ----------------------------------------------------------------------------- steps
+# ----------------------------------------------------------------------------- optimizer, step
 
 
 def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with warmup + linear/cosine/constant schedule and global-norm clipping.
+
+    Adapter ``alpha`` leaves (hyper-parameters stored with the adapter) get no update at all
+    (`lora_jax.lora.optimizer_labels`).
+    """
     opt = config.optimizer
     warmup = opt.get("warmup_steps", 0) or int(opt.warmup_ratio * total_steps)
     warmup_part = optax.linear_schedule(0.0, opt.learning_rate, max(warmup, 1))
     rest = max(total_steps - warmup, 1)
-    if opt.schedule == "linear":
-        lr = optax.join_schedules([warmup_part, optax.linear_schedule(opt.learning_rate, 0.0, rest)],
-                                  [warmup])
-    elif opt.schedule == "cosine":
-        lr = optax.join_schedules([warmup_part, optax.cosine_decay_schedule(opt.learning_rate,
-                                                                            rest)], [warmup])
-    elif opt.schedule == "constant":
-        lr = optax.join_schedules([warmup_part, optax.constant_schedule(opt.learning_rate)],
-                                  [warmup])
-    else:
-        raise UserError(f"optimizer.schedule {opt.schedule!r} is unknown; use linear, cosine or "
-                        "constant")
-    return optax.chain(
+    after = {"linear": lambda: optax.linear_schedule(opt.learning_rate, 0.0, rest),
+             "cosine": lambda: optax.cosine_decay_schedule(opt.learning_rate, rest),
+             "constant": lambda: optax.constant_schedule(opt.learning_rate)}
+    if opt.schedule not in after:
+        raise UserError(f"optimizer.schedule {opt.schedule!r} is unknown; use "
+                        f"{', '.join(after)}")
+    lr = optax.join_schedules([warmup_part, after[opt.schedule]()], [warmup])
+    adamw = optax.chain(
         optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip else optax.identity(),
         optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                    mask=lora_lib.weight_decay_mask),
-    )
+                    mask=lora_lib.weight_decay_mask))
+    return optax.multi_transform({"trainable": adamw, "frozen": optax.set_to_zero()},
+                                 lora_lib.optimizer_labels)
 
 
-def loss_and_predictions(logits: jax.Array, labels: jax.Array, weights: jax.Array,
-                         regression: bool) -> tuple[jax.Array, jax.Array]:
-    """Weighted mean loss (cross-entropy, or MSE when regression) and predictions (B,)."""
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+                    base_rng: jax.Array) -> Callable:
+    """The one train step: `loss_fn(trainable, frozen, batch, rng) -> scalar` in, a pure
+
+        train_step(trainable, opt_state, step, frozen, batch) -> (trainable, opt_state, metrics)
+
+    out. The dropout key is `fold_in(base_rng, step)`, so a resumed run draws the same masks.
+    Gradients are taken w.r.t. `trainable` only; `frozen` passes through untouched. Metrics:
+    train/loss, and the l2 norms train/grad_norm and train/param_norm.
+    """
+
+    def train_step(trainable, opt_state, step, frozen, batch):
+        rng = jax.random.fold_in(base_rng, step)
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch, rng)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        return trainable, opt_state, {"train/loss": loss,
+                                      "train/grad_norm": optax.global_norm(grads),
+                                      "train/param_norm": optax.global_norm(trainable)}
+
+    return train_step
+
+
+def weighted_loss_and_predictions(logits: jax.Array, labels: jax.Array, weights: jax.Array,
+                                  regression: bool) -> tuple[jax.Array, jax.Array]:
+    """Weighted mean loss (cross-entropy, or MSE when regression) over (B,) examples, and the
+    predictions (B,): class ids, or the regression value. Rows of weight 0 are padding."""
     if regression:
         pred = logits[:, 0]
         per_example = jnp.square(pred - labels.astype(jnp.float32))
@@ -255,121 +106,7 @@ def loss_and_predictions(logits: jax.Array, labels: jax.Array, weights: jax.Arra
     return (per_example * weights).sum() / jnp.maximum(weights.sum(), 1.0), pred
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, regression: bool,
-                    base_rng: jax.Array) -> Callable:
-    """train_step(trainable, opt_state, step, frozen, batch) -> (trainable, opt_state, metrics).
-
-    Gradients are taken w.r.t. `trainable` only; `frozen` passes through untouched.
-    """
-
-    def train_step(trainable, opt_state, step, frozen, batch):
-        rng = jax.random.fold_in(base_rng, step)
-
-        def loss_fn(params):
-            variables = lora_lib.combine(params, frozen)
-            logits = model.apply(variables, batch["input_ids"], batch["attention_mask"],
-                                 batch["token_type_ids"], deterministic=False,
-                                 rngs={"dropout": rng})
-            loss, _ = loss_and_predictions(logits, batch["labels"], batch["weights"], regression)
-            return loss
-
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
-                   "train/param_norm": optax.global_norm(trainable)}
-        return trainable, opt_state, metrics
-
-    return train_step
-
-
-def make_predict_step(model: nn.Module, regression: bool) -> Callable:
-    def predict_step(trainable, frozen, batch):
-        logits = model.apply(lora_lib.combine(trainable, frozen), batch["input_ids"],
-                             batch["attention_mask"], batch["token_type_ids"], deterministic=True)
-        return loss_and_predictions(logits, batch["labels"], batch["weights"], regression)[1]
-
-    return predict_step
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def evaluate(predict: Callable, trainable, frozen, enc: data_lib.Encoded, task: Task,
-             setup: Setup, put: Callable, desc: str = "eval") -> dict[str, float]:
-    """Metrics of `task` on one encoded split (predictions gathered back to example order)."""
-    bs = setup.config.eval_batch_size
-    preds = np.zeros(len(enc), np.float32 if task.is_regression else np.int32)
-    batches = data_lib.eval_order(enc.lengths, bs)
-    for idx in tqdm(batches, desc=desc, leave=False, disable=not setup.config.progress):
-        batch = put(data_lib.make_batch(enc, idx, bs, setup.buckets, setup.pad_id))
-        preds[idx] = np.asarray(predict(trainable, frozen, batch))[: len(idx)]
-    return metrics_lib.compute(task.metrics, preds, enc.labels)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        item_names=("state", "meta"))
-
-
-def _state_dict(trainable, opt_state, best_trainable, best_score, best_step) -> dict:
-    return {"trainable": trainable, "opt_state": opt_state, "best_trainable": best_trainable,
-            "best_score": jnp.asarray(best_score, jnp.float32),
-            "best_step": jnp.asarray(best_step, jnp.int32)}
-
-
-def restore_train_state(mngr: ocp.CheckpointManager, trainable, opt_state):
-    """(step, trainable, opt_state, best) from the latest checkpoint, shaped like the inputs."""
-    step = mngr.latest_step()
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_dict(
-        trainable, opt_state, trainable, 0.0, 0))
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
-    best = Best(float(restored["best_score"]), int(restored["best_step"]),
-                restored["best_trainable"])
-    return step, restored["trainable"], restored["opt_state"], best
-
-
-def save_train_state(mngr: ocp.CheckpointManager, step: int, trainable, opt_state, best,
-                     meta: dict) -> None:
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_state_dict(trainable, opt_state, best.trainable, best.score,
-                                                best.step)),
-        meta=ocp.args.JsonSave(meta)), force=True)
-
-
-def restore_trainable(workdir: str, which: str = "best_trainable", step: int | None = None):
-    """Trainable tree (`best_trainable` or `trainable`) and metadata from a run's checkpoints."""
-    mngr = checkpoint_manager(workdir)
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise UserError(f"no checkpoint under {workdir}/checkpoints; train first")
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    return restored["state"][which], restored["meta"]
-
-
-# ----------------------------------------------------------------------------- the loop
-
-
-def machine_description() -> str:
-    dev = jax.devices()[0]
-    return (f"{platform.machine()} {dev.platform.upper()} ({dev.device_kind}), "
-            f"{jax.device_count()} device(s), {os.cpu_count()} CPU cores, jax {jax.__version__}")
-
-
-@dataclasses.dataclass
-class Best:
-    """The best trainable tree so far by the selection split's main metric."""
-
-    score: float
-    step: int
-    trainable: Any
+# ----------------------------------------------------------------------------- placement
 
 
 @dataclasses.dataclass
@@ -390,8 +127,87 @@ class Placement:
     def batch(self) -> NamedSharding:
         return NamedSharding(self.mesh, P("data"))
 
-    def put_batch(self, batch: dict) -> dict:
+    def put_batch(self, batch):
         return jax.device_put(batch, self.batch)
+
+
+def check_divisible_by_devices(config, keys: tuple[str, ...]) -> None:
+    """Every batch size in `keys` must split evenly over the devices of the data axis."""
+    n = jax.device_count()
+    for key in keys:
+        value = config.get(key)
+        if value and value % n:
+            raise UserError(f"{key} {value} is not divisible by the {n} devices; use a multiple "
+                            f"of {n}")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        item_names=("state", "meta"))
+
+
+@dataclasses.dataclass
+class Best:
+    """The best trainable tree so far by the selection split's main metric."""
+
+    score: float
+    step: int
+    trainable: Any
+
+
+def _state_dict(trainable, opt_state, best: Best, stopped_early: bool) -> dict:
+    return {"trainable": trainable, "opt_state": opt_state, "best_trainable": best.trainable,
+            "best_score": jnp.asarray(best.score, jnp.float32),
+            "best_step": jnp.asarray(best.step, jnp.int32),
+            "stopped_early": jnp.asarray(stopped_early, jnp.int32)}
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, trainable, opt_state):
+    """(step, trainable, opt_state, best, stopped_early) from the latest checkpoint."""
+    step = mngr.latest_step()
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_dict(
+        trainable, opt_state, Best(0.0, 0, trainable), False))
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+    best = Best(float(restored["best_score"]), int(restored["best_step"]),
+                restored["best_trainable"])
+    return (step, restored["trainable"], restored["opt_state"], best,
+            bool(restored["stopped_early"]))
+
+
+def save_train_state(mngr: ocp.CheckpointManager, step: int, trainable, opt_state, best: Best,
+                     stopped_early: bool, meta: dict) -> None:
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_state_dict(trainable, opt_state, best, stopped_early)),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def restore_trainable(workdir: str, which: str = "best_trainable", step: int | None = None):
+    """Trainable tree (`best_trainable` or `trainable`) and metadata from a run's checkpoints."""
+    mngr = checkpoint_manager(workdir)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise UserError(f"no checkpoint under {workdir}/checkpoints; train first")
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    return restored["state"][which], restored["meta"]
+
+
+def prepare_workdir(workdir: str, resume: bool) -> None:
+    """Create the workdir; refuse one that holds another run's checkpoints unless resuming."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir) and not resume:
+        raise UserError(f"{workdir} already holds checkpoints; pass --config.resume=True to "
+                        "continue that run, or choose a new --workdir")
+    os.makedirs(workdir, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------- the loop
 
 
 class TrainProgress:
@@ -426,24 +242,23 @@ class TrainProgress:
         self.window_start += seconds
 
     def close(self) -> dict:
-        """{"seconds", "examples"} of pure training."""
+        """{"seconds", "examples"} of pure training in this process (since a resume)."""
         self.bar.close()
         return {"seconds": time.perf_counter() - self.start - self.paused,
                 "examples": self.examples}
 
 
-def train_stream(enc: data_lib.Encoded, cfg, start_step: int, total_steps: int):
+def train_stream(lengths: np.ndarray, cfg, start_step: int, total_steps: int):
     """(step, index batch) pairs from start_step up to total_steps.
 
     The order of each epoch is a pure function of (seed, epoch), so starting at any step replays
     exactly the batches an uninterrupted run would see there.
     """
-    steps_per_epoch = -(-len(enc) // cfg.batch_size)
+    steps_per_epoch = -(-len(lengths) // cfg.batch_size)
     step = start_step
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        order = data_lib.train_order(enc.lengths, cfg.batch_size, cfg.seed, epoch,
-                                     cfg.length_grouping)
+        order = data_lib.train_order(lengths, cfg.batch_size, cfg.seed, epoch, cfg.length_grouping)
         for idx in order[offset:]:
             if step >= total_steps:
                 return
@@ -457,53 +272,52 @@ def num_train_steps(num_examples: int, cfg) -> int:
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
-def total_train_steps(setup: Setup) -> int:
-    train = setup.splits.get("train")
-    return 0 if train is None else num_train_steps(len(train), setup.config)
+def train_loop(cfg, lengths: np.ndarray, workdir: str, place: Placement, trainable, frozen,
+               writer: MetricWriter, *, loss_fn: LossFn, batch_of: Callable,
+               select: Callable, selection_name: str, main_metric: str, desc: str,
+               meta: dict) -> tuple[Best, dict]:
+    """The training loop every experiment shares.
 
-
-def train_loop(cfg, train, workdir: str, place: Placement, trainable, frozen,
-               writer: MetricWriter, *, make_step: Callable, batch_of: Callable,
-               select: Callable, selection_name: str, main_metric: str, desc: str, meta: dict,
-               patience: int = 0) -> tuple[Best, int, dict]:
-    """The training loop every model here shares: optimizer, jit-compiled step over the mesh,
-    selection every `cfg.eval_every_steps` (default: once per epoch), Orbax checkpoints, resume.
+    Selection every `cfg.eval_every_steps` (0: once per epoch) and at the last step; early
+    stopping after `cfg.early_stopping_patience` evaluations without a new best (0: never);
+    Orbax checkpoints every `cfg.checkpoint_every_steps`, at the end and when stopping; exact
+    resume with `cfg.resume`; `cfg.stop_after_steps` checkpoints and stops (to resume later).
 
     Args:
-      cfg: the run's config (optimizer, batch_size, num_epochs, max_steps, seed, resume, ...).
-      train: the training split (`len` and `.lengths`, for the length-grouped batch order).
-      make_step: tx -> pure train_step(trainable, opt_state, step, frozen, batch) ->
-        (trainable, opt_state, metrics).
-      batch_of: (B,) row indices of `train` -> host batch of numpy arrays.
+      lengths: (N,) token lengths of the training rows (the length-grouped batch order).
+      loss_fn: (trainable, frozen, batch, rng) -> scalar; see `make_train_step`.
+      batch_of: (B,) row indices -> host batch (a dict of numpy arrays, leading axis B).
       select: trainable -> {metric: score} on the selection split.
-      patience: stop after this many evaluations without a new best; 0 never stops early.
     Returns:
-      (best, last_step, stats) with stats = {"seconds", "examples"} of pure training time
-      (evaluation and checkpoint writes excluded), "total_steps" and "stopped_early".
+      (best, stats): stats has "seconds" and "examples" of pure training in this process,
+      "last_step", "total_steps", "stopped_early" and "interrupted" (stopped by
+      `stop_after_steps`: no results yet).
     """
-    steps_per_epoch = -(-len(train) // cfg.batch_size)
-    total_steps = num_train_steps(len(train), cfg)
+    steps_per_epoch = -(-len(lengths) // cfg.batch_size)
+    total_steps = num_train_steps(len(lengths), cfg)
     eval_every = cfg.eval_every_steps or steps_per_epoch
+    patience = cfg.get("early_stopping_patience", 0)
     tx = make_optimizer(cfg, total_steps)
     opt_state = jax.jit(tx.init, out_shardings=place.replicated)(trainable)
     train_step = jax.jit(
-        make_step(tx),
+        make_train_step(loss_fn, tx, jax.random.PRNGKey(cfg.seed + 2)),
         in_shardings=(place.replicated, place.replicated, None, place.replicated, place.batch),
         out_shardings=(place.replicated, place.replicated, place.replicated),
         donate_argnums=(0, 1))
     # A copy: the train step donates `trainable`'s buffers.
     best = Best(-np.inf, 0, jax.tree_util.tree_map(jnp.copy, trainable))
     mngr = checkpoint_manager(workdir)
-    step = 0
+    step, stopped_early = 0, False
     if cfg.resume and mngr.latest_step() is not None:
-        step, trainable, opt_state, best = restore_train_state(mngr, trainable, opt_state)
-        log.info("resumed from step %d (best %s %.4f at step %d)", step, main_metric,
-                 best.score, best.step)
+        step, trainable, opt_state, best, stopped_early = restore_train_state(
+            mngr, trainable, opt_state)
+        log.info("resumed from step %d (best %s %.4f at step %d%s)", step, main_metric,
+                 best.score, best.step, "; it had stopped early" if stopped_early else "")
 
     progress = TrainProgress(writer, total_steps, step, desc, cfg.log_every_steps,
                              steps_per_epoch, cfg.progress)
-    stopped_early = False
-    for at, idx in train_stream(train, cfg, step, total_steps):
+    stream = () if stopped_early else train_stream(lengths, cfg, step, total_steps)
+    for at, idx in stream:
         batch = place.put_batch(batch_of(idx))
         trainable, opt_state, m = train_step(trainable, opt_state, at, frozen, batch)
         step = at + 1
@@ -520,7 +334,7 @@ def train_loop(cfg, train, workdir: str, place: Placement, trainable, frozen,
             stopped_early = bool(patience) and step - best.step >= patience * eval_every
         stopping = stopped_early or step == cfg.stop_after_steps
         if step % cfg.checkpoint_every_steps == 0 or step == total_steps or stopping:
-            save_train_state(mngr, step, trainable, opt_state, best, meta)
+            save_train_state(mngr, step, trainable, opt_state, best, stopped_early, meta)
         progress.pause(time.perf_counter() - t0)
         if stopping:
             if stopped_early:
@@ -530,99 +344,133 @@ def train_loop(cfg, train, workdir: str, place: Placement, trainable, frozen,
     stats = progress.close()
     mngr.wait_until_finished()
     mngr.close()
-    return best, step, {**stats, "total_steps": total_steps, "stopped_early": stopped_early}
+    return best, {**stats, "last_step": step, "total_steps": total_steps,
+                  "stopped_early": stopped_early,
+                  "interrupted": step < total_steps and not stopped_early}
 
 
-def fit(setup: Setup, workdir: str, place: Placement, trainable, frozen, predict: Callable,
-        writer: MetricWriter) -> tuple[Best, int, dict]:
-    """`train_loop` for a sequence classifier: selection on the held-out slice (or the first
-    eval split), no early stopping."""
-    cfg, task = setup.config, setup.task
-    train = setup.splits["train"]
-    select_name = "selection" if "selection" in setup.splits else task.eval_splits[0]
-    return train_loop(
-        cfg, train, workdir, place, trainable, frozen, writer,
-        make_step=lambda tx: make_train_step(setup.model, tx, task.is_regression,
-                                             jax.random.PRNGKey(cfg.seed + 2)),
-        batch_of=lambda idx: data_lib.make_batch(train, idx, cfg.batch_size, setup.buckets,
-                                                 setup.pad_id),
-        select=lambda params: evaluate(predict, params, frozen, setup.splits[select_name], task,
-                                       setup, place.put_batch, desc=f"eval {select_name}"),
-        selection_name=select_name, main_metric=task.main_metric,
-        desc=f"{cfg.experiment} {task.name}",
-        meta={"task": task.name, "experiment": cfg.experiment, "model": cfg.model,
-              "config": cfg.to_dict()})
+# ----------------------------------------------------------------------------- one run
 
 
-def prepare_workdir(workdir: str, resume: bool) -> None:
-    """Create the workdir; refuse one that holds another run's checkpoints unless resuming."""
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir) and not resume:
-        raise UserError(f"{workdir} already holds checkpoints; pass --config.resume=True to "
-                        "continue that run, or choose a new --workdir")
-    os.makedirs(workdir, exist_ok=True)
+@dataclasses.dataclass
+class Experiment:
+    """What an experiment plugs into `run_experiment`.
 
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train per `config`, select on the held-out slice, report the eval splits.
-
-    Returns the results dict (also written to <workdir>/results.json), or
-    ``{"stopped_at_step", "total_steps"}`` when `stop_after_steps` ended the run early.
+    evaluate(trainable, frozen, split, workdir) -> {metric: value} scores one split; `workdir`
+    is set for the final report (an experiment may write per-split files there, e.g. samples)
+    and None during selection. extra(best_trainable) -> more results fields.
     """
-    wall_start = time.perf_counter()
-    setup = prepare(config)
-    task, cfg = setup.task, setup.config
-    prepare_workdir(workdir, cfg.resume)
 
+    name: str  # results["experiment"]
+    config: Any
+    task: Any  # lora_jax.tasks.Task
+    model: str
+    trainable: Any
+    frozen: Any
+    train_lengths: np.ndarray | None  # None or empty: evaluation only
+    loss_fn: LossFn
+    batch_of: Callable
+    evaluate: Callable
+    selection_split: str
+    sizes: dict[str, int]
+    sources: dict[str, str]
+    protocol: str
+    meta: dict = dataclasses.field(default_factory=dict)
+    desc: str = ""
+    extra: Callable | None = None
+
+
+def machine_description() -> str:
+    dev = jax.devices()[0]
+    return (f"{platform.machine()} {dev.platform.upper()} ({dev.device_kind}), "
+            f"{jax.device_count()} device(s), {os.cpu_count()} CPU cores, jax {jax.__version__}")
+
+
+def git_commit() -> str:
+    """The repository's HEAD commit, with ``+dirty`` when tracked files differ from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return head + ("+dirty" if dirty.strip() else "")
+
+
+def provenance() -> dict:
+    """Fields every results file carries: the code, the exact command and the machine."""
+    return {"git_commit": git_commit(), "command": " ".join(sys.argv),
+            "machine": machine_description(), "date": time.strftime("%Y-%m-%d")}
+
+
+def results_record(exp: Experiment, metrics: dict, selection_metrics: dict | None, best: Best,
+                   stats: dict, n_trainable: int, n_total: int, wall_seconds: float) -> dict:
+    """The one results record (results.json) of every experiment."""
+    cfg = exp.config
+    record = {"task": exp.task.name, "experiment": exp.name, "model": exp.model,
+              "main_metric": exp.task.main_metric, "metrics": metrics}
+    if selection_metrics is not None:
+        record["selection_metrics"] = selection_metrics
+    seconds = stats["seconds"]
+    record.update({
+        "best_step": best.step, "last_step": stats["last_step"],
+        "total_steps": stats["total_steps"], "stopped_early": stats["stopped_early"],
+        "epochs": cfg.num_epochs, "trainable_params": n_trainable, "total_params": n_total,
+        "sizes": exp.sizes, "train_seconds": round(seconds, 2),
+        "train_examples_per_s": round(stats["examples"] / seconds, 1) if seconds else None,
+        "protocol": exp.protocol, "data_sources": exp.sources, "seed": cfg.seed,
+        **provenance(), "wall_seconds": round(wall_seconds, 1),
+    })
+    if exp.extra is not None:
+        record.update(exp.extra(best.trainable))
+    record["config"] = cfg.to_dict()
+    return record
+
+
+def run_experiment(exp: Experiment, workdir: str, wall_start: float) -> dict[str, Any]:
+    """Train (if the experiment has a training split), select, report, write results.json.
+
+    Returns the results record, or ``{"stopped_at_step", "total_steps"}`` when
+    `stop_after_steps` ended the run before its last step.
+    """
+    cfg, task = exp.config, exp.task
+    prepare_workdir(workdir, cfg.resume)
     place = Placement.all_devices()
-    frozen = jax.device_put(setup.frozen, place.replicated)
-    trainable = jax.device_put(setup.trainable, place.replicated)
-    n_trainable = lora_lib.count_params(setup.trainable)
-    n_total = n_trainable + lora_lib.count_params(setup.frozen)
-    log.info("task %s, experiment %s: %d trainable of %d parameters (%.3f%%)", task.name,
-             cfg.experiment, n_trainable, n_total, 100 * n_trainable / n_total)
-    predict = jax.jit(make_predict_step(setup.model, task.is_regression),
-                      in_shardings=(place.replicated, place.replicated, place.batch))
-    total_steps = total_train_steps(setup)
+    frozen = jax.device_put(exp.frozen, place.replicated)
+    trainable = jax.device_put(exp.trainable, place.replicated)
+    n_trainable = lora_lib.count_params(exp.trainable)
+    n_total = n_trainable + lora_lib.count_params(exp.frozen)
+    log.info("%s on %s: %d trainable of %d parameters (%.4f%%)", exp.name, task.name,
+             n_trainable, n_total, 100 * n_trainable / max(n_total, 1))
     resume_step = checkpoint_manager(workdir).latest_step() if cfg.resume else None
     writer = MetricWriter(workdir, resume_step=resume_step)
-    best, step, stats = Best(-np.inf, 0, trainable), 0, {"seconds": 0.0, "examples": 0}
-    if total_steps:
-        best, step, stats = fit(setup, workdir, place, trainable, frozen, predict, writer)
-        if step < total_steps:
+    best = Best(-np.inf, 0, trainable)
+    stats = {"seconds": 0.0, "examples": 0, "last_step": 0, "total_steps": 0,
+             "stopped_early": False, "interrupted": False}
+    if exp.train_lengths is not None and len(exp.train_lengths):
+        best, stats = train_loop(
+            cfg, exp.train_lengths, workdir, place, trainable, frozen, writer,
+            loss_fn=exp.loss_fn, batch_of=exp.batch_of,
+            select=lambda params: exp.evaluate(params, frozen, exp.selection_split, None),
+            selection_name=exp.selection_split, main_metric=task.main_metric,
+            desc=exp.desc or f"{exp.name} {task.name}", meta=exp.meta)
+        if stats["interrupted"]:
             writer.close()
             log.info("stopped at step %d of %d as asked (stop_after_steps); continue with "
-                     "--config.resume=True", step, total_steps)
-            return {"stopped_at_step": step, "total_steps": total_steps}
-
-    results = {"task": task.name, "experiment": cfg.experiment, "model": cfg.model,
-               "main_metric": task.main_metric, "metrics": {}}
-    for split in task.eval_splits:
-        results["metrics"][split] = evaluate(predict, best.trainable, frozen,
-                                             setup.splits[split], task, setup, place.put_batch,
-                                             desc=f"eval {split}")
-    if "selection" in setup.splits:
-        results["selection_metrics"] = evaluate(predict, best.trainable, frozen,
-                                                setup.splits["selection"], task, setup,
-                                                place.put_batch, desc="eval selection")
-    sizes = {k: len(v) for k, v in setup.splits.items()}
-    results.update({
-        "best_step": best.step, "total_steps": total_steps, "epochs": cfg.num_epochs,
-        "trainable_params": n_trainable, "total_params": n_total, "sizes": sizes,
-        "train_seconds": round(stats["seconds"], 2),
-        "train_examples_per_s": round(stats["examples"] / stats["seconds"], 1)
-        if stats["seconds"] else None,
-        "protocol": PROTOCOL.format(n=sizes["selection"], splits=", ".join(task.eval_splits))
-        if "selection" in sizes else
-        f"no selection (last step); metrics reported on {', '.join(task.eval_splits)}",
-        "data_sources": setup.sources, "seed": cfg.seed,
-        "machine": machine_description(), "command": " ".join(sys.argv),
-        "wall_seconds": round(time.perf_counter() - wall_start, 1),
-        "config": cfg.to_dict(),
-    })
+                     "--config.resume=True", stats["last_step"], stats["total_steps"])
+            return {"stopped_at_step": stats["last_step"], "total_steps": stats["total_steps"]}
+    metrics = {split: exp.evaluate(best.trainable, frozen, split, workdir)
+               for split in task.eval_splits}
+    selection_metrics = None
+    if exp.selection_split in exp.sizes and exp.selection_split not in task.eval_splits:
+        selection_metrics = exp.evaluate(best.trainable, frozen, exp.selection_split, None)
+    results = results_record(exp, metrics, selection_metrics, best, stats, n_trainable, n_total,
+                             time.perf_counter() - wall_start)
     main_split = task.eval_splits[0]
-    writer.write(step, {f"{main_split}/{task.main_metric}":
-                        results["metrics"][main_split][task.main_metric]})
+    writer.write(stats["last_step"], {f"{main_split}/{task.main_metric}":
+                                      metrics[main_split][task.main_metric]})
     writer.close()
     write_json_atomic(os.path.join(workdir, "results.json"), results)
     return results

@@ -25,11 +25,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lora_jax.lora import register_adaptable
 from lora_jax.models.layers import ACTIVATIONS, LoRADense
 from t5_hybrid.config import T5Config
 
 PROMPT_COLLECTION = "prompt"
 NEG_INF = -1e9
+
+# The projections that can take an adapter (PEFT's names: q, k, v, o, wi, wi_0, wi_1, wo).
+register_adaptable("t5", r"(^|/)blocks_\d+/((self|cross)_attention/[qkvo]|mlp/(wi|wi_0|wi_1|wo))$")
 
 
 def relative_position_bucket(relative_position: jax.Array, bidirectional: bool, num_buckets: int,
@@ -71,22 +75,20 @@ class RMSNorm(nn.Module):
 
 
 class T5Module(nn.Module):
-    """Fields shared by every T5 part: the architecture, LoRA scale/dropout, compute dtype."""
+    """Fields shared by every T5 part: the architecture, LoRA dropout, compute dtype."""
 
     config: T5Config
-    lora_alpha: float = 1.0
     lora_dropout: float = 0.0
     dtype: Any = jnp.float32
 
     @property
     def part_kwargs(self) -> dict:
-        return dict(config=self.config, lora_alpha=self.lora_alpha,
-                    lora_dropout=self.lora_dropout, dtype=self.dtype)
+        return dict(config=self.config, lora_dropout=self.lora_dropout, dtype=self.dtype)
 
     def dense(self, features: int, **kw) -> LoRADense:
         """A bias-free LoRA-capable projection (T5 initialisation scale)."""
-        return LoRADense(features, use_bias=False, lora_alpha=self.lora_alpha,
-                         lora_dropout=self.lora_dropout, dtype=self.dtype,
+        return LoRADense(features, use_bias=False, lora_dropout=self.lora_dropout,
+                         dtype=self.dtype,
                          kernel_init=nn.initializers.normal(self.config.d_model ** -0.5), **kw)
 
 

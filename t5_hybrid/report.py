@@ -9,7 +9,6 @@ or on finished runs:
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -17,6 +16,8 @@ import shlex
 import statistics
 import sys
 from collections.abc import Sequence
+
+from lora_jax.cli import ArgumentParser, fail
 
 ROW_NAMES = {"base": "Base Model", "prompt_only": "Prompt Tuning Only",
              "lora_only": "LoRA Only", "prompt_lora": "Prompt Tuning + LoRA",
@@ -112,7 +113,7 @@ def markdown_table(sweep, results: list[dict], command: str, note: str = "") -> 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="FLAN-T5 hybrid tables from results.json files")
+    parser = ArgumentParser(description="FLAN-T5 hybrid tables from results.json files")
     parser.add_argument("--runs", required=True, help="folder searched for */results.json")
     parser.add_argument("--out", required=True, help="path stem for .md and .json")
     parser.add_argument("--note", default="")
@@ -121,8 +122,7 @@ def main(argv=None) -> int:
     results = [json.load(open(p)) for p in paths]  # noqa: SIM115
     results = [r for r in results if r.get("experiment") == "t5_hybrid"]
     if not results:
-        print(f"error: no t5_hybrid results.json under {args.runs}", file=sys.stderr)
-        return 2
+        fail(f"no t5_hybrid results.json under {args.runs}")
     command = "python -m t5_hybrid.report " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = markdown_table(None, results, command, args.note)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)

@@ -1,8 +1,9 @@
 """Text-to-text tasks of the FLAN-T5 hybrid paper: SST-2, SAMSum, WikiSQL (and a synthetic one).
 
-A task turns a dataset row into (source text, target text), says where its splits live (the same
-``hub`` / ``tfds`` / ``local`` sources as `lora_jax.tasks`, read by `lora_jax.data.load_split`),
-which split selects the model and which are reported, and how predictions are scored:
+Each is a `lora_jax.tasks.Task` of kind ``seq2seq`` (registered here on import): it turns a
+dataset row into (source text, target text), says where its splits live (the same ``hub`` /
+``tfds`` / ``local`` sources as every task, read by `lora_jax.data.load_split`), which split
+selects the model and which are reported, and how predictions are scored:
 
 * ``sst2``: target = the label word (``negative`` / ``positive``); accuracy = exact match of the
   generated word;
@@ -15,39 +16,12 @@ which split selects the model and which are reported, and how predictions are sc
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Callable
 
 from lora_jax.errors import UserError
+from lora_jax.tasks import Task, get_task, register_task
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Seq2SeqTask:
-    """One text-to-text task. Metrics are fractions in [0, 1]; the first is the main one."""
-
-    name: str
-    source_fn: Callable[[dict, str], str]  # (row, where) -> source text; raises UserError
-    target_fn: Callable[[dict, str], str]
-    metrics: tuple[str, ...]
-    prefix: str
-    hub: tuple[str, ...] = ()
-    tfds: str = ""
-    local: str = ""
-    splits: tuple[tuple[str, str], ...] = ()  # our name -> the source's split name
-    selection_split: str = ""  # "" : a held-out slice of train (config.selection_size)
-    eval_splits: tuple[str, ...] = ("validation",)
-    max_source_length: int = 256
-    max_target_length: int = 64
-
-    @property
-    def main_metric(self) -> str:
-        return self.metrics[0]
-
-    def source_split(self, split: str) -> str:
-        return dict(self.splits).get(split, split)
 
 
 def _field(row: dict, key: str, where: str, task: str):
@@ -98,38 +72,39 @@ def _wikisql_target(row: dict, where: str) -> str:
     return sql["human_readable"]
 
 
-TASKS: dict[str, Seq2SeqTask] = {t.name: t for t in [
-    Seq2SeqTask("sst2", lambda r, w: _text(r, "sentence", w, "sst2"), _sst2_target,
-                ("accuracy",), "sst2 sentence: ", hub=("nyu-mll/glue", "sst2"),
-                tfds="glue/sst2", local="glue/sst2", max_source_length=128, max_target_length=4),
-    Seq2SeqTask("samsum", lambda r, w: _text(r, "dialogue", w, "samsum"),
-                lambda r, w: _text(r, "summary", w, "samsum"),
-                ("rougeL", "rouge1", "rouge2"), "summarize: ", hub=("knkarthick/samsum",),
-                local="samsum", selection_split="validation", eval_splits=("test",),
-                max_source_length=512, max_target_length=96),
-    Seq2SeqTask("wikisql", _wikisql_source, _wikisql_target, ("logical_form_accuracy",),
-                "translate English to SQL: ", hub=("wikisql",), local="wikisql",
-                selection_split="validation", eval_splits=("test",), max_source_length=256,
-                max_target_length=96),
+SEQ2SEQ = "seq2seq"
+
+for _task in [
+    Task("sst2", source_fn=lambda r, w: _text(r, "sentence", w, "sst2"), target_fn=_sst2_target,
+         metrics=("accuracy",), prefix="sst2 sentence: ", hub=("nyu-mll/glue", "sst2"),
+         tfds="glue/sst2", local="glue/sst2", max_source_length=128, max_target_length=4),
+    Task("samsum", source_fn=lambda r, w: _text(r, "dialogue", w, "samsum"),
+         target_fn=lambda r, w: _text(r, "summary", w, "samsum"),
+         metrics=("rougeL", "rouge1", "rouge2"), prefix="summarize: ", hub=("knkarthick/samsum",),
+         local="samsum", splits=(), selection_split="validation", eval_splits=("test",),
+         max_source_length=512, max_target_length=96),
+    Task("wikisql", source_fn=_wikisql_source, target_fn=_wikisql_target,
+         metrics=("logical_form_accuracy",), prefix="translate English to SQL: ",
+         hub=("wikisql",), local="wikisql", splits=(), selection_split="validation",
+         eval_splits=("test",), max_source_length=256, max_target_length=96),
     # Generated offline by lora_jax.synthetic / t5_hybrid.synthetic (tests, smoke runs).
-    Seq2SeqTask("synth_sentiment", lambda r, w: _text(r, "sentence", w, "synth_sentiment"),
-                lambda r, w: ("neg", "pos")[int(_field(r, "label", w, "synth_sentiment"))],
-                ("accuracy",), "sentiment: ", local="synth/sentiment", max_source_length=96,
-                max_target_length=4),
-    Seq2SeqTask("synth_keyword", lambda r, w: _text(r, "sentence", w, "synth_keyword"),
-                lambda r, w: ("no", "yes")[int(_field(r, "label", w, "synth_keyword"))],
-                ("accuracy",), "has a zebra: ", local="synth/keyword", max_source_length=64,
-                max_target_length=4),
-]}
+    Task("synth_sentiment", source_fn=lambda r, w: _text(r, "sentence", w, "synth_sentiment"),
+         target_fn=lambda r, w: ("neg", "pos")[int(_field(r, "label", w, "synth_sentiment"))],
+         metrics=("accuracy",), prefix="sentiment: ", local="synth/sentiment",
+         max_source_length=96, max_target_length=4),
+    Task("synth_keyword", source_fn=lambda r, w: _text(r, "sentence", w, "synth_keyword"),
+         target_fn=lambda r, w: ("no", "yes")[int(_field(r, "label", w, "synth_keyword"))],
+         metrics=("accuracy",), prefix="has a zebra: ", local="synth/keyword",
+         max_source_length=64, max_target_length=4),
+]:
+    register_task(_task)
 
 
-def get_task(name: str) -> Seq2SeqTask:
-    if name not in TASKS:
-        raise UserError(f"unknown t5 task {name!r}; choose one of {', '.join(TASKS)}")
-    return TASKS[name]
+def get_seq2seq_task(name: str) -> Task:
+    return get_task(name, SEQ2SEQ)
 
 
-def pairs_from_rows(rows: list[dict], task: Seq2SeqTask, where: str, prefix: str = "",
+def pairs_from_rows(rows: list[dict], task: Task, where: str, prefix: str = "",
                     skip_empty: bool = False) -> tuple[list[str], list[str]]:
     """(sources, targets) of every row, each checked; `prefix` is prepended to the sources.
 

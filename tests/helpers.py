@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from lora_jax import lora
 from lora_jax.models import EncoderConfig, SequenceClassifier
@@ -14,7 +15,7 @@ TINY = EncoderConfig(model_type="bert", vocab_size=50, hidden_size=16, num_layer
 
 
 def tiny_model(config: EncoderConfig = TINY, num_labels: int = 3, **kw) -> SequenceClassifier:
-    return SequenceClassifier(config, num_labels, **{"lora_alpha": 8.0, **kw})
+    return SequenceClassifier(config, num_labels, **kw)
 
 
 def tiny_batch(batch: int = 4, length: int = 9, vocab: int = 50, seed: int = 0):
@@ -40,3 +41,28 @@ def override(config, **dotted):
             node = node[part]
         node[last] = value
     return config
+
+
+def adamw(learning_rate: float, **kw) -> optax.GradientTransformation:
+    """AdamW on the trainable leaves, nothing on adapter alphas (as `trainer.make_optimizer`)."""
+    return optax.multi_transform({"trainable": optax.adamw(learning_rate, **kw),
+                                  "frozen": optax.set_to_zero()}, lora.optimizer_labels)
+
+
+def dot_dtypes(fn, *args) -> list[str]:
+    """The result dtypes of every matmul (dot_general) in fn's jaxpr, nested calls included."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(str(eqn.outvars[0].aval.dtype))
+            for param in eqn.params.values():
+                for sub in (param if isinstance(param, (list, tuple)) else [param]):
+                    if hasattr(sub, "jaxpr"):
+                        walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
+                    elif hasattr(sub, "eqns"):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found

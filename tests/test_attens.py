@@ -34,7 +34,7 @@ def _modules():
 @pytest.mark.parametrize("agg1", ["mean", "max", "min", "sum"])
 def test_stacked_pass_equals_separate_passes(agg1):
     params, adapters, heads, batch = _modules()
-    enc = Encoder(TINY, lora_alpha=4.0)
+    enc = Encoder(TINY)
     fn = jax.jit(make_feature_fn(enc, agg1=agg1))
     modules, base = fn(params, with_base_slot(stack_trees(adapters)), stack_heads(heads), batch)
     assert modules.shape == (4, K, 16) and base.shape == (4, 16)
@@ -50,7 +50,7 @@ def test_stacked_pass_equals_separate_passes(agg1):
 
 def test_logits_output_is_each_head_on_its_module_zero_padded():
     params, adapters, heads, batch = _modules()
-    enc = Encoder(TINY, lora_alpha=4.0)
+    enc = Encoder(TINY)
     fn = make_feature_fn(enc, output="logits", agg1="mean")
     modules, _ = fn(params, with_base_slot(stack_trees(adapters)), stack_heads(heads), batch)
     assert modules.shape == (4, K, 3)
@@ -65,7 +65,7 @@ def test_logits_output_is_each_head_on_its_module_zero_padded():
 
 def test_padding_quirk_and_dropout_quirk_change_features():
     params, adapters, heads, batch = _modules()
-    enc = Encoder(TINY, lora_alpha=4.0)
+    enc = Encoder(TINY)
     stacked, h = with_base_slot(stack_trees(adapters)), stack_heads(heads)
     clean = make_feature_fn(enc)(params, stacked, h, batch)[0]
     padded = make_feature_fn(enc, count_padding=True)(params, stacked, h, batch)[0]

@@ -11,6 +11,7 @@ import pytest
 from flax import traverse_util
 
 from lora_jax import lora
+from lora_jax.classifier import make_loss_fn
 from lora_jax.errors import UserError
 from lora_jax.trainer import make_train_step
 from tests.helpers import TINY, tiny_batch, tiny_model, tiny_variables
@@ -30,7 +31,8 @@ def test_init_shapes_and_distribution():
     model = tiny_model()
     variables = tiny_variables(model, SPEC)
     flat = traverse_util.flatten_dict(variables["lora"])
-    assert len(flat) == 2 * 3 * TINY.num_layers
+    assert len(flat) == 3 * 3 * TINY.num_layers  # A, B and alpha per adapted kernel
+    assert {float(v) for p, v in flat.items() if p[-1] == "alpha"} == {SPEC.alpha}
     a = flat[("encoder", "layer_0", "attention", "query", "A")]
     b = flat[("encoder", "layer_0", "attention", "query", "B")]
     assert a.shape == (16, 4) and b.shape == (4, 16)
@@ -56,7 +58,7 @@ def test_adapter_changes_output_and_merge_equals_unmerged():
     base = model.apply({"params": variables["params"]}, ids, mask, types)
     unmerged = model.apply(variables, ids, mask, types)
     assert np.abs(np.asarray(unmerged - base)).max() > 1e-3
-    merged_params = lora.merge(variables["params"], variables["lora"], SPEC.alpha)
+    merged_params = lora.merge(variables["params"], variables["lora"])
     merged = model.apply({"params": merged_params}, ids, mask, types)
     np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), atol=1e-5)
     # merge returns a new tree: the base kernels are untouched
@@ -88,9 +90,11 @@ def test_training_updates_only_trainable_and_frozen_is_bit_identical():
     assert set(trainable) == {"lora", "params"} and set(trainable["params"]) == {"head"}
     frozen_before = jax.tree_util.tree_map(np.array, frozen)
     trainable_before = jax.tree_util.tree_map(np.array, trainable)
-    tx = optax.adamw(1e-2, weight_decay=0.1, mask=lora.weight_decay_mask)
+    tx = optax.multi_transform(
+        {"trainable": optax.adamw(1e-2, weight_decay=0.1, mask=lora.weight_decay_mask),
+         "frozen": optax.set_to_zero()}, lora.optimizer_labels)
     opt_state = tx.init(trainable)
-    step_fn = jax.jit(make_train_step(model, tx, False, jax.random.PRNGKey(0)))
+    step_fn = jax.jit(make_train_step(make_loss_fn(model, False), tx, jax.random.PRNGKey(0)))
     ids, amask, types = tiny_batch()
     batch = dict(input_ids=ids, attention_mask=amask, token_type_ids=types,
                  labels=jnp.array([0, 1, 2, 1]), weights=jnp.ones(4))
@@ -100,10 +104,12 @@ def test_training_updates_only_trainable_and_frozen_is_bit_identical():
     for a, b in zip(jax.tree_util.tree_leaves(frozen_before), jax.tree_util.tree_leaves(frozen),
                     strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
-    changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(
-        jax.tree_util.tree_leaves(trainable_before), jax.tree_util.tree_leaves(trainable),
-        strict=True)]
-    assert all(changed)  # every A, B and the head moved
+    before = traverse_util.flatten_dict(trainable_before)
+    after = traverse_util.flatten_dict(jax.device_get(trainable))
+    moved = {path: not np.array_equal(before[path], after[path]) for path in before}
+    alphas = [path for path in moved if path[-1] == "alpha"]
+    assert len(alphas) == 2 * 3 and not any(moved[p] for p in alphas)  # alpha is a setting
+    assert all(v for p, v in moved.items() if p[-1] != "alpha")  # every A, B and the head moved
     full = lora.combine(trainable, frozen)
     assert jax.tree_util.tree_structure(full) == jax.tree_util.tree_structure(variables)
 

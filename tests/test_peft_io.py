@@ -19,8 +19,10 @@ transformers = pytest.importorskip("transformers")
 def test_round_trip_is_exact(tmp_path):
     spec = lora.LoRASpec(r=4, alpha=8.0, dropout=0.05, targets=("query", "value", "intermediate"))
     variables = tiny_variables(tiny_model(), spec)
-    adapters = jax.tree_util.tree_map(
-        lambda x: np.asarray(x) + np.random.default_rng(0).normal(size=x.shape), variables["lora"])
+    adapters = jax.tree_util.tree_map_with_path(
+        lambda path, x: np.asarray(x) + (0 if path[-1].key == "alpha" else
+                                         np.random.default_rng(0).normal(size=x.shape)),
+        variables["lora"])
     export_peft(str(tmp_path), adapters, spec, TINY, head=variables["params"]["head"])
     back, spec2, head = import_peft(str(tmp_path), TINY)
     assert (spec2.r, spec2.alpha, spec2.dropout) == (4, 8.0, 0.05)
@@ -43,7 +45,7 @@ def _hf_classifier(tmp_path):
 
 def _ours(tmp_path, adapters, spec, head):
     _, cfg, encoder, _ = load_pretrained(str(tmp_path / "base"))
-    model = tiny_model(cfg, num_labels=3, pooling="pooler", lora_alpha=spec.alpha)
+    model = tiny_model(cfg, num_labels=3, pooling="pooler")
     variables = {"params": {"encoder": encoder, "head": head}, "lora": adapters}
     ids, mask, types = tiny_batch()
     return np.asarray(model.apply(variables, ids, mask, types)), (ids, mask, types)

@@ -6,18 +6,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from lora_jax import lora as lora_lib
 from lora_jax.errors import UserError
+from lora_jax.trainer import make_train_step
 from t5_hybrid import adapters
 from t5_hybrid import metrics as t5_metrics
 from t5_hybrid.config import T5Config
 from t5_hybrid.hf_import import load_pretrained, param_shapes
 from t5_hybrid.model import T5ForConditionalGeneration
-from t5_hybrid.tasks import get_task, pairs_from_rows
-from t5_hybrid.train import make_train_step
+from t5_hybrid.tasks import get_seq2seq_task as get_task
+from t5_hybrid.tasks import pairs_from_rows
+from t5_hybrid.train import make_loss_fn
+from tests.helpers import adamw, dot_dtypes
 
 FLAN_T5_BASE = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12,
                         num_decoder_layers=12, num_heads=12, feed_forward_proj="gated-gelu",
@@ -47,7 +49,7 @@ def test_flan_t5_base_prompt_lora_count_is_the_papers_465408():
     trainable, _ = lora_lib.split(variables, mask)
     assert lora_lib.count_params(trainable) == 465_408
     assert lora_lib.count_params(trainable["prompt"]) == 30 * 768
-    assert len(jax.tree_util.tree_leaves(trainable["lora"])) == 2 * 72  # q, v of 36 attentions
+    assert len(jax.tree_util.tree_leaves(trainable["lora"])) == 3 * 72  # A, B, alpha of q, v x 36
 
 
 def test_flan_t5_base_full_count_is_the_papers_247577856():
@@ -87,7 +89,7 @@ def test_prompt_is_initialised_from_vocabulary_rows_and_changes_the_output():
 
 
 def test_zero_lora_b_equals_base_and_training_keeps_frozen_bit_identical():
-    model = T5ForConditionalGeneration(TINY, lora_alpha=4.0, lora_dropout=0.05)
+    model = T5ForConditionalGeneration(TINY, lora_dropout=0.05)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(2, 101, (4, 9)), jnp.int32)
     labels = jnp.asarray(rng.integers(2, 101, (4, 5)), jnp.int32)
@@ -101,8 +103,8 @@ def test_zero_lora_b_equals_base_and_training_keeps_frozen_bit_identical():
     trainable, frozen = lora_lib.split(variables, mask)
     before = jax.tree_util.tree_map(np.array, frozen)
     first_trainable = jax.tree_util.tree_map(np.array, trainable)
-    tx = optax.adamw(1e-2)
-    step = jax.jit(make_train_step(model, tx, jax.random.PRNGKey(2)))
+    tx = adamw(1e-2)
+    step = jax.jit(make_train_step(make_loss_fn(model), tx, jax.random.PRNGKey(2)))
     opt_state = tx.init(trainable)
     batch = dict(input_ids=ids, attention_mask=jnp.ones_like(ids), labels=labels,
                  label_mask=jnp.ones_like(labels))
@@ -114,8 +116,9 @@ def test_zero_lora_b_equals_base_and_training_keeps_frozen_bit_identical():
     for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(frozen),
                     strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
-    changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, np.asarray(b)),
-                                     first_trainable, trainable)
+    changed = jax.tree_util.tree_map_with_path(
+        lambda path, a, b: path[-1].key == "alpha" or not np.array_equal(a, np.asarray(b)),
+        first_trainable, trainable)
     assert all(jax.tree_util.tree_leaves(changed))  # every adapter leaf moved (B from zero)
 
 
@@ -191,17 +194,29 @@ def test_report_tables_have_the_papers_shape():
 
 
 def test_bf16_train_step_keeps_float32_adapters():
-    model = T5ForConditionalGeneration(TINY, lora_alpha=4.0, dtype=jnp.bfloat16)
+    model = T5ForConditionalGeneration(TINY, dtype=jnp.bfloat16)
     ids = jnp.asarray(np.random.default_rng(0).integers(2, 101, (2, 6)), jnp.int32)
     params = T5ForConditionalGeneration(TINY).init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids),
                                                    ids)["params"]
     variables = adapters.init_variables(jax.random.PRNGKey(1), params, "prompt_lora", SPEC, 4)
     trainable, frozen = lora_lib.split(variables, lora_lib.trainable_mask(
         variables, adapters.trainable_patterns("prompt_lora")))
-    tx = optax.adamw(1e-3)
+    tx = adamw(1e-3)
     batch = dict(input_ids=ids, attention_mask=jnp.ones_like(ids), labels=ids,
                  label_mask=jnp.ones_like(ids))
-    new, _, m = jax.jit(make_train_step(model, tx, jax.random.PRNGKey(2)))(
-        trainable, tx.init(trainable), 0, frozen, batch)
+    step = make_train_step(make_loss_fn(model), tx, jax.random.PRNGKey(2))
+    new, _, m = jax.jit(step)(trainable, tx.init(trainable), 0, frozen, batch)
     assert np.isfinite(float(m["train/loss"]))
     assert {x.dtype for x in jax.tree_util.tree_leaves(new)} == {jnp.dtype(jnp.float32)}
+    # the compute really is bf16: the step's matmuls run in bf16 (an fp32 model has none), and
+    # the bf16 forward differs from the fp32 one by rounding, not by a bug
+    fp32_step = make_train_step(make_loss_fn(T5ForConditionalGeneration(TINY)), tx,
+                                jax.random.PRNGKey(2))
+    args = (trainable, tx.init(trainable), 0, frozen, batch)
+    bf16_dots, fp32_dots = dot_dtypes(step, *args), dot_dtypes(fp32_step, *args)
+    assert bf16_dots.count("bfloat16") > len(bf16_dots) // 2 and "bfloat16" not in fp32_dots
+    full = lora_lib.combine(trainable, frozen)
+    lo = T5ForConditionalGeneration(TINY, dtype=jnp.bfloat16).apply(full, ids, batch["attention_mask"], ids)
+    hi = T5ForConditionalGeneration(TINY).apply(full, ids, batch["attention_mask"], ids)
+    diff = float(jnp.abs(lo.astype(jnp.float32) - hi).max())
+    assert 0 < diff < 0.1 * float(jnp.abs(hi).max())

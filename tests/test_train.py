@@ -12,9 +12,10 @@ import jax
 import numpy as np
 import pytest
 
+from lora_jax.classifier import train_and_evaluate
 from lora_jax.experiments import load_config
 from lora_jax.synthetic import make_quickstart_assets, write_jsonl_gz
-from lora_jax.trainer import restore_trainable, train_and_evaluate
+from lora_jax.trainer import restore_trainable
 from tests.helpers import override
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -132,7 +133,8 @@ DP_SCRIPT = """
 import json, sys, jax, numpy as np
 sys.path.insert(0, {root!r})
 from tests.test_train import quick_config
-from lora_jax.trainer import train_and_evaluate, restore_trainable
+from lora_jax.classifier import train_and_evaluate
+from lora_jax.trainer import restore_trainable
 c = quick_config(({model!r}, {data!r}), batch_size=16, num_epochs=1, max_steps=6,
                  selection_size=64, max_eval_examples=64)
 r = train_and_evaluate(c, {workdir!r})

@@ -20,10 +20,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lora_jax.lora import register_adaptable
 from lora_jax.models.config import EncoderConfig
 from lora_jax.models.layers import ACTIVATIONS, LoRADense
 
 POOLINGS = ("mean", "cls", "pooler")
+
+# The Dense layers of these encoders that can take an adapter.
+register_adaptable("encoder", r"(^|/)layer_\d+/(attention/(query|key|value|output)|intermediate|output)$")
 
 
 class Embeddings(nn.Module):
@@ -51,15 +55,14 @@ class Embeddings(nn.Module):
 
 class SelfAttention(nn.Module):
     config: EncoderConfig
-    lora_alpha: float = 1.0
     lora_dropout: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, attention_mask, deterministic: bool):
         cfg = self.config
-        dense = lambda name: LoRADense(cfg.hidden_size, lora_alpha=self.lora_alpha,
-                                       lora_dropout=self.lora_dropout, dtype=self.dtype, name=name)
+        dense = lambda name: LoRADense(cfg.hidden_size, lora_dropout=self.lora_dropout,
+                                       dtype=self.dtype, name=name)
         b, t, _ = x.shape
         split = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim)
         q = split(dense("query")(x, deterministic))
@@ -76,14 +79,13 @@ class SelfAttention(nn.Module):
 
 class TransformerLayer(nn.Module):
     config: EncoderConfig
-    lora_alpha: float = 1.0
     lora_dropout: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, attention_mask, deterministic: bool):
         cfg = self.config
-        kw = dict(lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, dtype=self.dtype)
+        kw = dict(lora_dropout=self.lora_dropout, dtype=self.dtype)
         norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=name)
         drop = lambda y: nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
         attn = SelfAttention(cfg, name="attention", **kw)(x, attention_mask, deterministic)
@@ -98,7 +100,6 @@ class Encoder(nn.Module):
     """Returns last hidden states (B, T, hidden) and, for BERT, the pooled [CLS] (B, hidden)."""
 
     config: EncoderConfig
-    lora_alpha: float = 1.0
     lora_dropout: float = 0.0
     dtype: Any = jnp.float32
 
@@ -113,7 +114,7 @@ class Encoder(nn.Module):
         x = Embeddings(cfg, dtype=self.dtype, name="embeddings")(
             input_ids, token_type_ids, deterministic)
         for i in range(cfg.num_layers):
-            x = TransformerLayer(cfg, self.lora_alpha, self.lora_dropout, self.dtype,
+            x = TransformerLayer(cfg, self.lora_dropout, self.dtype,
                                  name=f"layer_{i}")(x, attention_mask, deterministic)
         pooled = None
         if cfg.has_pooler:
@@ -150,14 +151,13 @@ class SequenceClassifier(nn.Module):
     num_labels: int
     pooling: str = "mean"
     classifier_dropout: float = 0.1
-    lora_alpha: float = 1.0
     lora_dropout: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None,
                  deterministic: bool = True):
-        hidden, pooled = Encoder(self.config, self.lora_alpha, self.lora_dropout, self.dtype,
+        hidden, pooled = Encoder(self.config, self.lora_dropout, self.dtype,
                                  name="encoder")(input_ids, attention_mask, token_type_ids,
                                                  deterministic)
         x = pool(hidden, pooled, attention_mask, self.pooling)

@@ -4,9 +4,11 @@ The adapter lives in its own variable collection, ``"lora"``, next to ``"params"
 
     model.apply({"params": frozen_base, "lora": adapter}, ...)
 
-so the base tree is never copied or mutated. A `LoRADense` whose scope has ``lora/A`` (in, r)
-and ``lora/B`` (r, out) computes ``y = x W0 + b + (alpha / r) * dropout(x) A B``; without them it
-is a plain Dense. Which kernels get adapters is decided by `lora_jax.lora.init_lora`, not here.
+so the base tree is never copied or mutated. A `LoRADense` whose scope has ``lora/A`` (in, r),
+``lora/B`` (r, out) and ``lora/alpha`` (a scalar) computes
+``y = x W0 + b + (alpha / r) * dropout(x) A B``; without them it is a plain Dense. The adapter
+carries its own alpha, so an adapter is never scaled by another adapter's setting. Which kernels
+get adapters is decided by `lora_jax.lora.init_lora`, not here.
 """
 
 from __future__ import annotations
@@ -36,14 +38,12 @@ class LoRADense(nn.Module):
 
     Attributes:
       features: output width.
-      lora_alpha: LoRA scale numerator; the update is scaled by ``lora_alpha / r``.
       lora_dropout: dropout rate applied to the LoRA input only (as PEFT does).
       dtype: compute dtype (params are kept in ``param_dtype``).
     """
 
     features: int
     use_bias: bool = True
-    lora_alpha: float = 1.0
     lora_dropout: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -61,7 +61,12 @@ class LoRADense(nn.Module):
         if self.has_variable(LORA_COLLECTION, "A"):
             a = self.get_variable(LORA_COLLECTION, "A")
             b = self.get_variable(LORA_COLLECTION, "B")
-            scale = self.lora_alpha / a.shape[-1]
+            if not self.has_variable(LORA_COLLECTION, "alpha"):
+                raise ValueError(f"the adapter of {'/'.join(self.scope.path)} has A and B but no "
+                                 "alpha; build adapters with lora_jax.lora.init_lora")
+            # alpha is a hyper-parameter stored with the adapter, never trained
+            alpha = jax.lax.stop_gradient(self.get_variable(LORA_COLLECTION, "alpha"))
+            scale = (alpha / a.shape[-1]).astype(self.dtype)
             x_drop = nn.Dropout(self.lora_dropout)(x, deterministic=deterministic)
             y = y + scale * jnp.dot(jnp.dot(x_drop, a.astype(self.dtype)), b.astype(self.dtype))
         return y

@@ -1,0 +1,212 @@
+"""The single-task sequence classifier: FT_LoRA, FFN (trained head), zero-shot (untrained head)
+and full fine-tuning, on the shared pipeline of `lora_jax.trainer`.
+
+`train_and_evaluate(config, workdir)` is what ``train.py`` runs for these experiments. Every
+input is validated and loaded in `prepare` before the workdir is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+from tqdm.auto import tqdm
+
+from lora_jax import data as data_lib
+from lora_jax import lora as lora_lib
+from lora_jax import metrics as metrics_lib
+from lora_jax import trainer
+from lora_jax.config_check import validate_config
+from lora_jax.errors import UserError
+from lora_jax.models import EncoderConfig, SequenceClassifier
+from lora_jax.models.encoder import POOLINGS
+from lora_jax.models.hf_import import load_pretrained
+from lora_jax.tasks import Task, custom_task, get_task
+
+log = logging.getLogger(__name__)
+
+EXPERIMENTS = ("ft_lora", "ffn", "zero_shot", "full")
+SELECTION_PROTOCOL = ("model selection on a held-out slice of train ({n} rows, never trained "
+                      "on); metrics reported on {splits}")
+
+
+def protocol(sizes: dict[str, int], task: Task) -> str:
+    if "selection" in sizes:
+        return SELECTION_PROTOCOL.format(n=sizes["selection"], splits=", ".join(task.eval_splits))
+    return f"no selection (last step); metrics reported on {', '.join(task.eval_splits)}"
+
+
+def resolve_task(config) -> Task:
+    if config.get("custom_task") and config.custom_task.get("name"):
+        return custom_task(config.custom_task.to_dict())
+    return get_task(config.task)
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs, built and validated before anything is written."""
+
+    config: ml_collections.ConfigDict
+    task: Task
+    model_dir: str
+    encoder_config: EncoderConfig
+    model: SequenceClassifier
+    frozen: dict  # variables that never change
+    trainable: dict  # variables the optimizer updates
+    splits: dict[str, data_lib.Encoded]  # "train", "selection", and the eval splits
+    pad_id: int
+    buckets: tuple[int, ...]
+    sources: dict[str, str]
+
+
+def build_model(config, encoder_config: EncoderConfig, task: Task) -> SequenceClassifier:
+    if config.pooling not in POOLINGS:
+        raise UserError(f"pooling {config.pooling!r} is unknown; use one of {', '.join(POOLINGS)}")
+    if config.pooling == "pooler" and not encoder_config.has_pooler:
+        raise UserError(f"pooling='pooler' needs a BERT pooler; {encoder_config.model_type} has "
+                        "none, use --config.pooling=mean or cls")
+    return SequenceClassifier(encoder_config, task.num_labels, pooling=config.pooling,
+                              classifier_dropout=config.classifier_dropout,
+                              lora_dropout=config.lora.dropout,
+                              dtype=trainer.DTYPES[config.dtype])
+
+
+def place_pretrained(initialised: dict, pretrained: dict) -> dict:
+    """`initialised` with every leaf that `pretrained` has replaced by the pretrained array."""
+    flat = traverse_util.flatten_dict(initialised)
+    for path, value in traverse_util.flatten_dict(pretrained).items():
+        flat[path] = jnp.asarray(value)
+    return traverse_util.unflatten_dict(flat)
+
+
+def lora_spec(config) -> lora_lib.LoRASpec:
+    return lora_lib.LoRASpec(r=config.lora.r, alpha=config.lora.alpha,
+                             dropout=config.lora.dropout, targets=tuple(config.lora.targets))
+
+
+def init_variables(model: SequenceClassifier, pretrained: dict, missing: list[str],
+                   config) -> dict:
+    """{"params": ..., "lora": ...}: the encoder from the checkpoint, the rest seeded.
+
+    `jax.eval_shape` gives the tree first; only then are the head (and checkpoint-missing
+    encoder leaves such as an absent pooler) initialised and the pretrained arrays placed.
+    """
+    ids = jnp.zeros((1, 8), jnp.int32)
+    init = lambda rng: model.init(rng, ids, ids, ids)["params"]
+    rng_init, rng_lora = jax.random.split(jax.random.PRNGKey(config.seed))
+    jax.eval_shape(init, rng_init)  # fails fast on a bad config, allocates nothing
+    params = jax.jit(init)(rng_init)
+    params["encoder"] = place_pretrained(params["encoder"], pretrained)
+    if missing:
+        log.info("initialised from seed (not in the checkpoint): %s", ", ".join(missing))
+    variables = {"params": params}
+    if config.experiment == "ft_lora":
+        variables["lora"] = lora_lib.init_lora(rng_lora, params, lora_spec(config))
+    return variables
+
+
+def trainable_patterns(config) -> tuple[str, ...]:
+    if config.experiment not in EXPERIMENTS:
+        raise UserError(f"experiment {config.experiment!r} is unknown; use one of "
+                        f"{', '.join(EXPERIMENTS)}")
+    if config.trainable:
+        return tuple(config.trainable)
+    return {"ft_lora": ("^lora/", "^params/head/"), "ffn": ("^params/head/",),
+            "zero_shot": (), "full": (".*",)}[config.experiment]
+
+
+def prepare(config) -> Setup:
+    """Validate the config and inputs, load model and data. Writes nothing."""
+    validate_config(config)
+    task = resolve_task(config)
+    trainer.check_divisible_by_devices(config, ("batch_size", "eval_batch_size"))
+    if config.experiment == "zero_shot":
+        config.num_epochs = 0
+    patterns = trainable_patterns(config)
+    model_dir, enc_cfg, pretrained, missing = load_pretrained(config.model)
+    model = build_model(config, enc_cfg, task)
+    tokenizer = data_lib.load_tokenizer(model_dir, config.tokenizer)
+    examples, sources = data_lib.load_examples(config, task)
+    max_len = min(config.max_length, enc_cfg.max_position_embeddings)
+    splits = {k: data_lib.encode(v, tokenizer, max_len) for k, v in examples.items()}
+    variables = init_variables(model, pretrained, missing, config)
+    trainable, frozen = lora_lib.split(variables, lora_lib.trainable_mask(variables, patterns))
+    return Setup(config, task, model_dir, enc_cfg, model, frozen, trainable, splits,
+                 tokenizer.pad_token_id or 0, data_lib.bucket_lengths(max_len, config.buckets),
+                 sources)
+
+
+def make_loss_fn(model: SequenceClassifier, regression: bool) -> trainer.LossFn:
+    def loss_fn(trainable, frozen, batch, rng):
+        logits = model.apply(lora_lib.combine(trainable, frozen), batch["input_ids"],
+                             batch["attention_mask"], batch["token_type_ids"],
+                             deterministic=False, rngs={"dropout": rng})
+        return trainer.weighted_loss_and_predictions(logits, batch["labels"], batch["weights"],
+                                                     regression)[0]
+
+    return loss_fn
+
+
+def make_predict_step(model: SequenceClassifier, regression: bool):
+    """predict(trainable, frozen, batch) -> (B,) predictions (class ids or regression values)."""
+
+    def predict_step(trainable, frozen, batch):
+        logits = model.apply(lora_lib.combine(trainable, frozen), batch["input_ids"],
+                             batch["attention_mask"], batch["token_type_ids"], deterministic=True)
+        return trainer.weighted_loss_and_predictions(logits, batch["labels"], batch["weights"],
+                                                     regression)[1]
+
+    return predict_step
+
+
+def evaluate(predict, trainable, frozen, enc: data_lib.Encoded, task: Task, setup: Setup,
+             put, desc: str = "eval") -> dict[str, float]:
+    """Metrics of `task` on one encoded split (predictions gathered back to example order)."""
+    bs = setup.config.eval_batch_size
+    preds = np.zeros(len(enc), np.float32 if task.is_regression else np.int32)
+    for idx in tqdm(data_lib.eval_order(enc.lengths, bs), desc=desc, leave=False,
+                    disable=not setup.config.progress):
+        batch = put(data_lib.make_batch(enc, idx, bs, setup.buckets, setup.pad_id))
+        preds[idx] = np.asarray(predict(trainable, frozen, batch))[: len(idx)]
+    return metrics_lib.compute(task.metrics, preds, enc.labels)
+
+
+def experiment(setup: Setup) -> trainer.Experiment:
+    """The classifier as an `Experiment` of the shared pipeline."""
+    cfg, task = setup.config, setup.task
+    place = trainer.Placement.all_devices()
+    predict = jax.jit(make_predict_step(setup.model, task.is_regression),
+                      in_shardings=(place.replicated, place.replicated, place.batch))
+    train = setup.splits.get("train")
+    sizes = {k: len(v) for k, v in setup.splits.items()}
+    return trainer.Experiment(
+        name=cfg.experiment, config=cfg, task=task, model=cfg.model,
+        trainable=setup.trainable, frozen=setup.frozen,
+        train_lengths=None if train is None else train.lengths,
+        loss_fn=make_loss_fn(setup.model, task.is_regression),
+        batch_of=lambda idx: data_lib.make_batch(train, idx, cfg.batch_size, setup.buckets,
+                                                 setup.pad_id),
+        evaluate=lambda params, frozen, split, _workdir: evaluate(
+            predict, params, frozen, setup.splits[split], task, setup, place.put_batch,
+            desc=f"eval {split}"),
+        selection_split="selection" if "selection" in setup.splits else task.eval_splits[0],
+        sizes=sizes, sources=setup.sources, protocol=protocol(sizes, task),
+        meta={"task": task.name, "experiment": cfg.experiment, "model": cfg.model,
+              "config": cfg.to_dict()})
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train per `config`, select on the held-out slice, report the eval splits.
+
+    Returns the results dict (also written to <workdir>/results.json), or
+    ``{"stopped_at_step", "total_steps"}`` when `stop_after_steps` ended the run early.
+    """
+    wall_start = time.perf_counter()
+    return trainer.run_experiment(experiment(prepare(config)), workdir, wall_start)

@@ -1,0 +1,117 @@
+"""The T5 input pipeline: a seq2seq task's rows -> (source, target) texts -> token ids ->
+padded batches.
+
+`load_pairs` reads the train / selection / reported splits of a `lora_jax.tasks.Task` of kind
+seq2seq (through `lora_jax.data.load_split`, like every task) and turns rows into texts with
+the task's `source_fn` / `target_fn`; `encode_pairs` tokenizes (EOS-terminated, truncated);
+`make_batch` pads a batch to bucket lengths for jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from lora_jax import data as data_lib
+from lora_jax.errors import UserError
+from lora_jax.tasks import Task
+from t5_hybrid.tasks import pairs_from_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Pairs:
+    """A tokenized split: texts and their ids (ragged int32, EOS-terminated)."""
+
+    sources: list[str]
+    targets: list[str]
+    source_ids: list[np.ndarray]
+    target_ids: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.source_ids), np.int64, len(self))
+
+    def subset(self, idx: Sequence[int]) -> Pairs:
+        return Pairs(*([field[i] for i in idx] for field in (
+            self.sources, self.targets, self.source_ids, self.target_ids)))
+
+
+def _truncate(ids: list[int], max_length: int) -> np.ndarray:
+    """At most max_length ids, keeping the final EOS."""
+    if len(ids) > max_length:
+        ids = ids[: max_length - 1] + ids[-1:]
+    return np.asarray(ids, np.int32)
+
+
+def encode_pairs(sources: list[str], targets: list[str], tokenizer, max_source: int,
+                 max_target: int, where: str = "") -> Pairs:
+    """Tokenize (T5 tokenizers end every sequence with EOS) and truncate; a warning counts the
+    targets that did not fit, since a truncated target can never be generated exactly."""
+    src = tokenizer(sources)["input_ids"]
+    tgt = tokenizer(targets)["input_ids"]
+    cut = sum(len(x) > max_target for x in tgt)
+    if cut:
+        log.warning("%s: %d of %d targets are longer than max_target_length=%d tokens (longest "
+                    "%d) and are truncated; raise --config.max_target_length", where or "data",
+                    cut, len(tgt), max_target, max(len(x) for x in tgt))
+    return Pairs(sources, targets, [_truncate(x, max_source) for x in src],
+                 [_truncate(x, max_target) for x in tgt])
+
+
+def make_batch(pairs: Pairs, idx: np.ndarray, batch_size: int, source_buckets: Sequence[int],
+               target_buckets: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
+    """input_ids/attention_mask (B, S) and labels/label_mask (B, T) padded to bucket lengths;
+    rows past len(idx) are padding (all-zero masks)."""
+    input_ids, attention_mask = data_lib.pad_to_bucket([pairs.source_ids[i] for i in idx],
+                                                       batch_size, source_buckets, pad_id)
+    labels, label_mask = data_lib.pad_to_bucket([pairs.target_ids[i] for i in idx], batch_size,
+                                                target_buckets, pad_id)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                label_mask=label_mask)
+
+
+def load_pairs(config, task: Task, prefix: str) -> tuple[dict[str, tuple], dict, str]:
+    """{split: (sources, targets)} for train, selection and reported splits, and the sources."""
+    source = data_lib.data_source_of(config)
+    files = {k: v for k, v in config.data_files.items() if v}
+    selection = config.selection_split or task.selection_split
+    selection = "" if selection == "heldout" else selection  # a held-out slice of train
+    if config.num_epochs and config.train_split in (selection, *task.eval_splits):
+        raise UserError(f"train_split {config.train_split!r} is also the selection or a reported "
+                        f"split of {task.name!r} (selection {selection or 'heldout'!r}, reported "
+                        f"{', '.join(task.eval_splits)}); pass --config.selection_split=heldout "
+                        "or another train_split")
+    wanted = list(dict.fromkeys([*(["train"] if config.num_epochs else []),
+                                 *([selection] if selection else []), *task.eval_splits]))
+    if config.train_split != "train" and config.num_epochs:
+        wanted[0] = config.train_split
+    out, where_from = {}, {}
+    for split in wanted:
+        rows, where = data_lib.load_split(task, split, source, config.data_dir, files)
+        where_from[split] = where
+        out[split] = pairs_from_rows(rows, task, where, prefix, config.skip_empty_rows)
+    if config.num_epochs and config.train_split != "train":
+        out["train"] = out.pop(config.train_split)
+        where_from["train"] = where_from.pop(config.train_split)
+    name = selection or "selection"
+    return out, where_from, name
+
+
+def _cap(pairs: Pairs, n: int, seed: int) -> Pairs:
+    if not n or len(pairs) <= n:
+        return pairs
+    return pairs.subset(np.sort(np.random.default_rng(seed).permutation(len(pairs))[:n]))
+
+
+def cap(pairs: Pairs, n: int, seed: int) -> Pairs:
+    """A seeded random `n` of the pairs (all of them when n is 0 or not smaller)."""
+    keep = data_lib.random_subset(len(pairs), n, seed)
+    return pairs if keep is None else pairs.subset(keep)
