@@ -34,9 +34,9 @@ def make_jax_runner(model_dir: str, batch: int, length: int, dtype: str):
     import optax
 
     from lora_jax import lora
+    from lora_jax.classifier import make_loss_fn
     from lora_jax.models import SequenceClassifier
     from lora_jax.models.hf_import import load_pretrained
-    from lora_jax.classifier import make_loss_fn
     from lora_jax.trainer import make_train_step
 
     _, cfg, encoder, _ = load_pretrained(model_dir)

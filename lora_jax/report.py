@@ -62,9 +62,23 @@ def cell_scores(results: Sequence[dict]) -> dict[tuple[str, str], list[float]]:
     return cells
 
 
+STD_LABEL = "mean ± sample std (n - 1) over seeds"
+
+
+def mean_std(values: Sequence[float], digits: int = 1) -> str:
+    """"m ± s" with the sample standard deviation (ddof=1), or "m" for a single value; the one
+    convention of every table here (label it with `STD_LABEL`)."""
+    import statistics
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
 def score_table(results: Sequence[dict], rows: Sequence[str], tasks: Sequence[str],
                 row_names: dict[str, str] | None = None) -> str:
-    """Markdown: rows x (tasks + average); mean ± std over seeds; "–" where a cell is missing."""
+    """Markdown: rows x (tasks + average); `mean_std` over seeds; "–" where a cell is missing."""
     import numpy as np
 
     names = {**ROW_NAMES, **(row_names or {})}
@@ -80,7 +94,7 @@ def score_table(results: Sequence[dict], rows: Sequence[str], tasks: Sequence[st
                 out.append("–")
                 continue
             means.append(float(np.mean(vals)))
-            out.append(f"{np.mean(vals):.1f}" + (f" ± {np.std(vals):.1f}" if len(vals) > 1 else ""))
+            out.append(mean_std(vals))
         avg = f"{np.mean(means):.1f}" if len(means) == len(tasks) else "–"
         lines.append(f"| {names.get(row, row)} | " + " | ".join(out) + f" | {avg} |")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ Each cell runs `configs/<experiment>.py` with the sweep's overrides in
 <workdir>/<experiment>_<task>_s<seed>; a cell whose results.json exists is reused and one
 with checkpoints but no results resumes, so an interrupted sweep continues where it stopped.
 Writes <out>.json (every run's results) and
-<out>.md (rows = experiments, columns = tasks + average, mean ± std over seeds; a sweep config
+<out>.md (rows = experiments, columns = tasks + average, mean ± sample std over seeds; a sweep config
 can name its own table writer as ``table = "module:function"``).
 """
 
@@ -26,7 +26,7 @@ from lora_jax.cli import ArgumentParser, run_main
 from lora_jax.config_check import validate_config
 from lora_jax.errors import UserError
 from lora_jax.experiments import load_config, log_packages_at_info, run
-from lora_jax.report import score_table
+from lora_jax.report import STD_LABEL, score_table
 from lora_jax.trainer import provenance
 from lora_jax.writers import write_json_atomic
 
@@ -70,7 +70,7 @@ def markdown_table(sweep, results: list[dict], command: str, note: str = "") -> 
     return "\n".join([
         f"# {sweep.name}", "", score_table(results, sweep.experiments, sweep.tasks), "",
         f"Scores x100 on validation: accuracy, except CoLA (Matthews) and STS-B (Pearson); "
-        f"seeds {list(sweep.seeds)}" + (" (mean ± std)" if len(sweep.seeds) > 1 else "") + ".",
+        f"seeds {list(sweep.seeds)}" + (f" ({STD_LABEL})" if len(sweep.seeds) > 1 else "") + ".",
         f"- Model: `{first['model']}`; pooling `{first['config']['pooling']}`; dtype "
         f"`{first['config']['dtype']}`.",
         "- Protocol: model selection on a held-out slice of train (the `selection` rows below, "

@@ -13,11 +13,11 @@ import glob
 import json
 import os
 import shlex
-import statistics
 import sys
 from collections.abc import Sequence
 
 from lora_jax.cli import ArgumentParser, fail
+from lora_jax.report import mean_std
 
 ROW_NAMES = {"base": "Base Model", "prompt_only": "Prompt Tuning Only",
              "lora_only": "LoRA Only", "prompt_lora": "Prompt Tuning + LoRA",
@@ -46,10 +46,7 @@ def _cell(results: list[dict], task: str, keys: Sequence[str]) -> str:
         return "–"
     parts = []
     for key in keys:
-        values = [100 * next(iter(r["metrics"].values()))[key] for r in runs]
-        mean = statistics.fmean(values)
-        parts.append(f"{mean:.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1
-                                      else ""))
+        parts.append(mean_std([100 * next(iter(r["metrics"].values()))[key] for r in runs]))
     return " / ".join(parts)
 
 

@@ -20,7 +20,7 @@ def _r(row, task, seed, score, k=3, unseen=False, att=None):
                   "attention": att and {"modules": ["a", "b", "c"], "mean_received": att},
                   "feature_seconds": {"train": 2.0, "selection": 0.5, "validation": 0.7},
                   "feature_cache_hits": {"train": False, "selection": False, "validation": False},
-                  "combiner_train_seconds": 1.5, "epochs": 20})
+                  "train_seconds": 1.5, "epochs": 20})
     return r
 
 
@@ -41,7 +41,8 @@ def _sweep():
 def test_report_tables_verdict_and_plots(tmp_path):
     out = str(tmp_path / "attens")
     text = build_report(_sweep(), out)
-    assert "| FT_LoRA | 81.0 ± 1.0 | 60.0 ± 0.0 | 70.5 |" in text  # mean ± std over seeds
+    assert "| FT_LoRA | 81.0 ± 1.4 | 60.0 ± 0.0 | 70.5 |" in text  # mean ± sample std
+    assert "mean ± sample std (n - 1) over seeds" in text
     assert "| AttEns | 85.0 ± 0.0 | 55.0 ± 0.0 | 70.0 |" in text
     assert "| Model | 50.0 | 50.0 | 50.0 |" in text
     assert "## Table 3" in text and "| AttEns | 75.0 ± 0.0 | 75.0 |" in text
@@ -57,3 +58,10 @@ def test_k_sweep_and_verdict_units():
     curves = k_sweep(_sweep()["results"])
     assert curves["a"] == {1: 81.0, 2: 83.0, 3: 85.0}
     assert verdict([], ["a"]).startswith("AttEns vs FT_LoRA: no task")
+
+
+def test_k_sweep_averages_every_k_over_the_same_seeds():
+    # k=3 has seeds 0 and 1, k=1 only seed 0: the curve must use seed 0 for both points
+    results = [_r("attens", "a", 0, 0.80), _r("attens", "a", 1, 0.90),
+               _r("attens_k1", "a", 0, 0.70, k=1)]
+    assert k_sweep(results)["a"] == {1: 70.0, 3: 80.0}
