@@ -75,12 +75,15 @@ def main() -> int:
             for k, f in runs.items():
                 rates[k].append(timed(f, a.batch * a.new))
     med = {k: float(np.median(v)) for k, v in rates.items()}
+    ours, theirs = first["jax_cached"], first["torch_generate"][:, 1:]  # theirs: start token first
+    same = ours.shape == theirs.shape and bool(np.array_equal(ours, theirs))
     out = {"benchmark": "t5_greedy_generation", "config": CONFIG, "batch": a.batch,
            "source_tokens": a.source, "new_tokens": a.new, "rounds": a.rounds,
            "tokens_per_s_rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
            "tokens_per_s": {k: round(v, 1) for k, v in med.items()},
            "ratio_cached_over_uncached": round(med["jax_cached"] / med["jax_uncached"], 2),
            "ratio_jax_cached_over_torch": round(med["jax_cached"] / med["torch_generate"], 2),
+           "same_tokens_as_transformers": same,
            **environment()}
     emit(out, a.out)
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,3 +68,52 @@ def dot_dtypes(fn, *args) -> list[str]:
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
     return found
+
+
+def assert_kill9_resume_is_exact(train_args: list[str], tmp_path, kill_after_step: int = 0,
+                                 seed: int = 0) -> None:
+    """Run train.py with `train_args` twice: once uninterrupted, once killed with SIGKILL as soon
+    as a checkpoint past a random step exists, then relaunched with resume=True. Both must end
+    with the same metrics, best step and trainable tree (bit for bit)."""
+    import os
+    import pathlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lora_jax.trainer import restore_trainable
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "train.py"), *train_args]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    proc = subprocess.run([*cmd, f"--workdir={full}"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    total = json.loads((full / "results.json").read_text())["total_steps"]
+    at = kill_after_step or int(np.random.default_rng(seed).integers(2, total - 2))
+    victim = subprocess.Popen([*cmd, f"--workdir={killed}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    ckpts = killed / "checkpoints"
+    while time.time() < deadline and victim.poll() is None:
+        steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
+        if steps and max(steps) >= at:
+            os.kill(victim.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "results.json").exists()
+    proc = subprocess.run([*cmd, f"--workdir={killed}", "--config.resume=True"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a = json.loads((full / "results.json").read_text())
+    b = json.loads((killed / "results.json").read_text())
+    assert (a["metrics"], a["best_step"], a["last_step"]) == (b["metrics"], b["best_step"],
+                                                              b["last_step"])
+    for which in ("trainable", "best_trainable"):
+        x, _ = restore_trainable(str(full), which)
+        y, _ = restore_trainable(str(killed), which)
+        for u, v in zip(jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y), strict=True):
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(v))

@@ -208,3 +208,105 @@ def test_row_cache_computes_each_example_once(tmp_path):
     assert n_new == 0 and seconds == 0.0 and len(calls) == 2
     cached_features(str(tmp_path), {**settings, "agg1": "max"}, second, make_compute(second))
     assert calls[-1] == ["bbb", "cccc"]  # other settings: another store
+
+
+def test_all_padding_rows_aggregate_to_zero_not_infinity():
+    x = jnp.array([[[1.0], [3.0]], [[5.0], [7.0]]])
+    mask = jnp.array([[1, 1], [0, 0]])  # row 1 only fills the batch
+    for how in ("mean", "max", "min", "sum"):
+        out = np.asarray(aggregate_tokens(x, mask, how))
+        assert np.isfinite(out).all() and out[1, 0] == 0.0, how
+
+
+def test_batch_axis_quirk_never_attends_to_padding_rows():
+    """Rows that only fill the last batch (zeros at eval, copies in training) must not change
+    the real rows' outputs: the authors' code never sees such rows."""
+    modules, base = _inputs(b=5)
+    model = AttEnsCombiner(num_classes=2, attend_across_batch=True)
+    params = model.init(jax.random.PRNGKey(0), modules, base)
+    real = np.asarray(model.apply(params, modules[:3], base[:3]))
+    keep = jnp.array([True, True, True, False, False])
+    for fill in (jnp.zeros_like, lambda x: jnp.concatenate([x[:3], x[:2]])):  # zeros, copies
+        padded_m = jnp.concatenate([modules[:3], fill(modules)[3:]])
+        padded_b = jnp.concatenate([base[:3], fill(base)[3:]])
+        out = np.asarray(model.apply(params, padded_m, padded_b, row_mask=keep))
+        np.testing.assert_allclose(out[:3], real, atol=1e-5)
+        unmasked = np.asarray(model.apply(params, padded_m, padded_b))
+        assert not np.allclose(unmasked[:3], real, atol=1e-5)
+
+
+torch = pytest.importorskip("torch")
+
+
+def _torch_mha(params, d, heads):
+    mha = torch.nn.MultiheadAttention(d, heads, bias=True, batch_first=True)
+    p = jax.device_get(params)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.tensor(np.asarray(p["in_proj"]["kernel"]).T))
+        mha.in_proj_bias.copy_(torch.tensor(np.asarray(p["in_proj"]["bias"])))
+        mha.out_proj.weight.copy_(torch.tensor(np.asarray(p["out_proj"]["kernel"]).T))
+        mha.out_proj.bias.copy_(torch.tensor(np.asarray(p["out_proj"]["bias"])))
+    return mha.eval()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_equals_torch_multihead_attention(batch_first):
+    """Our combiner attention against torch.nn.MultiheadAttention with the same weights.
+
+    batch_first=True: attention across the k modules of each example (the paper's text);
+    batch_first=False: a (B, k, d) tensor read as (L=B, N=k, d), as the authors' code does,
+    i.e. our ``attend_across_batch`` quirk (with a key padding mask for fill rows)."""
+    from ensemble.combiner import MultiHeadSelfAttention
+
+    b, k, d, heads = 5, 4, 16, 4
+    x, _ = _inputs(b=b, k=k, d=d, seed=3)
+    layer = MultiHeadSelfAttention(heads)
+    params = layer.init(jax.random.PRNGKey(1), x)["params"]
+    params = jax.tree_util.tree_map(  # non-zero biases, so their layout is checked too
+        lambda v: v + 0.1 * jax.random.normal(jax.random.PRNGKey(2), v.shape), params)
+    mha = _torch_mha(params, d, heads)
+    mha.batch_first = batch_first
+    xt = torch.tensor(np.asarray(x))
+    keep = np.array([True, True, True, True, False])
+    with torch.no_grad():
+        if batch_first:
+            ref, ref_w = mha(xt, xt, xt, need_weights=True, average_attn_weights=False)
+            out, w = layer.apply({"params": params}, x)
+        else:  # torch reads (L=B, N=k, d); key_padding_mask (N, L) is True where ignored
+            pad = torch.tensor(np.broadcast_to(~keep[None, :], (k, b)).copy())
+            ref, ref_w = mha(xt, xt, xt, key_padding_mask=pad, need_weights=True,
+                             average_attn_weights=False)
+            xs = jnp.swapaxes(x, 0, 1)  # (k, B, d)
+            out, w = layer.apply({"params": params}, xs, True,
+                                 jnp.broadcast_to(jnp.asarray(keep)[None, :], (k, b)))
+            out = jnp.swapaxes(out, 0, 1)
+    np.testing.assert_allclose(np.asarray(out), ref.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(w), ref_w.numpy(), atol=1e-6)
+
+
+def test_feature_cache_key_covers_tokenizer_model_content_and_padding(tmp_path):
+    """Two tokenizers, two sets of weights at one path, or two padded lengths must never share
+    cached features."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from ensemble.train import feature_settings
+    from lora_jax.synthetic import build_wordpiece
+
+    build_wordpiece(["a good film", "a bad plot"], str(tmp_path / "t1"))
+    build_wordpiece(["a good film", "a bad plot", "a dull ending"], str(tmp_path / "t2"))
+    tok1 = AutoTokenizer.from_pretrained(str(tmp_path / "t1"))
+    tok2 = AutoTokenizer.from_pretrained(str(tmp_path / "t2"))
+    params, adapters, heads, _ = _modules()
+    stacked, h = with_base_slot(stack_trees(adapters)), stack_heads(heads)
+    config = SimpleNamespace(
+        combiner=SimpleNamespace(output="hidden", agg1="mean", base_pooling="mean"),
+        quirks=SimpleNamespace(count_padding=True), dtype="float32")
+    key = lambda tok=tok1, p=params, pad=(32,): feature_settings(config, p, tok, stacked, h,
+                                                                 ["a", "b", "c"], 32, pad)
+    assert key() == key()
+    assert key(tok=tok2)["tokenizer"] != key()["tokenizer"]
+    other = jax.tree_util.tree_map(lambda x: x + 1e-3, params)  # same path, other weights
+    assert key(p=other)["model"] != key()["model"]
+    assert key(pad=(16, 32)) != key()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -12,7 +14,8 @@ from ensemble.train import train_attens
 from lora_jax.errors import UserError
 from lora_jax.experiments import load_config
 from lora_jax.synthetic import make_quickstart_assets
-from tests.helpers import override
+from lora_jax.trainer import restore_trainable
+from tests.helpers import assert_kill9_resume_is_exact, override
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -78,7 +81,7 @@ def test_attens_trains_on_cached_features_and_reuses_them(module_set, tmp_path):
     assert acc > 0.6 and acc >= module_acc - 0.02  # at least as good as the task's own module
     assert not any(first["feature_cache_hits"].values())
     assert all(s > 0 for s in first["feature_seconds"].values())
-    assert first["combiner_train_seconds"] > 0
+    assert first["train_seconds"] > 0 and first["total_steps"] == 10 * 25
     att = np.asarray(first["attention"]["matrix"])
     assert att.shape == (2, 2) and np.allclose(att.sum(-1), 1, atol=1e-4)
     second = train_attens(attens_config(root, model, data), str(tmp_path / "b"))
@@ -102,10 +105,69 @@ def test_logits_output_and_quirk_flags_run(module_set, tmp_path):
         "quirks.shared_layernorm": True, "quirks.count_padding": True, "num_epochs": 1}),
         str(tmp_path / "q"))
     assert r["quirks"]["attend_across_batch"] and r["attention"] is None
-    slow = train_attens(attens_config(root, model, data, **{
-        "quirks.encoder_dropout": True, "num_epochs": 1, "max_train_examples": 200}),
-        str(tmp_path / "slow"))
-    assert slow["total_steps"] == 7 and 0 <= slow["metrics"]["validation"]["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("agg1", ["max", "min"])
+def test_encoder_dropout_quirk_with_max_min_stays_finite(module_set, tmp_path, agg1):
+    """The rows that fill the last token batch have no tokens: max/min over them was -inf/+inf,
+    the combiner's LayerNorm turned that into NaN and every parameter became NaN."""
+    root, model, data = module_set
+    r = train_attens(attens_config(root, model, data, **{
+        "quirks.encoder_dropout": True, "combiner.agg1": agg1, "num_epochs": 1,
+        "max_train_examples": 190, "batch_size": 32}), str(tmp_path / agg1))
+    assert r["total_steps"] == 6  # 190 rows: the last batch has 30 rows and 2 padding rows
+    lines = [json.loads(x) for x in (tmp_path / agg1 / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["train/loss"] for x in lines if "train/loss" in x]
+    assert losses and all(np.isfinite(losses))
+    trainable, _ = restore_trainable(str(tmp_path / agg1), "trainable")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(trainable))
+
+
+def test_resume_equals_uninterrupted_and_every_loop_key_works(module_set, tmp_path):
+    """AttEns runs the shared loop: max_steps, eval_every_steps, checkpoint_every_steps,
+    stop_after_steps and resume act as for every experiment."""
+    root, model, data = module_set
+    kw = {"num_epochs": 3, "max_steps": 60, "eval_every_steps": 7, "checkpoint_every_steps": 5}
+    full = train_attens(attens_config(root, model, data, **kw), str(tmp_path / "full"))
+    assert full["total_steps"] == 60 and full["last_step"] == 60
+    lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "selection/accuracy" in x] == [*range(7, 60, 7), 60]
+    part = train_attens(attens_config(root, model, data, stop_after_steps=23, **kw),
+                        str(tmp_path / "resumed"))
+    assert part == {"stopped_at_step": 23, "total_steps": 60}
+    resumed = train_attens(attens_config(root, model, data, resume=True, **kw),
+                           str(tmp_path / "resumed"))
+    assert resumed["metrics"] == full["metrics"] and resumed["best_step"] == full["best_step"]
+    a, _ = restore_trainable(str(tmp_path / "full"), "trainable")
+    b, _ = restore_trainable(str(tmp_path / "resumed"), "trainable")
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_early_stopping_works_for_attens(module_set, tmp_path):
+    root, model, data = module_set
+    c = attens_config(root, model, data, eval_every_steps=5, early_stopping_patience=2)
+    c.optimizer.learning_rate = 0.0  # the score never improves after the first evaluation
+    r = train_attens(c, str(tmp_path))
+    assert r["stopped_early"] and (r["best_step"], r["last_step"]) == (5, 15)
+
+
+def test_kill_9_then_resume_equals_uninterrupted(module_set, tmp_path):
+    root, model, data = module_set
+    args = attens_args(root, model, data)
+    assert_kill9_resume_is_exact(args, tmp_path)
+
+
+def attens_args(root, model, data) -> list[str]:
+    """train.py arguments of a small AttEns run (k=2, 6 epochs of 25 steps)."""
+    return ["--config", str(ROOT / "configs" / "attens_minilm_cpu.py"),
+            f"--config.model={model}", f"--config.data_dir={data}",
+            f"--config.module_dir={root / 'modules'}",
+            "--config.modules=('synth_sentiment','synth_topic')", "--config.task=synth_topic",
+            f"--config.feature_cache={root / 'cache'}", "--config.max_length=32",
+            "--config.max_train_examples=800", "--config.selection_size=200",
+            "--config.num_epochs=6", "--config.checkpoint_every_steps=4",
+            "--config.eval_every_steps=10", "--config.progress=False"]
 
 
 def test_train_py_runs_attens(module_set, tmp_path):

@@ -3,6 +3,8 @@ the trainable count equals PEFT's, and bad targets are refused."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,18 +70,23 @@ def test_adapter_changes_output_and_merge_equals_unmerged():
 
 
 def test_lora_dropout_only_in_training_mode():
-    model = tiny_model()
+    # every other dropout off, so a difference can only come from the LoRA dropout
+    quiet = dataclasses.replace(TINY, hidden_dropout=0.0, attention_dropout=0.0)
     spec = lora.LoRASpec(r=4, alpha=8.0, dropout=0.5, targets=("query",))
-    variables = tiny_variables(model, spec)
+    variables = tiny_variables(tiny_model(quiet), spec)
     variables["lora"] = _randomise_b(variables["lora"])
     ids, mask, types = tiny_batch()
-    m = tiny_model(lora_dropout=0.5, classifier_dropout=0.0)
-    eval1 = m.apply(variables, ids, mask, types, deterministic=True)
-    eval2 = m.apply(variables, ids, mask, types, deterministic=True)
-    np.testing.assert_array_equal(np.asarray(eval1), np.asarray(eval2))
-    train = m.apply(variables, ids, mask, types, deterministic=False,
-                    rngs={"dropout": jax.random.PRNGKey(1)})
-    assert not np.allclose(np.asarray(train), np.asarray(eval1))
+    rngs = {"dropout": jax.random.PRNGKey(1)}
+    for rate in (0.5, 0.0):
+        m = tiny_model(quiet, lora_dropout=rate, classifier_dropout=0.0)
+        eval1 = m.apply(variables, ids, mask, types, deterministic=True)
+        eval2 = m.apply(variables, ids, mask, types, deterministic=True)
+        np.testing.assert_array_equal(np.asarray(eval1), np.asarray(eval2))
+        train = m.apply(variables, ids, mask, types, deterministic=False, rngs=rngs)
+        if rate:
+            assert not np.allclose(np.asarray(train), np.asarray(eval1))
+        else:  # no LoRA dropout: training mode is the eval forward exactly
+            np.testing.assert_allclose(np.asarray(train), np.asarray(eval1), atol=1e-6)
 
 
 def test_training_updates_only_trainable_and_frozen_is_bit_identical():

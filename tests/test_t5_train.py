@@ -19,7 +19,7 @@ from lora_jax.synthetic import write_jsonl_gz
 from lora_jax.trainer import restore_trainable
 from t5_hybrid.synthetic import make_keyword_task
 from t5_hybrid.train import train_t5
-from tests.helpers import override
+from tests.helpers import assert_kill9_resume_is_exact, override
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "t5_hybrid_cpu.py")
@@ -92,6 +92,33 @@ def test_resume_equals_uninterrupted(synth_dir, tmp_path):
     b, _ = restore_trainable(str(tmp_path / "resumed"), "trainable")
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_stopped_early_survives_a_resume(synth_dir, tmp_path):
+    """A run that stopped early and is resumed (e.g. killed before results.json) does not train
+    on: it reports the same last step, best step and metrics."""
+    c = t5_config(synth_dir, max_train_examples=600, eval_every_steps=2,
+                  early_stopping_patience=2, num_epochs=2, max_eval_examples=20)
+    c.optimizer.learning_rate = 0.0
+    first = train_t5(c, str(tmp_path))
+    (tmp_path / "results.json").unlink()
+    c = t5_config(synth_dir, max_train_examples=600, eval_every_steps=2,
+                  early_stopping_patience=2, num_epochs=2, max_eval_examples=20, resume=True)
+    c.optimizer.learning_rate = 0.0
+    again = train_t5(c, str(tmp_path))
+    assert again["stopped_early"] and again["last_step"] == first["last_step"] == 6
+    assert again["metrics"] == first["metrics"] and again["best_step"] == first["best_step"]
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_uninterrupted(synth_dir, tmp_path):
+    assert_kill9_resume_is_exact(
+        ["--config", f"{CONFIG}:prompt_lora", f"--config.data_dir={synth_dir}",
+         "--config.task=synth_keyword", "--config.progress=False", "--config.num_epochs=2",
+         "--config.batch_size=32", "--config.selection_size=100",
+         "--config.max_train_examples=640", "--config.max_eval_examples=40",
+         "--config.checkpoint_every_steps=3", "--config.eval_every_steps=10",
+         "--config.optimizer.learning_rate=0.01", "--config.optimizer.warmup_steps=5"], tmp_path)
 
 
 @pytest.mark.slow

@@ -128,28 +128,47 @@ def load_hf_config(model_dir: str) -> tuple[EncoderConfig, dict]:
     return EncoderConfig.from_hf(hf), hf
 
 
+def _unreadable(path: str, error: Exception) -> UserError:
+    return UserError(f"cannot read the weights file {path!r} ({type(error).__name__}: "
+                     f"{str(error).splitlines()[0][:120] if str(error) else 'corrupt'}); it is "
+                     "truncated or corrupt, download or copy it again")
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.numpy import load_file
+
+    try:
+        try:
+            return load_file(path)
+        except (TypeError, ValueError):  # bf16 tensors cannot be read by the numpy backend
+            with safe_open(path, framework="flax") as f:
+                return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _unreadable(path, e) from None
+
+
+def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise UserError(f"{path} is a PyTorch checkpoint; install torch to read it, or convert "
+                        "it to model.safetensors") from None
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds on a bad file
+        raise _unreadable(path, e) from None
+    return {k: v.float().numpy() for k, v in sd.items()}
+
+
 def read_state_dict(model_dir: str) -> dict[str, np.ndarray]:
     """All tensors of a checkpoint folder as float32 numpy arrays (names unchanged)."""
     st = os.path.join(model_dir, "model.safetensors")
     if os.path.isfile(st):
-        from safetensors.numpy import load_file
-
-        try:
-            return load_file(st)
-        except Exception:  # bf16 tensors cannot be read by the numpy backend
-            from safetensors import safe_open
-
-            with safe_open(st, framework="flax") as f:
-                return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}  # noqa: SIM118
+        return _read_safetensors(st)
     pt = os.path.join(model_dir, "pytorch_model.bin")
     if os.path.isfile(pt):
-        try:
-            import torch
-        except ImportError:
-            raise UserError(f"{pt} is a PyTorch checkpoint and torch is not installed; "
-                            "pip install torch, or convert it to model.safetensors") from None
-        sd = torch.load(pt, map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() for k, v in sd.items()}
+        return _read_torch_bin(pt)
     raise UserError(f"no model.safetensors or pytorch_model.bin in {model_dir!r}; "
                     "point --config.model at a folder holding the weights")
 
