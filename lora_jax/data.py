@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -47,8 +48,10 @@ def read_rows(path: str) -> list[dict]:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     builder, options = READERS[ending]
-    try:
-        return datasets.load_dataset(builder, data_files=path, split="train", **options).to_list()
+    try:  # a private, throw-away cache: a file edited in place is never served stale
+        with tempfile.TemporaryDirectory(prefix="lora_jax_rows_") as cache:
+            return datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache,
+                                         keep_in_memory=True, **options).to_list()
     except StopIteration:  # the json builder's answer to a file without a single row
         return []
     except Exception as e:  # noqa: BLE001 - every parser error becomes one line naming the file

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from lora_jax.cli import ArgumentParser, fail
 from lora_jax.report import mean_std
+from lora_jax.trainer import provenance
 
 ROW_NAMES = {"base": "Base Model", "prompt_only": "Prompt Tuning Only",
              "lora_only": "LoRA Only", "prompt_lora": "Prompt Tuning + LoRA",
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
     with open(args.out + ".md", "w") as f:
         f.write(text)
     with open(args.out + ".json", "w") as f:
-        json.dump({"command": command, "results": results}, f, indent=1)
+        json.dump({"command": command, **provenance(), "results": results}, f, indent=1)
     print(text)
     return 0
 

@@ -21,10 +21,12 @@ def _modules():
     params = Encoder(TINY).init(jax.random.PRNGKey(0), ids)["params"]
     spec = lora.LoRASpec(r=2, alpha=4.0, targets=("query", "value", "intermediate"))
     adapters = []
-    for i in range(K):
-        a = lora.init_lora(jax.random.PRNGKey(10 + i), {"encoder": params}, spec)["encoder"]
-        adapters.append(jax.tree_util.tree_map(
-            lambda x, i=i: x + 0.2 * jax.random.normal(jax.random.PRNGKey(20 + i), x.shape), a))
+    for i in range(K):  # modules trained elsewhere may differ in alpha: 2, 4, 8
+        spec_i = lora.LoRASpec(r=2, alpha=2.0 * 2**i, targets=spec.targets)
+        a = lora.init_lora(jax.random.PRNGKey(10 + i), {"encoder": params}, spec_i)["encoder"]
+        adapters.append(jax.tree_util.tree_map_with_path(
+            lambda path, x, i=i: x if path[-1].key == "alpha" else
+            x + 0.2 * jax.random.normal(jax.random.PRNGKey(20 + i), x.shape), a))
     heads = [{"kernel": jax.random.normal(jax.random.PRNGKey(30 + i), (16, c)),
               "bias": jnp.arange(c, dtype=jnp.float32)} for i, c in enumerate((2, 3, 1))]
     batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
@@ -33,6 +35,8 @@ def _modules():
 
 @pytest.mark.parametrize("agg1", ["mean", "max", "min", "sum"])
 def test_stacked_pass_equals_separate_passes(agg1):
+    """Each module is scaled by its own alpha inside the one stacked pass (the modules here have
+    alpha 2, 4 and 8; one model-wide alpha would mis-scale two of them)."""
     params, adapters, heads, batch = _modules()
     enc = Encoder(TINY)
     fn = jax.jit(make_feature_fn(enc, agg1=agg1))

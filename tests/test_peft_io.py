@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lora_jax import lora
+from lora_jax.errors import UserError
 from lora_jax.models.hf_import import load_pretrained
 from lora_jax.peft_io import export_peft, import_peft
 from tests.helpers import TINY, tiny_batch, tiny_model, tiny_variables
@@ -85,3 +86,20 @@ def test_flax_adapter_loads_in_peft(tmp_path):
     pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ours"))
     ours, inputs = _ours(tmp_path, adapters, spec, head)
     np.testing.assert_allclose(ours, _torch_logits(pm, inputs), atol=1e-4)
+
+
+def test_export_writes_the_adapters_own_alpha_and_refuses_mixed_alphas(tmp_path):
+    import dataclasses
+    import json
+
+    spec = lora.LoRASpec(r=4, alpha=8.0, targets=("query", "value"))
+    adapters = tiny_variables(tiny_model(), spec)["lora"]
+    export_peft(str(tmp_path / "a"), adapters, dataclasses.replace(spec, alpha=32.0), TINY)
+    written = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert written["lora_alpha"] == 8.0  # the adapter's, not the spec's
+    back, _, _ = import_peft(str(tmp_path / "a"), TINY)
+    assert {float(a) for a in lora.adapter_alphas(back).values()} == {8.0}
+    mixed = jax.tree_util.tree_map(lambda x: x, adapters)
+    mixed["encoder"]["layer_0"]["attention"]["query"]["alpha"] = np.float32(16.0)
+    with pytest.raises(UserError, match="2 different alphas"):
+        export_peft(str(tmp_path / "b"), mixed, spec, TINY)
