@@ -159,14 +159,14 @@ def test_kill_9_then_resume_equals_uninterrupted(module_set, tmp_path):
 
 
 def attens_args(root, model, data) -> list[str]:
-    """train.py arguments of a small AttEns run (k=2, 6 epochs of 25 steps)."""
+    """train.py arguments of a small AttEns run (k=2, 4 epochs of 25 steps)."""
     return ["--config", str(ROOT / "configs" / "attens_minilm_cpu.py"),
             f"--config.model={model}", f"--config.data_dir={data}",
             f"--config.module_dir={root / 'modules'}",
             "--config.modules=('synth_sentiment','synth_topic')", "--config.task=synth_topic",
             f"--config.feature_cache={root / 'cache'}", "--config.max_length=32",
             "--config.max_train_examples=800", "--config.selection_size=200",
-            "--config.num_epochs=6", "--config.checkpoint_every_steps=4",
+            "--config.num_epochs=4", "--config.checkpoint_every_steps=4",
             "--config.eval_every_steps=10", "--config.progress=False"]
 
 

@@ -81,8 +81,8 @@ def test_early_stopping_after_patience_evaluations_without_a_new_best(synth_dir,
 
 
 def test_resume_equals_uninterrupted(synth_dir, tmp_path):
-    kw = dict(max_train_examples=320, checkpoint_every_steps=3, eval_every_steps=4,
-              num_epochs=2, max_eval_examples=40)
+    kw = dict(max_train_examples=320, checkpoint_every_steps=3, eval_every_steps=5,
+              num_epochs=2, max_eval_examples=24)
     full = train_t5(t5_config(synth_dir, **kw), str(tmp_path / "full"))
     part = train_t5(t5_config(synth_dir, stop_after_steps=7, **kw), str(tmp_path / "resumed"))
     assert part == {"stopped_at_step": 7, "total_steps": 20}
@@ -97,12 +97,12 @@ def test_resume_equals_uninterrupted(synth_dir, tmp_path):
 def test_stopped_early_survives_a_resume(synth_dir, tmp_path):
     """A run that stopped early and is resumed (e.g. killed before results.json) does not train
     on: it reports the same last step, best step and metrics."""
-    c = t5_config(synth_dir, max_train_examples=600, eval_every_steps=2,
+    c = t5_config(synth_dir, max_train_examples=320, eval_every_steps=2,
                   early_stopping_patience=2, num_epochs=2, max_eval_examples=20)
     c.optimizer.learning_rate = 0.0
     first = train_t5(c, str(tmp_path))
     (tmp_path / "results.json").unlink()
-    c = t5_config(synth_dir, max_train_examples=600, eval_every_steps=2,
+    c = t5_config(synth_dir, max_train_examples=320, eval_every_steps=2,
                   early_stopping_patience=2, num_epochs=2, max_eval_examples=20, resume=True)
     c.optimizer.learning_rate = 0.0
     again = train_t5(c, str(tmp_path))
@@ -116,7 +116,7 @@ def test_kill_9_then_resume_equals_uninterrupted(synth_dir, tmp_path):
         ["--config", f"{CONFIG}:prompt_lora", f"--config.data_dir={synth_dir}",
          "--config.task=synth_keyword", "--config.progress=False", "--config.num_epochs=2",
          "--config.batch_size=32", "--config.selection_size=100",
-         "--config.max_train_examples=640", "--config.max_eval_examples=40",
+         "--config.max_train_examples=320", "--config.max_eval_examples=24",
          "--config.checkpoint_every_steps=3", "--config.eval_every_steps=10",
          "--config.optimizer.learning_rate=0.01", "--config.optimizer.warmup_steps=5"], tmp_path)
 

@@ -109,8 +109,9 @@ def test_kill_9_then_resume_equals_uninterrupted(assets, tmp_path):
     model, data = assets
     assert_kill9_resume_is_exact(
         ["--config", CONFIG, f"--config.model={model}", f"--config.data_dir={data}",
-         "--config.progress=False", "--config.num_epochs=3", "--config.max_train_examples=600",
-         "--config.checkpoint_every_steps=4", "--config.eval_every_steps=9"], tmp_path)
+         "--config.progress=False", "--config.num_epochs=2", "--config.max_train_examples=320",
+         "--config.checkpoint_every_steps=3", "--config.eval_every_steps=7",
+         "--config.max_eval_examples=100"], tmp_path)
 
 
 DP_SCRIPT = """
