@@ -44,7 +44,14 @@ from lora_jax import data as data_lib
 from lora_jax import metrics as metrics_lib
 from lora_jax import trainer
 from lora_jax.classifier import place_pretrained, protocol, resolve_task
-from lora_jax.config_check import validate_config
+from lora_jax.config_check import (
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    boolean,
+    register_rules,
+    validate_config,
+)
 from lora_jax.errors import UserError
 from lora_jax.models import Encoder
 from lora_jax.models.encoder import POOLINGS
@@ -52,6 +59,13 @@ from lora_jax.models.hf_import import load_pretrained
 from lora_jax.tasks import Task
 
 log = logging.getLogger("lora_jax.attens")
+
+register_rules({
+    "k": NON_NEGATIVE, "feature_batch_size": POSITIVE,
+    "combiner.num_heads": POSITIVE, "combiner.dropout": PROBABILITY,
+    "quirks.attend_across_batch": boolean, "quirks.shared_layernorm": boolean,
+    "quirks.count_padding": boolean, "quirks.encoder_dropout": boolean,
+})
 
 
 @dataclasses.dataclass

@@ -1,9 +1,10 @@
 """Up-front checks of every numeric and categorical config value, with one-line errors.
 
-`validate_config(config)` runs before any model or data is loaded, for every experiment (the
-classifier, AttEns, T5): a key the config has is checked against its rule here; keys a config
-does not have are skipped (each experiment's config holds only the keys it honours, so
-ml_collections already rejects the others by name).
+`validate_config(config)` runs before any model or data is loaded, for every experiment: a key
+the config has is checked against its rule; keys a config does not have are skipped (each
+experiment's config holds only the keys it honours, so ml_collections already rejects the
+others by name). The rules here cover the shared keys; an extension adds the rules of its own
+keys with `register_rules` when it is imported.
 """
 
 from __future__ import annotations
@@ -79,29 +80,28 @@ NON_NEGATIVE = integer(0)
 
 RULES: dict[str, Rule] = {
     "dtype": one_of("float32", "bfloat16"),
-    "batch_size": POSITIVE, "eval_batch_size": POSITIVE, "feature_batch_size": POSITIVE,
+    "batch_size": POSITIVE, "eval_batch_size": POSITIVE,
     "num_epochs": NON_NEGATIVE, "max_steps": NON_NEGATIVE,
-    "max_length": integer(2, 1_000_000), "max_source_length": NON_NEGATIVE,
-    "max_target_length": NON_NEGATIVE, "buckets": positive_lengths,
+    "max_length": integer(2, 1_000_000), "buckets": positive_lengths,
     "max_train_examples": NON_NEGATIVE, "max_eval_examples": NON_NEGATIVE,
     "selection_size": fraction_or_count, "length_grouping": boolean,
-    "seed": NON_NEGATIVE, "model_seed": NON_NEGATIVE,
+    "seed": NON_NEGATIVE,
     "log_every_steps": POSITIVE, "eval_every_steps": NON_NEGATIVE,
     "checkpoint_every_steps": POSITIVE, "stop_after_steps": NON_NEGATIVE,
     "early_stopping_patience": NON_NEGATIVE, "resume": boolean, "progress": boolean,
-    "classifier_dropout": PROBABILITY, "k": NON_NEGATIVE, "num_beams": POSITIVE,
-    "skip_empty_rows": boolean,
+    "classifier_dropout": PROBABILITY,
     "lora.r": POSITIVE, "lora.alpha": number(0.0, lo_open=True), "lora.dropout": PROBABILITY,
-    "prompt.num_tokens": POSITIVE,
     "optimizer.learning_rate": number(0.0), "optimizer.weight_decay": number(0.0),
     "optimizer.b1": PROBABILITY, "optimizer.b2": PROBABILITY,
     "optimizer.eps": number(0.0, lo_open=True), "optimizer.warmup_ratio": PROBABILITY,
     "optimizer.warmup_steps": NON_NEGATIVE, "optimizer.grad_clip": number(0.0),
     "optimizer.schedule": one_of("linear", "cosine", "constant"),
-    "combiner.num_heads": POSITIVE, "combiner.dropout": PROBABILITY,
-    "quirks.attend_across_batch": boolean, "quirks.shared_layernorm": boolean,
-    "quirks.count_padding": boolean, "quirks.encoder_dropout": boolean,
 }
+
+
+def register_rules(rules: dict[str, Rule]) -> None:
+    """Add the rules of an extension's own config keys (dotted paths)."""
+    RULES.update(rules)
 
 
 def _lookup(config, dotted: str):

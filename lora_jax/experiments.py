@@ -49,13 +49,18 @@ def load_config(spec: str):
     return module, module.get_config(arg) if arg else module.get_config()
 
 
-def run(config, workdir: str) -> dict:
-    """Train and evaluate `config` with its experiment's runner; returns the results dict."""
+def runner(experiment: str):
+    """The run(config, workdir) function registered for `experiment` (imported on first use)."""
     found = runners()
     if not found:
         raise UserError("no experiment is registered: install the project first "
                         "(pip install -e .)")
-    if config.experiment not in found:
-        raise UserError(f"experiment {config.experiment!r} is unknown; use one of "
+    if experiment not in found:
+        raise UserError(f"experiment {experiment!r} is unknown; use one of "
                         f"{', '.join(sorted(found))}")
-    return found[config.experiment].load()(config, workdir)
+    return found[experiment].load()
+
+
+def run(config, workdir: str) -> dict:
+    """Train and evaluate `config` with its experiment's runner; returns the results dict."""
+    return runner(config.experiment)(config, workdir)

@@ -25,7 +25,7 @@ import ml_collections
 from lora_jax.cli import ArgumentParser, run_main
 from lora_jax.config_check import validate_config
 from lora_jax.errors import UserError
-from lora_jax.experiments import load_config, log_packages_at_info, run
+from lora_jax.experiments import load_config, log_packages_at_info, run, runner
 from lora_jax.report import STD_LABEL, score_table
 from lora_jax.trainer import provenance
 from lora_jax.writers import write_json_atomic
@@ -132,7 +132,9 @@ def run_sweep(args, command: str) -> int:
              if seed in row_seeds.get(exp, sweep.seeds)]
     if not args.collect:  # every cell's config is checked before the first one runs
         for seed, task, exp in cells:
-            validate_config(cell_config(sweep, exp, task, seed, repo))
+            config = cell_config(sweep, exp, task, seed, repo)
+            runner(config.experiment)  # imports it, so its own config rules are registered
+            validate_config(config)
     results = []
     for seed, task, exp in cells:
         workdir = os.path.join(args.workdir, f"{exp}_{task}_s{seed}")

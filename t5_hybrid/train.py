@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
 from lora_jax import trainer
-from lora_jax.config_check import validate_config
+from lora_jax.config_check import NON_NEGATIVE, POSITIVE, boolean, register_rules, validate_config
 from lora_jax.errors import UserError
 from lora_jax.tasks import Task
 from t5_hybrid import adapters
@@ -43,6 +43,10 @@ from t5_hybrid.model import T5ForConditionalGeneration, shift_right
 from t5_hybrid.tasks import get_seq2seq_task
 
 log = logging.getLogger(__name__)
+
+register_rules({"model_seed": NON_NEGATIVE, "max_source_length": NON_NEGATIVE,
+                "max_target_length": NON_NEGATIVE, "skip_empty_rows": boolean,
+                "prompt.num_tokens": POSITIVE, "num_beams": POSITIVE})
 
 # `config.model = "random:<name>"`: a randomly initialised T5 with the byte-level ByT5 tokenizer
 # (no files, no download) for smoke runs and tests. 384 = ByT5's vocabulary.
