@@ -52,12 +52,14 @@ def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}; options look like --config.task=rte")
     logging.getLogger().setLevel(logging.WARNING)  # Orbax and JAX log every step at INFO
+    from lora_jax.config_check import validate_config
     from lora_jax.experiments import log_packages_at_info, run
     from lora_jax.report import print_results
 
     log_packages_at_info()
 
     def body():
+        validate_config(FLAGS.config)  # the shared keys, before the experiment's heavy imports
         results = run(FLAGS.config, FLAGS.workdir)
         if "stopped_at_step" in results:
             print(f"stopped at step {results['stopped_at_step']} of {results['total_steps']}; "

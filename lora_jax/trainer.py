@@ -160,31 +160,38 @@ class Best:
     trainable: Any
 
 
-def _state_dict(trainable, opt_state, best: Best, stopped_early: bool) -> dict:
-    return {"trainable": trainable, "opt_state": opt_state, "best_trainable": best.trainable,
-            "best_score": jnp.asarray(best.score, jnp.float32),
-            "best_step": jnp.asarray(best.step, jnp.int32),
-            "stopped_early": jnp.asarray(stopped_early, jnp.int32)}
+def _state_dict(trainable, opt_state, best_trainable) -> dict:
+    return {"trainable": trainable, "opt_state": opt_state, "best_trainable": best_trainable}
 
 
 def restore_train_state(mngr: ocp.CheckpointManager, trainable, opt_state):
     """(step, trainable, opt_state, best, stopped_early) from the latest checkpoint."""
     step = mngr.latest_step()
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_dict(
-        trainable, opt_state, Best(0.0, 0, trainable), False))
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
+                                      _state_dict(trainable, opt_state, trainable))
     restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
-    best = Best(float(restored["best_score"]), int(restored["best_step"]),
-                restored["best_trainable"])
-    return (step, restored["trainable"], restored["opt_state"], best,
-            bool(restored["stopped_early"]))
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    state, loop = restored["state"], restored["meta"]["loop"]
+    score = -np.inf if loop["best_score"] is None else loop["best_score"]
+    best = Best(score, loop["best_step"], state["best_trainable"])
+    return step, state["trainable"], state["opt_state"], best, loop["stopped_early"]
 
 
 def save_train_state(mngr: ocp.CheckpointManager, step: int, trainable, opt_state, best: Best,
                      stopped_early: bool, meta: dict) -> None:
+    """Write the state of `step` and wait until it is on disk.
+
+    The best score travels in the JSON metadata as the exact Python float: stored as float32 it
+    came back a hair lower, and a resumed run then took an equal later score for a new best.
+    Waiting matters too: the next train step donates the buffers of `trainable` and
+    `opt_state`, which an asynchronous write might still be reading.
+    """
+    loop = {"best_score": None if not np.isfinite(best.score) else float(best.score),
+            "best_step": int(best.step), "stopped_early": bool(stopped_early)}
     mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_state_dict(trainable, opt_state, best, stopped_early)),
-        meta=ocp.args.JsonSave(meta)), force=True)
+        state=ocp.args.StandardSave(_state_dict(trainable, opt_state, best.trainable)),
+        meta=ocp.args.JsonSave({**meta, "loop": loop})), force=True)
+    mngr.wait_until_finished()
 
 
 def restore_trainable(workdir: str, which: str = "best_trainable", step: int | None = None):

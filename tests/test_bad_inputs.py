@@ -71,12 +71,16 @@ def _cases(root: pathlib.Path, model: str, data: str) -> dict[str, Case]:
                str(ROOT / "configs" / "quickstart_sweep.py"), "--workdir",
                str(root / "workdir"), "--out", str(root / "modules")]
     bad_sweep = root / "bad_sweep.py"
-    bad_sweep.write_text((ROOT / "configs" / "quickstart_sweep.py").read_text().replace(
+    bad = (ROOT / "configs" / "quickstart_sweep.py").read_text().replace(
         'c.common = ml_collections.ConfigDict({"progress": False})',
-        'c.common = ml_collections.ConfigDict({"progress": False, "batch_size": 0})'))
+        'c.common = ml_collections.ConfigDict({"progress": False, "batch_size": 0})')
+    assert "batch_size" in bad, "configs/quickstart_sweep.py changed: update this case"
+    bad_sweep.write_text(bad)
     typo_sweep = root / "typo_sweep.py"
-    typo_sweep.write_text((ROOT / "configs" / "quickstart_sweep.py").read_text().replace(
-        '"ft_lora": {"experiment": "ft_lora"}', '"ft_lora": {"lr": 0.1}'))
+    text = (ROOT / "configs" / "quickstart_sweep.py").read_text()
+    typo = text.replace('"zero_shot": {"experiment": "zero_shot"}', '"zero_shot": {"lr": 0.1}')
+    assert typo != text, "configs/quickstart_sweep.py changed: update this case"
+    typo_sweep.write_text(typo)
     two = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     return {
         # train.py: the command line and the config

@@ -57,30 +57,20 @@ def test_end_to_end_writes_everything_and_learns(assets, tmp_path):
     assert meta["task"] == "synth_sentiment" and "lora" in trainable and "head" in trainable["params"]
 
 
-def test_resume_equals_uninterrupted(assets, tmp_path):
-    # 600 rows / batch 32 = 19 steps per epoch; stop mid-epoch at step 11, then resume.
-    kw = dict(checkpoint_every_steps=5, eval_every_steps=7)
-    full = train_and_evaluate(quick_config(assets, **kw), str(tmp_path / "full"))
-    part = train_and_evaluate(quick_config(assets, stop_after_steps=11, **kw),
-                              str(tmp_path / "resumed"))
+def test_stop_after_steps_then_resume_keeps_the_first_best_of_equal_scores(assets, tmp_path):
+    """stop_after_steps ends without results; a second run there needs resume=True; and the
+    resumed run keeps the best score exactly (lr 0: every selection score is equal, so the
+    first evaluation stays the best; a best score rounded to float32 in the checkpoint made a
+    resumed run take a later equal score for a new best)."""
+    kw = dict(checkpoint_every_steps=5, eval_every_steps=5, max_eval_examples=100,
+              **{"optimizer.learning_rate": 0.0})
+    part = train_and_evaluate(quick_config(assets, stop_after_steps=11, **kw), str(tmp_path))
     assert part == {"stopped_at_step": 11, "total_steps": 38}
-    assert not (tmp_path / "resumed" / "results.json").exists()
+    assert not (tmp_path / "results.json").exists()
     with pytest.raises(Exception, match="already holds checkpoints"):
-        train_and_evaluate(quick_config(assets, **kw), str(tmp_path / "resumed"))
-    resumed = train_and_evaluate(quick_config(assets, resume=True, **kw),
-                                 str(tmp_path / "resumed"))
-    assert resumed["metrics"] == full["metrics"]
-    assert resumed["best_step"] == full["best_step"]
-    def logged(run):  # metric lines without the wall-clock field
-        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(x).items() if k != "train/examples_per_s"}
-                for x in lines]
-
-    assert logged("resumed") == logged("full")  # no duplicated or stale lines after resuming
-    a, _ = restore_trainable(str(tmp_path / "full"), "trainable")
-    b, _ = restore_trainable(str(tmp_path / "resumed"), "trainable")
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        train_and_evaluate(quick_config(assets, **kw), str(tmp_path))
+    resumed = train_and_evaluate(quick_config(assets, resume=True, **kw), str(tmp_path))
+    assert (resumed["best_step"], resumed["last_step"]) == (5, 38)
 
 
 def test_ffn_and_zero_shot_train_only_the_head(assets, tmp_path):
