@@ -30,7 +30,7 @@ def get_config():
     c.experiment_overrides = ml_collections.ConfigDict({
         "zero_shot": {"experiment": "zero_shot"},
         "ffn": {"experiment": "ffn", "optimizer": {"learning_rate": 1e-2}},
-        "ft_lora": {"experiment": "ft_lora", "num_epochs": 4},
-        "attens": {"num_epochs": 6},
+        "ft_lora": {"experiment": "ft_lora", "num_epochs": 3},
+        "attens": {"num_epochs": 4},
     })
     return c

@@ -22,6 +22,18 @@ WORKDIR = "runs/quickstart"  # configs/quickstart.py and attens_quickstart.py po
 SWEEP = "configs/quickstart_sweep.py"
 
 
+def clear_runs(workdir: str, keep: str) -> None:
+    """Delete everything under `workdir` (folders and files) except the path `keep`."""
+    for name in os.listdir(workdir) if os.path.isdir(workdir) else ():
+        path = os.path.join(workdir, name)
+        if os.path.normpath(path) == os.path.normpath(keep):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
 def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true",
@@ -38,9 +50,7 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     if not args.keep:  # a smoke run starts fresh, but keeps the (deterministic) assets
-        for name in os.listdir(WORKDIR) if os.path.isdir(WORKDIR) else ():
-            if os.path.join(WORKDIR, name) != os.path.normpath(ASSETS):
-                shutil.rmtree(os.path.join(WORKDIR, name))
+        clear_runs(WORKDIR, keep=ASSETS)
     make_quickstart_assets(ASSETS)
     print(f"1/2 training {len(TASKS)} FT_LoRA modules ({', '.join(TASKS)}) on a tiny random BERT")
     rc = train_modules.main(["--sweep", SWEEP, "--workdir", WORKDIR, "--tasks", ",".join(TASKS),

@@ -73,3 +73,20 @@ def test_readme_quickstart_runs_the_four_rows(tmp_path):
     assert "SMOKE RUN" in proc.stdout
     done = list((work / "runs" / "quickstart").glob("attens_*_s0/results.json"))
     assert len(done) == 3
+    again = subprocess.run([sys.executable, "-m", "ensemble.quickstart", "--keep"], cwd=work,
+                           capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})  # reuses the runs
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.split("| AttEns |")[1].splitlines()[0] == \
+        proc.stdout.split("| AttEns |")[1].splitlines()[0]
+
+
+def test_quickstart_starts_fresh_but_keeps_its_assets(tmp_path):
+    from ensemble.quickstart import clear_runs
+
+    (tmp_path / "assets" / "tiny-bert").mkdir(parents=True)
+    (tmp_path / "ft_lora_x_s0" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "table.json").write_text("{}")
+    clear_runs(str(tmp_path), keep=str(tmp_path / "assets"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["assets"]
+    assert (tmp_path / "assets" / "tiny-bert").is_dir()
