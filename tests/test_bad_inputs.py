@@ -82,6 +82,15 @@ def _cases(root: pathlib.Path, model: str, data: str) -> dict[str, Case]:
     assert typo != text, "configs/quickstart_sweep.py changed: update this case"
     typo_sweep.write_text(typo)
     two = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    t5 = [str(ROOT / "train.py"), "--config", f"{ROOT / 'configs' / 't5_hybrid_cpu.py'}:prompt_lora",
+          f"--workdir={root / 'workdir'}"]
+    wikisql = {"question": "who?", "table": {"header": []},
+               "sql": {"human_readable": "SELECT a FROM table"}}
+    for split in ("validation", "test"):
+        write_jsonl_gz(root / "t5data" / "wikisql" / f"{split}.jsonl.gz", [wikisql])
+    write_jsonl_gz(root / "t5data" / "samsum" / "train.jsonl.gz",
+                   [{"dialogue": "", "summary": "x"}])
+    t5data = f"--config.data_dir={root / 't5data'}"
     return {
         # train.py: the command line and the config
         "config file": Case([str(ROOT / "train.py"), "--config", "configs/nope.py",
@@ -134,6 +143,21 @@ def _cases(root: pathlib.Path, model: str, data: str) -> dict[str, Case]:
                                              "feature_batch_size 3 is not divisible", env=two),
         "attens num_epochs=0": Case(attens + ["--config.num_epochs=0"],
                                     "num_epochs must be at least 1"),
+        # T5 through train.py
+        "t5 task": Case(t5 + [f"--config.data_dir={data}", "--config.task=sst3"],
+                        "unknown t5 task 'sst3'"),
+        "t5 variant": Case(t5 + [f"--config.data_dir={data}", "--config.variant=prompt_lorra",
+                                 "--config.task=synth_keyword"],
+                           "t5 variant 'prompt_lorra' is unknown"),
+        "t5 table header": Case(t5 + [t5data, "--config.task=wikisql",
+                                      "--config.train_split=validation",
+                                      "--config.selection_split=test"], "has no table header"),
+        "t5 empty dialogue": Case(t5 + [t5data, "--config.task=samsum"], "empty dialogue"),
+        "t5 trains on a reported split": Case(t5 + [t5data, "--config.task=wikisql",
+                                                    "--config.train_split=validation"],
+                                              "also the selection or a reported split"),
+        "t5 num_beams=0": Case(t5 + [f"--config.data_dir={data}", "--config.num_beams=0"],
+                               "num_beams=0 must be >= 1"),
         # ensemble.train_modules
         "modules: no --tasks": Case(modules, "the following arguments are required: --tasks",
                                     outputs=("modules", "workdir")),
