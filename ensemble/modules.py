@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lora_jax.errors import UserError
-from lora_jax.lora import LoRASpec
+from lora_jax.lora import ALPHA, LoRASpec
 from lora_jax.trainer import restore_trainable
 from lora_jax.writers import write_json_atomic
 
@@ -91,6 +91,18 @@ def write_moduleset_index(set_dir: str, metas: list[dict]) -> None:
         "max_length": first["max_length"], "modules": [m["task"] for m in metas]})
 
 
+def with_alpha(lora: dict, alpha: float) -> dict:
+    """Adapters saved before each adapter carried its own alpha get the alpha their module was
+    trained with (its module.json); adapters that have one keep it."""
+
+    def fill(node):
+        if "A" in node and "B" in node:
+            return {**node, ALPHA: node.get(ALPHA, np.asarray(alpha, np.float32))}
+        return {k: fill(v) for k, v in node.items()}
+
+    return fill(lora)
+
+
 def load_module_set(set_dir: str, tasks: list[str] | tuple[str, ...] = ()) -> ModuleSet:
     """Modules of `set_dir` in the order of `tasks` (default: the set's own order)."""
     index_path = os.path.join(set_dir, "moduleset.json")
@@ -110,7 +122,8 @@ def load_module_set(set_dir: str, tasks: list[str] | tuple[str, ...] = ()) -> Mo
         with open(os.path.join(set_dir, task, "module.json")) as f:
             meta = json.load(f)
         tree = ckptr.restore(os.path.abspath(os.path.join(set_dir, task, "weights")))
-        modules.append(Module(task, meta["num_labels"], tree["lora"], tree["head"], meta))
+        lora = with_alpha(tree["lora"], float(meta["lora"]["alpha"]))
+        modules.append(Module(task, meta["num_labels"], lora, tree["head"], meta))
     lo = index["lora"]
     spec = LoRASpec(r=lo["r"], alpha=lo["alpha"], dropout=lo["dropout"],
                     targets=tuple(lo["targets"]))

@@ -314,3 +314,19 @@ def test_feature_cache_key_covers_tokenizer_model_content_and_padding(tmp_path):
     other = jax.tree_util.tree_map(lambda x: x + 1e-3, params)  # same path, other weights
     assert key(p=other)["model"] != key()["model"]
     assert key(pad=(16, 32)) != key()
+
+
+def test_module_saved_without_alpha_gets_its_recorded_alpha():
+    from ensemble.modules import with_alpha
+
+    _, adapters, _, _ = _modules()
+
+    def strip(node):  # modules saved before adapters carried alpha had none
+        if not isinstance(node, dict):
+            return node
+        return {k: strip(v) for k, v in node.items() if k != "alpha"}
+
+    filled = with_alpha(strip(adapters[0]), 32.0)
+    assert {float(a) for a in lora.adapter_alphas(filled).values()} == {32.0}
+    kept = with_alpha(adapters[0], 32.0)  # an adapter with its own alpha keeps it
+    assert {float(a) for a in lora.adapter_alphas(kept).values()} == {2.0}
