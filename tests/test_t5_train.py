@@ -100,8 +100,8 @@ def test_kill_9_then_resume_equals_uninterrupted(synth_dir, tmp_path):
         ["--config", f"{CONFIG}:prompt_lora", f"--config.data_dir={synth_dir}",
          "--config.task=synth_keyword", "--config.progress=False", "--config.num_epochs=2",
          "--config.batch_size=32", "--config.selection_size=100",
-         "--config.max_train_examples=320", "--config.max_eval_examples=24",
-         "--config.checkpoint_every_steps=3", "--config.eval_every_steps=10",
+         "--config.max_train_examples=192", "--config.max_eval_examples=16",
+         "--config.checkpoint_every_steps=2", "--config.eval_every_steps=10",
          "--config.optimizer.learning_rate=0.01", "--config.optimizer.warmup_steps=5"], tmp_path)
 
 

@@ -63,14 +63,14 @@ def test_stop_after_steps_then_resume_keeps_the_first_best_of_equal_scores(asset
     first evaluation stays the best; a best score rounded to float32 in the checkpoint made a
     resumed run take a later equal score for a new best)."""
     kw = dict(checkpoint_every_steps=5, eval_every_steps=5, max_eval_examples=100,
-              **{"optimizer.learning_rate": 0.0})
+              max_train_examples=320, **{"optimizer.learning_rate": 0.0})
     part = train_and_evaluate(quick_config(assets, stop_after_steps=11, **kw), str(tmp_path))
-    assert part == {"stopped_at_step": 11, "total_steps": 38}
+    assert part == {"stopped_at_step": 11, "total_steps": 20}
     assert not (tmp_path / "results.json").exists()
     with pytest.raises(Exception, match="already holds checkpoints"):
         train_and_evaluate(quick_config(assets, **kw), str(tmp_path))
     resumed = train_and_evaluate(quick_config(assets, resume=True, **kw), str(tmp_path))
-    assert (resumed["best_step"], resumed["last_step"]) == (5, 38)
+    assert (resumed["best_step"], resumed["last_step"]) == (5, 20)
 
 
 def test_ffn_and_zero_shot_train_only_the_head(assets, tmp_path):
@@ -99,9 +99,9 @@ def test_kill_9_then_resume_equals_uninterrupted(assets, tmp_path):
     model, data = assets
     assert_kill9_resume_is_exact(
         ["--config", CONFIG, f"--config.model={model}", f"--config.data_dir={data}",
-         "--config.progress=False", "--config.num_epochs=2", "--config.max_train_examples=320",
-         "--config.checkpoint_every_steps=3", "--config.eval_every_steps=7",
-         "--config.max_eval_examples=100"], tmp_path)
+         "--config.progress=False", "--config.num_epochs=2", "--config.max_train_examples=192",
+         "--config.checkpoint_every_steps=2", "--config.eval_every_steps=5",
+         "--config.max_eval_examples=64"], tmp_path)
 
 
 DP_SCRIPT = """
