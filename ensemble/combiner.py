@@ -96,7 +96,7 @@ class AttEnsCombiner(nn.Module):
 
 class MultiHeadSelfAttention(nn.Module):
     """Self-attention over axis 1 of (N, L, d) with in/out projections, as nn.MultiheadAttention
-    (one fused ``in_proj`` (d, 3d) for q, k, v; ``out_proj`` (d, d); weights averaged by nobody).
+    (one fused ``in_proj`` (d, 3d) for q, k, v; ``out_proj`` (d, d); per-head weights returned).
 
     key_mask: optional (N, L) bool; False keys get zero attention weight.
     Returns (outputs (N, L, d), attention weights (N, heads, L, L)).

@@ -43,7 +43,6 @@ from ensemble.modules import ModuleSet, load_module_set
 from lora_jax import data as data_lib
 from lora_jax import metrics as metrics_lib
 from lora_jax import trainer
-from lora_jax.classifier import place_pretrained, protocol, resolve_task
 from lora_jax.config_check import (
     NON_NEGATIVE,
     POSITIVE,
@@ -55,8 +54,8 @@ from lora_jax.config_check import (
 from lora_jax.errors import UserError
 from lora_jax.models import Encoder
 from lora_jax.models.encoder import POOLINGS
-from lora_jax.models.hf_import import load_pretrained
-from lora_jax.tasks import Task
+from lora_jax.models.hf_import import load_pretrained, place_pretrained
+from lora_jax.tasks import Task, resolve_task
 
 log = logging.getLogger("lora_jax.attens")
 
@@ -304,7 +303,7 @@ def experiment(setup: AttensSetup) -> trainer.Experiment:
         trainable=params, frozen=setup.frozen, train_lengths=setup.encoded["train"].lengths,
         loss_fn=make_loss_fn(setup, combiner), batch_of=batch_of, evaluate=evaluate,
         selection_split="selection" if "selection" in setup.splits else task.eval_splits[0],
-        sizes=sizes, sources=setup.sources, protocol=protocol(sizes, task),
+        sizes=sizes, sources=setup.sources, protocol=trainer.selection_protocol(sizes, task.eval_splits),
         meta={"task": task.name, "experiment": "attens", "modules": modules,
               "config": cfg.to_dict()},
         desc=f"attens {task.name} k={setup.k}", extra=extra)

@@ -16,12 +16,12 @@ import os
 import sys
 
 from ensemble.modules import export_module, write_moduleset_index
-from lora_jax.classifier import resolve_task
 from lora_jax.cli import ArgumentParser, run_main
 from lora_jax.config_check import validate_config
 from lora_jax.errors import UserError
 from lora_jax.experiments import load_config, log_packages_at_info
 from lora_jax.sweep import cell_config
+from lora_jax.tasks import resolve_task
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import traverse_util
 from tqdm.auto import tqdm
 
 from lora_jax import data as data_lib
@@ -27,28 +26,12 @@ from lora_jax.config_check import validate_config
 from lora_jax.errors import UserError
 from lora_jax.models import EncoderConfig, SequenceClassifier
 from lora_jax.models.encoder import POOLINGS
-from lora_jax.models.hf_import import load_pretrained
-from lora_jax.tasks import Task, custom_task, get_task
+from lora_jax.models.hf_import import load_pretrained, place_pretrained
+from lora_jax.tasks import Task, resolve_task
 
 log = logging.getLogger(__name__)
 
 EXPERIMENTS = ("ft_lora", "ffn", "zero_shot", "full")
-SELECTION_PROTOCOL = ("model selection on a held-out slice of train ({n} rows, never trained "
-                      "on); metrics reported on {splits}")
-
-
-def protocol(sizes: dict[str, int], task: Task) -> str:
-    if "selection" in sizes:
-        return SELECTION_PROTOCOL.format(n=sizes["selection"], splits=", ".join(task.eval_splits))
-    return f"no selection (last step); metrics reported on {', '.join(task.eval_splits)}"
-
-
-def resolve_task(config) -> Task:
-    if config.get("custom_task") and config.custom_task.get("name"):
-        return custom_task(config.custom_task.to_dict())
-    return get_task(config.task)
-
-
 @dataclasses.dataclass
 class Setup:
     """Everything a run needs, built and validated before anything is written."""
@@ -76,14 +59,6 @@ def build_model(config, encoder_config: EncoderConfig, task: Task) -> SequenceCl
                               classifier_dropout=config.classifier_dropout,
                               lora_dropout=config.lora.dropout,
                               dtype=trainer.DTYPES[config.dtype])
-
-
-def place_pretrained(initialised: dict, pretrained: dict) -> dict:
-    """`initialised` with every leaf that `pretrained` has replaced by the pretrained array."""
-    flat = traverse_util.flatten_dict(initialised)
-    for path, value in traverse_util.flatten_dict(pretrained).items():
-        flat[path] = jnp.asarray(value)
-    return traverse_util.unflatten_dict(flat)
 
 
 def lora_spec(config) -> lora_lib.LoRASpec:
@@ -197,7 +172,7 @@ def experiment(setup: Setup) -> trainer.Experiment:
             predict, params, frozen, setup.splits[split], task, setup, place.put_batch,
             desc=f"eval {split}"),
         selection_split="selection" if "selection" in setup.splits else task.eval_splits[0],
-        sizes=sizes, sources=setup.sources, protocol=protocol(sizes, task),
+        sizes=sizes, sources=setup.sources, protocol=trainer.selection_protocol(sizes, task.eval_splits),
         meta={"task": task.name, "experiment": cfg.experiment, "model": cfg.model,
               "config": cfg.to_dict()})
 

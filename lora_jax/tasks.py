@@ -120,6 +120,13 @@ def get_task(name: str, kind: str = "classification") -> Task:
     return _REGISTRY[(kind, name)]
 
 
+def resolve_task(config) -> Task:
+    """The config's task: ``custom_task`` when it names one, else the registered ``task``."""
+    if config.get("custom_task") and config.custom_task.get("name"):
+        return custom_task(config.custom_task.to_dict())
+    return get_task(config.task)
+
+
 def custom_task(spec) -> Task:
     """A task from a config dict: name, text_keys, label_key, num_labels, metrics."""
     try:

@@ -412,6 +412,16 @@ def provenance() -> dict:
             "machine": machine_description(), "date": time.strftime("%Y-%m-%d")}
 
 
+def selection_protocol(sizes: dict[str, int], eval_splits) -> str:
+    """The protocol line of a run that selects on a held-out ``selection`` slice of train (or,
+    without one, reports its last step)."""
+    splits = ", ".join(eval_splits)
+    if "selection" in sizes:
+        return (f"model selection on a held-out slice of train ({sizes['selection']} rows, never "
+                f"trained on); metrics reported on {splits}")
+    return f"no selection (last step); metrics reported on {splits}"
+
+
 def results_record(exp: Experiment, metrics: dict, selection_metrics: dict | None, best: Best,
                    stats: dict, n_trainable: int, n_total: int, wall_seconds: float) -> dict:
     """The one results record (results.json) of every experiment."""

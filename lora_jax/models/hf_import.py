@@ -254,6 +254,18 @@ def encoder_shapes(config: EncoderConfig) -> dict:
     return jax.eval_shape(lambda: Encoder(config).init(jax.random.PRNGKey(0), ids))["params"]
 
 
+def place_pretrained(initialised: dict, pretrained: dict) -> dict:
+    """`initialised` with every leaf that `pretrained` has replaced by the pretrained array
+    (leaves the checkpoint lacks, such as a new head, keep their initial values)."""
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(initialised)
+    for path, value in traverse_util.flatten_dict(pretrained).items():
+        flat[path] = jnp.asarray(value)
+    return traverse_util.unflatten_dict(flat)
+
+
 def load_pretrained(model: str) -> tuple[str, EncoderConfig, dict, list[str]]:
     """Resolve `model` (folder or hub id) and read its encoder weights.
 
