@@ -39,7 +39,7 @@ def make_jax_runner(model_dir: str, batch: int, length: int, dtype: str):
     from lora_jax.models.hf_import import load_pretrained
     from lora_jax.trainer import make_train_step
 
-    _, cfg, encoder, _ = load_pretrained(model_dir)
+    _, cfg, encoder, _, _ = load_pretrained(model_dir)
     model = SequenceClassifier(cfg, 2, pooling="cls", lora_dropout=0.1,
                                dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
     rng = np.random.default_rng(0)

@@ -13,7 +13,10 @@ def get_config() -> ml_collections.ConfigDict:
     c = common_config()
     c.experiment = "ft_lora"  # ft_lora | ffn | zero_shot | full
     c.model = "bert-base-uncased"
-    c.pooling = "mean"  # mean (masked) | cls | pooler (BERT only)
+    # Head: linear (pooling -> dropout -> Dense) | hf (the head of transformers'
+    # <Model>ForSequenceClassification, loaded from such a checkpoint when it has one).
+    c.head = "linear"
+    c.pooling = ""  # linear head: mean (masked, the default) | cls | pooler (BERT only)
     c.classifier_dropout = 0.1
     c.custom_task = custom_task()
     c.max_length = 128  # tokens, truncating

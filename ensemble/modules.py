@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lora_jax.classifier import pooling_of
 from lora_jax.errors import UserError
 from lora_jax.lora import ALPHA, LoRASpec
 from lora_jax.trainer import restore_trainable
@@ -63,7 +64,8 @@ def export_module(run_dir: str, out_dir: str) -> dict:
     cfg = results["config"]
     meta = {"task": results["task"], "num_labels": int(np.shape(tree["head"]["bias"])[0]),
             "main_metric": results["main_metric"], "metrics": results["metrics"],
-            "model": cfg["model"], "pooling": cfg["pooling"], "max_length": cfg["max_length"],
+            "model": cfg["model"], "pooling": pooling_of(cfg), "head": cfg.get("head", "linear"),
+            "max_length": cfg["max_length"],
             "lora": dict(cfg["lora"]), "source_run": os.path.abspath(run_dir),
             "seed": results["seed"]}
     weights = os.path.abspath(os.path.join(out_dir, "weights"))

@@ -138,7 +138,7 @@ def prepare_attens(config) -> AttensSetup:
         raise UserError(f"k={config.k} but the module set has {len(mset.modules)} modules "
                         f"({', '.join(mset.tasks)}); use 1..{len(mset.modules)} or 0 for all")
     model = config.model or mset.model
-    model_dir, enc_cfg, pretrained, _ = load_pretrained(model)
+    model_dir, enc_cfg, pretrained, _, _ = load_pretrained(model)
     if config.combiner.base_pooling == "pooler" and not enc_cfg.has_pooler:
         raise UserError(f"combiner.base_pooling='pooler' needs a BERT pooler; {model} has none, "
                         "use mean or cls")

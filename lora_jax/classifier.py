@@ -26,7 +26,7 @@ from lora_jax.config_check import validate_config
 from lora_jax.errors import UserError
 from lora_jax.models import EncoderConfig, SequenceClassifier
 from lora_jax.models.encoder import POOLINGS
-from lora_jax.models.hf_import import load_pretrained, place_pretrained
+from lora_jax.models.hf_import import Pretrained, load_pretrained, place_pretrained
 from lora_jax.tasks import Task, resolve_task
 
 log = logging.getLogger(__name__)
@@ -49,16 +49,32 @@ class Setup:
     sources: dict[str, str]
 
 
+def pooling_of(config) -> str:
+    """The pooling a run uses: the configured one, masked mean by default for the linear head,
+    "head" for the transformers head (which pools as transformers does)."""
+    if config.get("head", "linear") == "hf":
+        return "head"
+    return config.get("pooling") or "mean"
+
+
 def build_model(config, encoder_config: EncoderConfig, task: Task) -> SequenceClassifier:
-    if config.pooling not in POOLINGS:
-        raise UserError(f"pooling {config.pooling!r} is unknown; use one of {', '.join(POOLINGS)}")
-    if config.pooling == "pooler" and not encoder_config.has_pooler:
-        raise UserError(f"pooling='pooler' needs a BERT pooler; {encoder_config.model_type} has "
-                        "none, use --config.pooling=mean or cls")
-    return SequenceClassifier(encoder_config, task.num_labels, pooling=config.pooling,
+    head = config.get("head", "linear")
+    if head == "hf" and config.pooling:
+        raise UserError(f"pooling={config.pooling!r} applies to the linear head only; head='hf' "
+                        "pools as transformers does ([CLS] or the BERT pooler), leave pooling "
+                        "unset")
+    pooling = pooling_of(config)
+    if head == "linear" and pooling not in POOLINGS:
+        raise UserError(f"pooling {pooling!r} is unknown; use one of {', '.join(POOLINGS)}")
+    if (pooling == "pooler" or (head == "hf" and encoder_config.model_type == "bert")) and (
+            not encoder_config.has_pooler):
+        raise UserError(f"the BERT pooler is needed here; {encoder_config.model_type} has none, "
+                        "use --config.pooling=mean or cls")
+    return SequenceClassifier(encoder_config, task.num_labels,
+                              pooling="mean" if head == "hf" else pooling,
                               classifier_dropout=config.classifier_dropout,
                               lora_dropout=config.lora.dropout,
-                              dtype=trainer.DTYPES[config.dtype])
+                              dtype=trainer.DTYPES[config.dtype], head=head)
 
 
 def lora_spec(config) -> lora_lib.LoRASpec:
@@ -66,9 +82,9 @@ def lora_spec(config) -> lora_lib.LoRASpec:
                              dropout=config.lora.dropout, targets=tuple(config.lora.targets))
 
 
-def init_variables(model: SequenceClassifier, pretrained: dict, missing: list[str],
-                   config) -> dict:
-    """{"params": ..., "lora": ...}: the encoder from the checkpoint, the rest seeded.
+def init_variables(model: SequenceClassifier, pretrained: Pretrained, config) -> dict:
+    """{"params": ..., "lora": ...}: the encoder (and, for head='hf', a checkpoint's
+    classification head) from the checkpoint, the rest seeded.
 
     `jax.eval_shape` gives the tree first; only then are the head (and checkpoint-missing
     encoder leaves such as an absent pooler) initialised and the pretrained arrays placed.
@@ -78,13 +94,36 @@ def init_variables(model: SequenceClassifier, pretrained: dict, missing: list[st
     rng_init, rng_lora = jax.random.split(jax.random.PRNGKey(config.seed))
     jax.eval_shape(init, rng_init)  # fails fast on a bad config, allocates nothing
     params = jax.jit(init)(rng_init)
-    params["encoder"] = place_pretrained(params["encoder"], pretrained)
-    if missing:
-        log.info("initialised from seed (not in the checkpoint): %s", ", ".join(missing))
+    params["encoder"] = place_pretrained(params["encoder"], pretrained.encoder)
+    if pretrained.missing:
+        log.info("initialised from seed (not in the checkpoint): %s",
+                 ", ".join(pretrained.missing))
+    if pretrained.head is not None:
+        if model.head != "hf":
+            log.warning("%s carries a classification head; the linear head starts from seed "
+                        "(--config.head=hf uses the checkpoint's)", pretrained.model_dir)
+        else:
+            params["head"] = place_pretrained(params["head"],
+                                              checked_head(pretrained.head, model.num_labels,
+                                                           pretrained.model_dir))
     variables = {"params": params}
     if config.experiment == "ft_lora":
         variables["lora"] = lora_lib.init_lora(rng_lora, params, lora_spec(config))
     return variables
+
+
+def head_num_labels(head: dict) -> int:
+    """Output size of an `HFClassificationHead` tree (its last layer: out_proj or classifier)."""
+    return int(np.shape(head.get("out_proj", head.get("classifier", {})).get("bias"))[0])
+
+
+def checked_head(head: dict, num_labels: int, source: str) -> dict:
+    """`head` (an `HFClassificationHead` tree) if its output size is `num_labels`."""
+    out = head_num_labels(head)
+    if out != num_labels:
+        raise UserError(f"the classification head of {source} has {out} outputs but the task "
+                        f"has {num_labels} labels; use --config.head=linear for a new head")
+    return head
 
 
 def trainable_patterns(config) -> tuple[str, ...]:
@@ -105,13 +144,14 @@ def prepare(config) -> Setup:
     if config.experiment == "zero_shot":
         config.num_epochs = 0
     patterns = trainable_patterns(config)
-    model_dir, enc_cfg, pretrained, missing = load_pretrained(config.model)
+    pretrained = load_pretrained(config.model)
+    model_dir, enc_cfg = pretrained.model_dir, pretrained.config
     model = build_model(config, enc_cfg, task)
     tokenizer = data_lib.load_tokenizer(model_dir, config.tokenizer)
     examples, sources = data_lib.load_examples(config, task)
     max_len = min(config.max_length, enc_cfg.max_position_embeddings)
     splits = {k: data_lib.encode(v, tokenizer, max_len) for k, v in examples.items()}
-    variables = init_variables(model, pretrained, missing, config)
+    variables = init_variables(model, pretrained, config)
     trainable, frozen = lora_lib.split(variables, lora_lib.trainable_mask(variables, patterns))
     return Setup(config, task, model_dir, enc_cfg, model, frozen, trainable, splits,
                  tokenizer.pad_token_id or 0, data_lib.bucket_lengths(max_len, config.buckets),

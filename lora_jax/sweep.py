@@ -60,6 +60,8 @@ def cell_config(sweep, experiment: str, task: str, seed: int, repo: str):
 
 
 def markdown_table(sweep, results: list[dict], command: str, note: str = "") -> str:
+    from lora_jax.classifier import pooling_of
+
     first = results[0]
     main_seed = sweep.seeds[0]
     ft = [r for r in results if r["experiment"] == "ft_lora" and r["seed"] == main_seed]
@@ -71,7 +73,7 @@ def markdown_table(sweep, results: list[dict], command: str, note: str = "") -> 
         f"# {sweep.name}", "", score_table(results, sweep.experiments, sweep.tasks), "",
         f"Scores x100 on validation: accuracy, except CoLA (Matthews) and STS-B (Pearson); "
         f"seeds {list(sweep.seeds)}" + (f" ({STD_LABEL})" if len(sweep.seeds) > 1 else "") + ".",
-        f"- Model: `{first['model']}`; pooling `{first['config']['pooling']}`; dtype "
+        f"- Model: `{first['model']}`; pooling `{pooling_of(first['config'])}`; dtype "
         f"`{first['config']['dtype']}`.",
         "- Protocol: model selection on a held-out slice of train (the `selection` rows below, "
         "never trained on); metrics reported on validation; Model row = untrained head, no "

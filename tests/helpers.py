@@ -123,3 +123,59 @@ def assert_kill9_resume_is_exact(train_args: list[str], tmp_path, kill_after_ste
         y, _ = restore_trainable(str(killed), which)
         for u, v in zip(jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y), strict=True):
             np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+# Small transformers classifiers for parity tests; "electra_proj" has embedding_size != hidden.
+HF_KINDS = ("bert", "distilbert", "electra", "electra_proj")
+HF_TARGETS = {"bert": ["query", "value", "intermediate.dense"],
+              "distilbert": ["q_lin", "v_lin", "lin1"],
+              "electra": ["query", "key", "output.dense"],
+              "electra_proj": ["query", "value"]}
+HF_HEAD_MODULES = {"distilbert": ["pre_classifier", "classifier"]}  # PEFT's default: classifier
+
+
+def torch_classifier(kind: str, num_labels: int = 3, seed: int = 0):
+    """A seeded random transformers ``<Model>ForSequenceClassification`` (vocab 120, d 32)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=48, max_position_embeddings=40, num_labels=num_labels)
+    if kind == "bert":
+        return transformers.BertForSequenceClassification(transformers.BertConfig(**sizes))
+    if kind in ("electra", "electra_proj"):
+        return transformers.ElectraForSequenceClassification(transformers.ElectraConfig(
+            **sizes, embedding_size=16 if kind == "electra_proj" else 32))
+    if kind == "distilbert":
+        return transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
+            vocab_size=120, dim=32, n_layers=2, n_heads=4, hidden_dim=48,
+            max_position_embeddings=40, num_labels=num_labels))
+    raise ValueError(kind)
+
+
+def torch_base(model):
+    """The bare encoder of a transformers sequence classifier (bert / distilbert / electra)."""
+    return getattr(model, model.config.model_type)
+
+
+def hf_inputs(batch: int = 3, length: int = 11, vocab: int = 120, seed: int = 0):
+    """(input_ids, attention_mask, token_type_ids) int numpy arrays; row 1 is padded."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, (batch, length))
+    mask = np.ones((batch, length), np.int64)
+    mask[1, 7:] = 0
+    types = np.zeros_like(ids)
+    types[:, length // 2:] = 1
+    return ids, mask, types
+
+
+def torch_logits(model, inputs) -> np.ndarray:
+    """Eval-mode logits of a transformers (or PEFT) classifier on `hf_inputs`."""
+    import torch
+
+    ids, mask, types = (torch.tensor(x) for x in inputs)
+    kw = {} if model.config.model_type == "distilbert" else {"token_type_ids": types}
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kw).logits.float().numpy()

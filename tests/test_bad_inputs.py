@@ -115,7 +115,7 @@ def _cases(root: pathlib.Path, model: str, data: str) -> dict[str, Case]:
         "buckets": Case(train + ["--config.buckets=(0,16)"], "buckets=(0, 16) must be a tuple"),
         "selection_size": Case(train + ["--config.selection_size=1.5"],
                                "selection_size=1.5 must be a fraction"),
-        "pooling": Case(train + ["--config.pooling=max"], "pooling 'max' is unknown"),
+        "pooling": Case(train + ["--config.pooling=max"], "config pooling='max' must be one of"),
         "eval_batch_size devices": Case(train + ["--config.eval_batch_size=3"],
                                         "eval_batch_size 3 is not divisible by the 2 devices",
                                         env=two),

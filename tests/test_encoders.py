@@ -59,7 +59,7 @@ def test_last_hidden_state_matches_pytorch(kind, tmp_path):
     ids, mask, types = _inputs()
     expected = _torch_hidden(model, kind, ids, mask, types)
 
-    _, config, params, missing = load_pretrained(str(tmp_path))
+    _, config, params, missing, _ = load_pretrained(str(tmp_path))
     assert missing == []
     hidden, _ = Encoder(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
                                       jnp.asarray(types))
@@ -75,7 +75,7 @@ def test_bert_pooler_matches_pytorch(tmp_path):
         model.eval()
         expected = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                          token_type_ids=torch.tensor(types)).pooler_output.numpy()
-    _, config, params, _ = load_pretrained(str(tmp_path))
+    _, config, params, _, _ = load_pretrained(str(tmp_path))
     _, pooled = Encoder(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
                                       jnp.asarray(types))
     np.testing.assert_allclose(np.asarray(pooled), expected, atol=1e-4, rtol=1e-4)
@@ -87,7 +87,7 @@ def test_pytorch_bin_checkpoint_loads(tmp_path):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     ids, mask, types = _inputs()
     expected = _torch_hidden(model, "bert", ids, mask, types)
-    _, config, params, _ = load_pretrained(str(tmp_path))
+    _, config, params, _, _ = load_pretrained(str(tmp_path))
     hidden, _ = Encoder(config).apply({"params": params}, ids, mask, types)
     np.testing.assert_allclose(np.asarray(hidden)[mask.astype(bool)], expected[mask.astype(bool)],
                                atol=1e-4)
@@ -100,7 +100,7 @@ def test_real_minilm_l3_matches_pytorch(minilm_l3):
     ref = transformers.BertModel.from_pretrained(str(minilm_l3))
     expected = _torch_hidden(ref, "bert", batch["input_ids"], batch["attention_mask"],
                              batch["token_type_ids"])
-    _, config, params, missing = load_pretrained(str(minilm_l3))
+    _, config, params, missing, _ = load_pretrained(str(minilm_l3))
     assert missing == ["pooler/bias", "pooler/kernel"]  # the export has no pooler
     params = dict(params, pooler=jax.tree_util.tree_map(
         np.zeros_like, {"kernel": np.zeros((384, 384)), "bias": np.zeros(384)}))
@@ -114,7 +114,7 @@ def test_bf16_compute_close_to_fp32(tmp_path):
     model = _random_torch_model("bert")
     model.save_pretrained(tmp_path)
     ids, mask, types = _inputs()
-    _, config, params, _ = load_pretrained(str(tmp_path))
+    _, config, params, _, _ = load_pretrained(str(tmp_path))
     h32, _ = Encoder(config).apply({"params": params}, ids, mask, types)
     h16, _ = Encoder(config, dtype=jnp.bfloat16).apply({"params": params}, ids, mask, types)
     assert h16.dtype == jnp.bfloat16
@@ -138,14 +138,17 @@ def test_task_checkpoint_reports_unexpected_and_missing_keys(tmp_path, caplog):
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(transformers.BertConfig(**SMALL))
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("bert.pooler")}
+    state["cls.predictions.bias"] = torch.zeros(SMALL["vocab_size"])  # a pre-training head
     model.config.save_pretrained(tmp_path)
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
     with caplog.at_level("WARNING"):
-        _, _, params, missing = load_pretrained(str(tmp_path))
+        _, _, params, missing, head = load_pretrained(str(tmp_path))
     assert missing == ["pooler/bias", "pooler/kernel"]
-    assert "were not used: classifier.bias, classifier.weight" in caplog.text
+    assert "were not used: cls.predictions.bias" in caplog.text
+    # The sequence-classification head is read as the checkpoint's head, not reported unused.
+    np.testing.assert_array_equal(head["classifier"]["kernel"], state["classifier.weight"].numpy().T)
     assert "newly initialized: pooler/bias, pooler/kernel" in caplog.text
     np.testing.assert_array_equal(params["layer_1"]["attention"]["query"]["kernel"],
                                   state["bert.encoder.layer.1.attention.self.query.weight"].numpy().T)

@@ -25,6 +25,7 @@ from lora_jax.models.config import EncoderConfig
 from lora_jax.models.layers import ACTIVATIONS, LoRADense
 
 POOLINGS = ("mean", "cls", "pooler")
+HEADS = ("linear", "hf")
 
 # The Dense layers of these encoders that can take an adapter.
 register_adaptable("encoder", r"(^|/)layer_\d+/(attention/(query|key|value|output)|intermediate|output)$")
@@ -141,10 +142,46 @@ def pool(hidden, pooled, mask, pooling: str) -> jax.Array:
     raise ValueError(f"unknown pooling {pooling!r}; use one of {POOLINGS}")
 
 
-class SequenceClassifier(nn.Module):
-    """Encoder -> pooling -> dropout -> linear head. Returns float32 logits (B, num_labels).
+class HFClassificationHead(nn.Module):
+    """The classification head of transformers' ``<Model>ForSequenceClassification``.
 
-    ``num_labels == 1`` is a regression head (STS-B). The head is named ``head``.
+    BERT: pooler output -> dropout -> ``classifier``. DistilBERT: [CLS] -> ``pre_classifier`` ->
+    ReLU -> dropout -> ``classifier``. ELECTRA: [CLS] -> dropout -> ``dense`` -> GELU (exact) ->
+    dropout -> ``out_proj``. Submodules carry the transformers names (see
+    `lora_jax.models.hf_import.hf_head_module_map`). Computes in float32; returns (B, C) logits.
+    """
+
+    model_type: str
+    num_labels: int
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, hidden, pooled, deterministic: bool):
+        drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)
+        dense = lambda n, name: nn.Dense(n, dtype=jnp.float32, name=name,
+                                         kernel_init=nn.initializers.normal(stddev=0.02))
+        d = hidden.shape[-1]
+        if self.model_type == "bert":
+            if pooled is None:
+                raise ValueError("the BERT head needs the encoder's pooler output")
+            return dense(self.num_labels, "classifier")(drop(pooled.astype(jnp.float32)))
+        cls = hidden[:, 0].astype(jnp.float32)
+        if self.model_type == "distilbert":
+            x = jax.nn.relu(dense(d, "pre_classifier")(cls))
+            return dense(self.num_labels, "classifier")(drop(x))
+        if self.model_type == "electra":
+            x = jax.nn.gelu(dense(d, "dense")(drop(cls)), approximate=False)
+            return dense(self.num_labels, "out_proj")(drop(x))
+        raise ValueError(f"no transformers head for model_type {self.model_type!r}")
+
+
+class SequenceClassifier(nn.Module):
+    """Encoder -> head. Returns float32 logits (B, num_labels); the head is named ``head``.
+
+    head="linear": pooling -> dropout -> one Dense (``head/{kernel, bias}``).
+    head="hf": `HFClassificationHead`, the head of transformers' ForSequenceClassification for
+    the encoder's model type (its own pooling; ``pooling`` is not used).
+    ``num_labels == 1`` is a regression head (STS-B).
     """
 
     config: EncoderConfig
@@ -153,6 +190,7 @@ class SequenceClassifier(nn.Module):
     classifier_dropout: float = 0.1
     lora_dropout: float = 0.0
     dtype: Any = jnp.float32
+    head: str = "linear"
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None,
@@ -160,6 +198,12 @@ class SequenceClassifier(nn.Module):
         hidden, pooled = Encoder(self.config, self.lora_dropout, self.dtype,
                                  name="encoder")(input_ids, attention_mask, token_type_ids,
                                                  deterministic)
+        if self.head == "hf":
+            return HFClassificationHead(self.config.model_type, self.num_labels,
+                                        self.classifier_dropout, name="head")(
+                hidden, pooled, deterministic)
+        if self.head != "linear":
+            raise ValueError(f"unknown head {self.head!r}; use one of {HEADS}")
         x = pool(hidden, pooled, attention_mask, self.pooling)
         x = nn.Dropout(self.classifier_dropout)(x, deterministic=deterministic)
         return nn.Dense(self.num_labels, dtype=jnp.float32, name="head",

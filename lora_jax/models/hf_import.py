@@ -1,9 +1,11 @@
 """Read Hugging Face encoder checkpoints into the Flax parameter tree by name mapping.
 
 `resolve_model_dir` turns a local folder or a hub id into a folder; `load_pretrained` reads its
-`config.json` and `model.safetensors` (or `pytorch_model.bin` when torch is installed), maps
-every tensor name to a Flax path, and reports missing / unexpected keys the way transformers
-does. `hf_name_map` is also the bridge used by the PEFT adapter export.
+`config.json` and weights (`model.safetensors`, `pytorch_model.bin` when torch is installed, or
+either sharded with an ``*.index.json``), maps every tensor name to a Flax path, and reports
+missing / unexpected keys the way transformers does. A ``*ForSequenceClassification``
+checkpoint also brings its classification head (`hf_head_module_map`). `hf_name_map` is also the
+bridge used by the PEFT adapter import/export and the merged export.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 
@@ -63,6 +66,23 @@ def hf_module_map(config: EncoderConfig) -> dict[Path, str]:
     if config.has_pooler:
         out[("pooler",)] = "pooler.dense"
     return out
+
+
+def hf_head_module_map(model_type: str) -> dict[Path, str]:
+    """Flax module path under ``params/head`` -> transformers module name, for the head of
+    ``<Model>ForSequenceClassification`` (`lora_jax.models.encoder.HFClassificationHead`)."""
+    return {"bert": {("classifier",): "classifier"},
+            "distilbert": {("pre_classifier",): "pre_classifier", ("classifier",): "classifier"},
+            "electra": {("dense",): "classifier.dense", ("out_proj",): "classifier.out_proj"},
+            }[model_type]
+
+
+def hf_head_name_map(model_type: str) -> dict[str, tuple[Path, str]]:
+    """transformers head tensor name -> (Flax path under ``params/head``, transform)."""
+    m: dict[str, tuple[Path, str]] = {}
+    for path, hf in hf_head_module_map(model_type).items():
+        m.update(_linear(hf, path))
+    return m
 
 
 def hf_name_map(config: EncoderConfig) -> dict[str, tuple[Path, str]]:
@@ -161,16 +181,45 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() for k, v in sd.items()}
 
 
+_SINGLE_FILES = (("model.safetensors", _read_safetensors),
+                 ("pytorch_model.bin", _read_torch_bin))
+
+
+def _read_sharded(index_path: str, read) -> dict[str, np.ndarray]:
+    """Every tensor of a sharded checkpoint (``*.index.json`` with a ``weight_map``)."""
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot read the shard index {index_path!r} ({type(e).__name__}); it "
+                        "needs a 'weight_map' of tensor name -> shard file") from None
+    folder = os.path.dirname(index_path)
+    state: dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        path = os.path.join(folder, shard)
+        if not os.path.isfile(path):
+            raise UserError(f"{index_path} names the shard {shard!r}, which is not in {folder}; "
+                            "download every shard of the checkpoint")
+        state.update(read(path))
+    lacking = sorted(set(weight_map) - set(state))
+    if lacking:
+        raise UserError(f"{index_path} maps {len(lacking)} tensors (e.g. {lacking[0]}) to shards "
+                        "that do not hold them; the shards do not match the index")
+    return state
+
+
 def read_state_dict(model_dir: str) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint folder as float32 numpy arrays (names unchanged)."""
-    st = os.path.join(model_dir, "model.safetensors")
-    if os.path.isfile(st):
-        return _read_safetensors(st)
-    pt = os.path.join(model_dir, "pytorch_model.bin")
-    if os.path.isfile(pt):
-        return _read_torch_bin(pt)
-    raise UserError(f"no model.safetensors or pytorch_model.bin in {model_dir!r}; "
-                    "point --config.model at a folder holding the weights")
+    """All tensors of a checkpoint folder as float32 numpy arrays (names unchanged): one
+    ``model.safetensors`` / ``pytorch_model.bin``, or their shards listed in ``*.index.json``."""
+    for name, read in _SINGLE_FILES:
+        if os.path.isfile(os.path.join(model_dir, name)):
+            return read(os.path.join(model_dir, name))
+    for name, read in _SINGLE_FILES:
+        index = os.path.join(model_dir, name + ".index.json")
+        if os.path.isfile(index):
+            return _read_sharded(index, read)
+    raise UserError(f"no model.safetensors or pytorch_model.bin (or a sharded *.index.json) in "
+                    f"{model_dir!r}; point --config.model at a folder holding the weights")
 
 
 def _set(tree: dict, path: Path, value) -> None:
@@ -266,19 +315,41 @@ def place_pretrained(initialised: dict, pretrained: dict) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
-def load_pretrained(model: str) -> tuple[str, EncoderConfig, dict, list[str]]:
-    """Resolve `model` (folder or hub id) and read its encoder weights.
+class Pretrained(NamedTuple):
+    """What `load_pretrained` read from a checkpoint folder."""
 
-    Returns (model_dir, config, encoder_params, missing): encoder_params is a nested dict of
-    float32 numpy arrays in the Flax layout; `missing` lists encoder paths the checkpoint lacks
-    (e.g. ``pooler/kernel`` for sentence-transformers exports), which the caller initialises.
-    """
+    model_dir: str
+    config: EncoderConfig
+    encoder: dict  # nested float32 numpy arrays in the Flax layout
+    missing: list[str]  # encoder paths the checkpoint lacks (e.g. pooler/kernel), to initialise
+    head: dict | None  # a ForSequenceClassification head in the `HFClassificationHead` layout
+
+
+def split_head(state: Mapping[str, np.ndarray], model_type: str
+               ) -> tuple[dict[str, np.ndarray], dict | None]:
+    """(the state without its classification-head tensors, the head as a Flax tree or None)."""
+    names = hf_head_name_map(model_type)
+    head: dict = {}
+    rest = {}
+    for raw, value in state.items():
+        if raw in names:
+            path, transform = names[raw]
+            value = np.asarray(value, np.float32)
+            _set(head, path, value.T if transform == "T" else value)
+        else:
+            rest[raw] = value
+    return rest, head or None
+
+
+def load_pretrained(model: str) -> Pretrained:
+    """Resolve `model` (folder or hub id) and read its encoder weights and, for a
+    ``*ForSequenceClassification`` checkpoint, its classification head."""
     model_dir = resolve_model_dir(model)
     config, _ = load_hf_config(model_dir)
-    params, missing, unexpected = convert_state_dict(read_state_dict(model_dir), config,
-                                                     encoder_shapes(config))
+    state, head = split_head(read_state_dict(model_dir), config.model_type)
+    params, missing, unexpected = convert_state_dict(state, config, encoder_shapes(config))
     report_keys(model_dir, missing, unexpected)
-    return model_dir, config, params, missing
+    return Pretrained(model_dir, config, params, missing, head)
 
 
 def to_hf_state_dict(encoder_params: Mapping, config: EncoderConfig,
@@ -298,9 +369,16 @@ def to_hf_state_dict(encoder_params: Mapping, config: EncoderConfig,
 
 
 def hf_config_dict(config: EncoderConfig) -> dict:
-    """A BERT/ELECTRA `config.json` dict for `config` (DistilBERT export is not needed here)."""
+    """A transformers `config.json` dict for `config` (BERT, DistilBERT or ELECTRA)."""
     if config.model_type == "distilbert":
-        raise NotImplementedError("config.json export is implemented for BERT and ELECTRA")
+        return {"model_type": "distilbert", "vocab_size": config.vocab_size,
+                "dim": config.hidden_size, "n_layers": config.num_layers,
+                "n_heads": config.num_heads, "hidden_dim": config.intermediate_size,
+                "max_position_embeddings": config.max_position_embeddings,
+                "activation": config.hidden_act, "dropout": config.hidden_dropout,
+                "attention_dropout": config.attention_dropout,
+                "pad_token_id": config.pad_token_id, "sinusoidal_pos_embds": False,
+                "architectures": ["DistilBertModel"]}
     d = {"model_type": config.model_type, "vocab_size": config.vocab_size,
          "hidden_size": config.hidden_size, "num_hidden_layers": config.num_layers,
          "num_attention_heads": config.num_heads, "intermediate_size": config.intermediate_size,
