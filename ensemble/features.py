@@ -26,7 +26,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from lora_jax import data as data_lib
 from lora_jax.models import Encoder
@@ -129,16 +128,8 @@ def compute_split_features(feature_fn: Callable, base_params, stacked, heads,
                            progress: bool = True):
     """(modules (N, k, D), base (N, d)) float32 numpy for every example of an encoded split."""
     fn = jax.jit(feature_fn)
-    modules = base = None
-    for idx in tqdm(data_lib.eval_order(enc.lengths, batch_size), desc=desc, leave=False,
-                    disable=not progress):
-        batch = put(data_lib.make_batch(enc, idx, batch_size, buckets, pad_id))
-        m, b = jax.device_get(fn(base_params, stacked, heads, batch))
-        if modules is None:
-            modules = np.zeros((len(enc), *m.shape[1:]), np.float32)
-            base = np.zeros((len(enc), *b.shape[1:]), np.float32)
-        modules[idx], base[idx] = m[: len(idx)], b[: len(idx)]
-    return modules, base
+    return data_lib.map_batches(lambda batch: fn(base_params, stacked, heads, batch), enc,
+                                batch_size, buckets, pad_id, put, desc, progress)
 
 
 def row_keys(texts: list[tuple[str, ...]]) -> np.ndarray:

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm.auto import tqdm
 
 from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
@@ -47,6 +46,8 @@ class Setup:
     pad_id: int
     buckets: tuple[int, ...]
     sources: dict[str, str]
+    tokenizer: Any
+    max_length: int  # tokens, after the model's position limit
 
 
 def pooling_of(config) -> str:
@@ -136,8 +137,9 @@ def trainable_patterns(config) -> tuple[str, ...]:
             "zero_shot": (), "full": (".*",)}[config.experiment]
 
 
-def prepare(config) -> Setup:
-    """Validate the config and inputs, load model and data. Writes nothing."""
+def prepare(config, with_data: bool = True) -> Setup:
+    """Validate the config and inputs, load model and (unless `with_data` is False, as for
+    prediction) data. Writes nothing."""
     validate_config(config)
     task = resolve_task(config)
     trainer.check_divisible_by_devices(config, ("batch_size", "eval_batch_size"))
@@ -148,14 +150,14 @@ def prepare(config) -> Setup:
     model_dir, enc_cfg = pretrained.model_dir, pretrained.config
     model = build_model(config, enc_cfg, task)
     tokenizer = data_lib.load_tokenizer(model_dir, config.tokenizer)
-    examples, sources = data_lib.load_examples(config, task)
+    examples, sources = data_lib.load_examples(config, task) if with_data else ({}, {})
     max_len = min(config.max_length, enc_cfg.max_position_embeddings)
     splits = {k: data_lib.encode(v, tokenizer, max_len) for k, v in examples.items()}
     variables = init_variables(model, pretrained, config)
     trainable, frozen = lora_lib.split(variables, lora_lib.trainable_mask(variables, patterns))
     return Setup(config, task, model_dir, enc_cfg, model, frozen, trainable, splits,
                  tokenizer.pad_token_id or 0, data_lib.bucket_lengths(max_len, config.buckets),
-                 sources)
+                 sources, tokenizer, max_len)
 
 
 def make_loss_fn(model: SequenceClassifier, regression: bool) -> trainer.LossFn:
@@ -184,12 +186,9 @@ def make_predict_step(model: SequenceClassifier, regression: bool):
 def evaluate(predict, trainable, frozen, enc: data_lib.Encoded, task: Task, setup: Setup,
              put, desc: str = "eval") -> dict[str, float]:
     """Metrics of `task` on one encoded split (predictions gathered back to example order)."""
-    bs = setup.config.eval_batch_size
-    preds = np.zeros(len(enc), np.float32 if task.is_regression else np.int32)
-    for idx in tqdm(data_lib.eval_order(enc.lengths, bs), desc=desc, leave=False,
-                    disable=not setup.config.progress):
-        batch = put(data_lib.make_batch(enc, idx, bs, setup.buckets, setup.pad_id))
-        preds[idx] = np.asarray(predict(trainable, frozen, batch))[: len(idx)]
+    preds = data_lib.map_batches(lambda batch: predict(trainable, frozen, batch), enc,
+                                 setup.config.eval_batch_size, setup.buckets, setup.pad_id, put,
+                                 desc, setup.config.progress)
     return metrics_lib.compute(task.metrics, preds, enc.labels)
 
 

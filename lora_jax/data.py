@@ -14,7 +14,7 @@ import dataclasses
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -368,3 +368,24 @@ def eval_order(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Index batches sorted by length (least padding); predictions are scattered back by index."""
     perm = np.argsort(lengths, kind="stable")
     return [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
+
+
+def map_batches(fn: Callable, enc: Encoded, batch_size: int, buckets: Sequence[int],
+                pad_id: int, put: Callable = lambda b: b, desc: str = "",
+                progress: bool = False):
+    """``fn(batch)`` over every example of `enc` in length-sorted batches (`eval_order`,
+    `make_batch`), its outputs (a pytree of (batch_size, ...) arrays) gathered back to example
+    order: the same pytree of numpy arrays with leading axis len(enc)."""
+    import jax
+    from tqdm.auto import tqdm
+
+    out, treedef = None, None
+    for idx in tqdm(eval_order(enc.lengths, batch_size), desc=desc, leave=False,
+                    disable=not progress):
+        leaves, treedef = jax.tree_util.tree_flatten(
+            jax.device_get(fn(put(make_batch(enc, idx, batch_size, buckets, pad_id)))))
+        if out is None:
+            out = [np.zeros((len(enc), *np.shape(x)[1:]), np.asarray(x).dtype) for x in leaves]
+        for gathered, x in zip(out, leaves, strict=True):
+            gathered[idx] = np.asarray(x)[: len(idx)]
+    return None if treedef is None else treedef.unflatten(out)

@@ -27,6 +27,7 @@ class Task:
     metrics: the first one is the task's main metric (model selection, tables).
     source_fn / target_fn: (row, where) -> text, raising UserError on a bad row (seq2seq).
     prefix: the hand-written instruction of seq2seq rows without trained inputs.
+    label_names: what each class id means (predictions print names when given).
     """
 
     name: str
@@ -46,6 +47,7 @@ class Task:
     prefix: str = ""
     max_source_length: int = 256
     max_target_length: int = 64
+    label_names: tuple[str, ...] = ()  # class names by id, when known
 
     @property
     def kind(self) -> str:
@@ -82,26 +84,32 @@ def _glue(name, keys, n, metrics=("accuracy",), **kw) -> Task:
 
 
 for _task in [
-    _glue("cola", ("sentence",), 2, ("matthews", "accuracy")),
-    _glue("sst2", ("sentence",), 2),
-    _glue("mrpc", ("sentence1", "sentence2"), 2, ("accuracy", "f1")),
-    _glue("qqp", ("question1", "question2"), 2, ("accuracy", "f1")),
+    _glue("cola", ("sentence",), 2, ("matthews", "accuracy"),
+          label_names=("unacceptable", "acceptable")),
+    _glue("sst2", ("sentence",), 2, label_names=("negative", "positive")),
+    _glue("mrpc", ("sentence1", "sentence2"), 2, ("accuracy", "f1"),
+          label_names=("not_equivalent", "equivalent")),
+    _glue("qqp", ("question1", "question2"), 2, ("accuracy", "f1"),
+          label_names=("not_duplicate", "duplicate")),
     _glue("stsb", ("sentence1", "sentence2"), 1, ("pearson", "spearman"),
           label_range=(0.0, 5.0)),
     _glue("mnli", ("premise", "hypothesis"), 3,
           splits=(("train", "train"), ("validation", "validation_matched"),
                   ("validation_matched", "validation_matched"),
                   ("validation_mismatched", "validation_mismatched")),
-          eval_splits=("validation_matched", "validation_mismatched")),
-    _glue("qnli", ("question", "sentence"), 2),
-    _glue("rte", ("sentence1", "sentence2"), 2),
-    _glue("wnli", ("sentence1", "sentence2"), 2),
+          eval_splits=("validation_matched", "validation_mismatched"),
+          label_names=("entailment", "neutral", "contradiction")),
+    _glue("qnli", ("question", "sentence"), 2, label_names=("entailment", "not_entailment")),
+    _glue("rte", ("sentence1", "sentence2"), 2, label_names=("entailment", "not_entailment")),
+    _glue("wnli", ("sentence1", "sentence2"), 2, label_names=("not_entailment", "entailment")),
     Task("imdb", ("text",), 2, hub=("stanfordnlp/imdb",), tfds="imdb_reviews", local="imdb",
-         splits=(("train", "train"), ("validation", "test"))),
+         splits=(("train", "train"), ("validation", "test")), label_names=("neg", "pos")),
     Task("ag_news", ("text",), 4, hub=("fancyzhx/ag_news",), tfds="ag_news_subset",
-         local="ag_news", splits=(("train", "train"), ("validation", "test"))),
+         local="ag_news", splits=(("train", "train"), ("validation", "test")),
+         label_names=("World", "Sports", "Business", "Sci/Tech")),
     Task("trec", ("text",), 6, label_key="coarse_label", hub=("CogComp/trec",), local="trec",
-         splits=(("train", "train"), ("validation", "test"))),
+         splits=(("train", "train"), ("validation", "test")),
+         label_names=("ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM")),
     # Generated offline by lora_jax.synthetic (quickstart and tests).
     Task("synth_sentiment", ("sentence",), 2, local="synth/sentiment"),
     Task("synth_topic", ("sentence",), 2, local="synth/topic"),

@@ -1,0 +1,248 @@
+"""Finished runs (and PEFT adapters) applied to new text: the objects behind `lora_jax.predict`,
+`lora_jax.export` and `lora_jax.attribute`.
+
+`load_run(workdir)` reads ``results.json``, and the loader that the run's experiment registered
+under the entry-point group ``lora_jax.run_loaders`` rebuilds the model with the run's best
+checkpoint (the one its results report). Every loaded run offers:
+
+* ``task``: the `Task` (columns, labels, metrics);
+* ``predict(rows, where, progress) -> list[dict]``: one output record per input row;
+* ``evaluate(rows, outputs, where) -> dict``: the task's metrics (rows must carry labels);
+* ``export(out_dir, fmt)``: ``peft`` or ``merged`` (where the experiment has them).
+
+This module holds the classifier's (`ClassifierRun`, also built from a base model plus a PEFT
+adapter by `peft_classifier`) and what classification runs share (`classification_outputs`,
+`classification_metrics`); AttEns and T5 add theirs in their packages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from lora_jax import data as data_lib
+from lora_jax import lora as lora_lib
+from lora_jax import metrics as metrics_lib
+from lora_jax.errors import UserError
+from lora_jax.tasks import Task
+
+LOADER_GROUP = "lora_jax.run_loaders"
+TEXT_SUFFIXES = (".txt",)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def read_input_rows(path: str) -> list[dict]:
+    """Rows to predict on: a .jsonl / .json / .csv / .tsv / .parquet file (read with
+    `datasets`), a .txt file (one ``{"text": line}`` per non-empty line), or ``-`` for stdin
+    (JSON lines when the first line starts with ``{``, else text lines)."""
+    if path == "-":
+        lines = [line.rstrip("\n") for line in sys.stdin]
+        return _rows_from_lines(lines, "stdin")
+    if path.lower().endswith(TEXT_SUFFIXES):
+        if not os.path.isfile(path):
+            raise UserError(f"input file {path!r} does not exist")
+        with open(path, encoding="utf-8") as f:
+            return [{"text": line} for line in f.read().splitlines() if line.strip()]
+    return data_lib.read_rows(path)
+
+
+def _rows_from_lines(lines: list[str], where: str) -> list[dict]:
+    lines = [line for line in lines if line.strip()]
+    if lines and lines[0].lstrip().startswith("{"):
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise UserError(f"line {i + 1} of {where} is not JSON; send one JSON object "
+                                "per line, or plain text lines") from None
+        return rows
+    return [{"text": line} for line in lines]
+
+
+def texts_of(rows: list[dict], task: Task, where: str) -> list[tuple[str, ...]]:
+    """The task's text columns of every row (a lone ``text`` column serves a one-text task)."""
+    if not rows:
+        raise UserError(f"{where} has no rows to predict on")
+    keys = task.text_keys
+    if len(keys) == 1 and keys[0] not in rows[0] and "text" in rows[0]:
+        keys = ("text",)
+    missing = [k for k in keys if k not in rows[0]]
+    if missing:
+        raise UserError(f"{where} has no column {missing[0]!r} needed by task {task.name!r} "
+                        f"(columns: {', '.join(map(str, rows[0]))}); give rows with "
+                        f"{', '.join(task.text_keys)}")
+    return [tuple("" if r.get(k) is None else str(r[k]) for k in keys) for r in rows]
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def classification_outputs(logits: np.ndarray, task: Task) -> list[dict]:
+    """Per row: the label (its name when the task has names) and id with the class
+    probabilities, or the regression value; always the raw ``logits`` as a list."""
+    logits = np.asarray(logits, np.float32)
+    if task.is_regression:
+        return [{"value": float(row[0]), "logits": row.tolist()} for row in logits]
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    out = []
+    for row, p in zip(logits, probs, strict=True):
+        i = int(np.argmax(row))
+        out.append({"label": task.label_names[i] if task.label_names else i, "label_id": i,
+                    "probabilities": p.round(6).tolist(), "logits": row.tolist()})
+    return out
+
+
+def classification_metrics(rows: list[dict], outputs: list[dict], task: Task,
+                           where: str) -> dict[str, float]:
+    """The task's metrics of `outputs` against the labels the rows carry."""
+    labels = data_lib.examples_from_rows(rows, dataclasses.replace(task, text_keys=()),
+                                         where).labels
+    key = "value" if task.is_regression else "label_id"
+    preds = np.asarray([o[key] for o in outputs])
+    return metrics_lib.compute(task.metrics, preds, labels)
+
+
+# ----------------------------------------------------------------------------- classifier
+
+
+@dataclasses.dataclass
+class ClassifierRun:
+    """A sequence classifier with its weights: a finished FT_LoRA / FFN / zero-shot / full run
+    (`classifier_run`) or a base model plus a PEFT adapter (`peft_classifier`)."""
+
+    task: Task
+    model: Any  # SequenceClassifier
+    variables: dict  # {"params": ..., "lora": ...} as the run's best checkpoint has them
+    tokenizer: Any
+    max_length: int
+    buckets: tuple[int, ...]
+    pad_id: int
+    batch_size: int
+    model_dir: str
+    spec: lora_lib.LoRASpec | None  # None for runs without adapters
+    pooling: str  # "head" for the transformers head
+    config: Any = None  # the run's config, when it is a run
+
+    def logits(self, texts: list[tuple[str, ...]], progress: bool = False) -> np.ndarray:
+        """(N, num_labels) float32 logits, batched and bucketed as in training."""
+        enc = data_lib.encode(data_lib.Examples(texts, np.zeros(len(texts), np.int32)),
+                              self.tokenizer, self.max_length)
+        apply = jax.jit(lambda v, b: self.model.apply(v, b["input_ids"], b["attention_mask"],
+                                                      b["token_type_ids"], deterministic=True))
+        return data_lib.map_batches(lambda b: apply(self.variables, b), enc, self.batch_size,
+                                    self.buckets, self.pad_id, desc="predict", progress=progress)
+
+    def predict(self, rows: list[dict], where: str, progress: bool = False) -> list[dict]:
+        return classification_outputs(self.logits(texts_of(rows, self.task, where), progress),
+                                      self.task)
+
+    def evaluate(self, rows: list[dict], outputs: list[dict], where: str) -> dict[str, float]:
+        return classification_metrics(rows, outputs, self.task, where)
+
+    def export(self, out_dir: str, fmt: str) -> str:
+        from lora_jax import export as export_lib
+
+        return export_lib.export_classifier(self, out_dir, fmt)
+
+
+def run_config(results: dict) -> ml_collections.ConfigDict:
+    """The config a run trained with (``results.json``'s ``config``)."""
+    if "config" not in results:
+        raise UserError("results.json has no config; it was not written by this project's "
+                        "trainer")
+    return ml_collections.ConfigDict(results["config"])
+
+
+def classifier_run(workdir: str, results: dict) -> ClassifierRun:
+    """A finished classifier run with its best checkpoint (the one results.json reports)."""
+    from lora_jax import classifier
+    from lora_jax.trainer import restore_trainable
+
+    config = run_config(results)
+    config.progress = False
+    setup = classifier.prepare(config, with_data=False)
+    best, _ = restore_trainable(workdir, "best_trainable")
+    trainable = jax.tree_util.tree_map(lambda like, x: np.asarray(x, like.dtype),
+                                       setup.trainable, best)
+    return ClassifierRun(setup.task, setup.model, lora_lib.combine(trainable, setup.frozen),
+                         setup.tokenizer, setup.max_length, setup.buckets, setup.pad_id,
+                         config.eval_batch_size, setup.model_dir,
+                         classifier.lora_spec(config) if config.experiment == "ft_lora" else None,
+                         classifier.pooling_of(config), config)
+
+
+def peft_classifier(model: str, adapter: str, *, text_keys: tuple[str, ...] = ("text",),
+                    label_names: tuple[str, ...] = (), max_length: int = 512,
+                    batch_size: int = 64, task_name: str = "") -> ClassifierRun:
+    """A base model (folder or hub id) plus a PEFT SEQ_CLS adapter (folder or hub id), run as
+    transformers + PEFT run it: the adapter's r/alpha/targets and its head."""
+    from lora_jax.classifier import checked_head, head_num_labels
+    from lora_jax.models import SequenceClassifier
+    from lora_jax.models.hf_import import load_pretrained, place_pretrained
+    from lora_jax.peft_io import complete_head, import_peft
+    from lora_jax.tasks import custom_task, get_task
+
+    pre = load_pretrained(model)
+    if pre.missing:
+        raise UserError(f"{model} lacks {', '.join(pre.missing)}; use the base checkpoint the "
+                        "adapter was trained on")
+    peft = import_peft(adapter, pre.config)
+    if peft.head is None and pre.head is None:
+        raise UserError(f"{adapter} carries no classification head (task_type "
+                        f"{peft.task_type}) and {model} has none; a SEQ_CLS adapter is needed")
+    head = complete_head(peft.head, pre.head, pre.config.model_type, peft.source)
+    num_labels = head_num_labels(head)
+    if task_name:
+        task = get_task(task_name)
+        checked_head(head, task.num_labels, peft.source)
+    else:
+        if label_names and len(label_names) != num_labels:
+            raise UserError(f"--labels names {len(label_names)} classes but the adapter's head "
+                            f"has {num_labels} outputs")
+        task = custom_task({"name": "adapter", "text_keys": text_keys, "num_labels": num_labels})
+        task = dataclasses.replace(task, label_names=tuple(label_names))
+    net = SequenceClassifier(pre.config, num_labels, lora_dropout=peft.spec.dropout, head="hf")
+    ids = np.zeros((1, 8), np.int32)
+    params = net.init(jax.random.PRNGKey(0), ids, ids, ids)["params"]  # shapes; all replaced
+    params["encoder"] = place_pretrained(params["encoder"], pre.encoder)
+    params["head"] = place_pretrained(params["head"], head)
+    tokenizer = data_lib.load_tokenizer(pre.model_dir)
+    max_len = min(max_length, pre.config.max_position_embeddings)
+    return ClassifierRun(task, net, {"params": params, "lora": peft.lora}, tokenizer, max_len,
+                         data_lib.bucket_lengths(max_len, (16, 32, 64, 128, 256, 512)),
+                         tokenizer.pad_token_id or 0, batch_size, pre.model_dir, peft.spec, "head")
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def read_results(workdir: str) -> dict:
+    path = os.path.join(workdir, "results.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{workdir!r} has no results.json; point --workdir at a finished run "
+                        "(train.py writes results.json when it ends)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_run(workdir: str):
+    """The finished run in `workdir`, rebuilt by its experiment's registered loader."""
+    import importlib.metadata
+
+    results = read_results(workdir)
+    experiment = results.get("experiment", "")
+    loaders = {ep.name: ep for ep in importlib.metadata.entry_points(group=LOADER_GROUP)}
+    if experiment not in loaders:
+        raise UserError(f"{workdir} is a {experiment!r} run, which no installed package can "
+                        f"load (loaders: {', '.join(sorted(loaders)) or 'none; pip install -e .'})")
+    return loaders[experiment].load()(workdir, results)
