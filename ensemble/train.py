@@ -123,30 +123,52 @@ def feature_settings(config, model_params, tokenizer, stacked, heads, modules: l
             "padded_lengths": list(pad_to), "dtype": config.dtype}
 
 
-def prepare_attens(config) -> AttensSetup:
-    """Validate, load modules/base/data and produce (or read) the features. Writes only cache."""
-    validate_config(config)
+@dataclasses.dataclass
+class FeatureExtractor:
+    """The frozen side of AttEns: the base encoder with the first k modules stacked (plus the
+    all-zero base slot), and how its rows are tokenized and padded."""
+
+    module_set: ModuleSet
+    k: int
+    model: str
+    tokenizer: Any
+    base_params: dict
+    stacked: dict  # every module's adapters (k_all + 1 on the leading axis)
+    heads: tuple  # (kernels (k_all, d, Cmax), biases (k_all, Cmax))
+    feature_fn: Any
+    max_length: int
+    pad_to: tuple[int, ...]  # padded lengths of feature batches
+    pad_id: int
+    hidden_size: int  # d of the base features
+
+    def features(self, enc: data_lib.Encoded, batch_size: int, put=lambda b: b,
+                 desc: str = "features", progress: bool = False):
+        """(modules (N, k_all, D), base (N, d)) float32 numpy of every row of `enc`."""
+        return compute_split_features(self.feature_fn, self.base_params, self.stacked,
+                                      self.heads, enc, batch_size=batch_size, buckets=self.pad_to,
+                                      pad_id=self.pad_id, put=put, desc=desc, progress=progress)
+
+
+def build_feature_extractor(config) -> FeatureExtractor:
+    """Load the module set, the base encoder and its tokenizer; check they fit. Reads no data."""
     _check(config)
-    if config.num_epochs < 1:
-        raise UserError("AttEns trains a combiner: num_epochs must be at least 1")
-    trainer.check_divisible_by_devices(config, ("batch_size", "eval_batch_size",
-                                                "feature_batch_size"))
-    task = resolve_task(config)
     mset = load_module_set(config.module_dir, tuple(config.modules))
     k = config.k or len(mset.modules)
     if not 1 <= k <= len(mset.modules):
         raise UserError(f"k={config.k} but the module set has {len(mset.modules)} modules "
                         f"({', '.join(mset.tasks)}); use 1..{len(mset.modules)} or 0 for all")
+    if config.combiner.output == "logits" and any(m.meta.get("head", "linear") != "linear"
+                                                  for m in mset.modules):
+        raise UserError("combiner.output='logits' applies each module's linear head to every "
+                        "token; modules with transformers heads (head='hf', or --from-peft) "
+                        "need combiner.output='hidden'")
     model = config.model or mset.model
     model_dir, enc_cfg, pretrained, _, _ = load_pretrained(model)
     if config.combiner.base_pooling == "pooler" and not enc_cfg.has_pooler:
         raise UserError(f"combiner.base_pooling='pooler' needs a BERT pooler; {model} has none, "
                         "use mean or cls")
     tokenizer = data_lib.load_tokenizer(model_dir, config.tokenizer)
-    examples, sources = data_lib.load_examples(config, task)
     max_len = min(config.max_length, enc_cfg.max_position_embeddings)
-    encoded = {name: data_lib.encode(ex, tokenizer, max_len) for name, ex in examples.items()}
-
     encoder = Encoder(enc_cfg, lora_dropout=mset.spec.dropout,
                       dtype=trainer.DTYPES[config.dtype])
     ids = jnp.zeros((1, 8), jnp.int32)
@@ -154,41 +176,58 @@ def prepare_attens(config) -> AttensSetup:
     base_params = place_pretrained(initialised, pretrained)
     try:
         stacked = with_base_slot(stack_trees([m.lora for m in mset.modules]))
-        heads = stack_heads([m.head for m in mset.modules])
+        heads = stack_heads([m.head for m in mset.modules]) if (
+            config.combiner.output == "logits") else ()
         jax.eval_shape(lambda: encoder.apply({"params": base_params, "lora": jax.tree_util.tree_map(
             lambda x: x[0], stacked)}, ids))
     except (ValueError, TypeError) as e:
         raise UserError(f"the modules in {config.module_dir} do not fit the encoder {model} "
                         f"({type(e).__name__}); use the base model they were trained on") from None
-    q = config.quirks
     feature_fn = make_feature_fn(encoder, output=config.combiner.output, agg1=config.combiner.agg1,
                                  base_pooling=config.combiner.base_pooling,
-                                 count_padding=q.count_padding)
+                                 count_padding=config.quirks.count_padding)
     # A token mean over padding depends on the padded length: with count_padding every row is
     # padded to max_length (as a tokenizer with padding="max_length" does), so a row's features
     # never depend on the batch it lands in; otherwise the usual length buckets.
-    pad_to = (max_len,) if q.count_padding else data_lib.bucket_lengths(max_len, config.buckets)
-    pad_id = tokenizer.pad_token_id or 0
-    settings = feature_settings(config, base_params, tokenizer, stacked, heads, mset.tasks,
-                                max_len, pad_to)
+    pad_to = ((max_len,) if config.quirks.count_padding
+              else data_lib.bucket_lengths(max_len, config.buckets))
+    return FeatureExtractor(mset, k, model, tokenizer, base_params, stacked, heads, feature_fn,
+                            max_len, pad_to, tokenizer.pad_token_id or 0, enc_cfg.hidden_size)
+
+
+def prepare_attens(config) -> AttensSetup:
+    """Validate, load modules/base/data and produce (or read) the features. Writes only cache."""
+    validate_config(config)
+    if config.num_epochs < 1:
+        raise UserError("AttEns trains a combiner: num_epochs must be at least 1")
+    trainer.check_divisible_by_devices(config, ("batch_size", "eval_batch_size",
+                                                "feature_batch_size"))
+    task = resolve_task(config)
+    fx = build_feature_extractor(config)
+    examples, sources = data_lib.load_examples(config, task)
+    encoded = {name: data_lib.encode(ex, fx.tokenizer, fx.max_length)
+               for name, ex in examples.items()}
+    settings = feature_settings(config, fx.base_params, fx.tokenizer, fx.stacked, fx.heads,
+                                fx.module_set.tasks, fx.max_length, fx.pad_to)
     place = trainer.Placement.all_devices()
     splits = {}
+    k = fx.k
     for name, enc in encoded.items():
-        compute = lambda idx, enc=enc, name=name: compute_split_features(
-            feature_fn, base_params, stacked, heads, enc.subset(idx),
-            batch_size=config.feature_batch_size, buckets=pad_to, pad_id=pad_id,
-            put=place.put_batch, desc=f"features {task.name}/{name}", progress=config.progress)
+        compute = lambda idx, enc=enc, name=name: fx.features(
+            enc.subset(idx), config.feature_batch_size, place.put_batch,
+            f"features {task.name}/{name}", config.progress)
         modules, base, seconds, n_new = cached_features(config.feature_cache, settings,
                                                         examples[name].texts, compute)
         log.info("features %s/%s: %d rows, %d computed (%.1f s), %d from the cache", task.name,
                  name, len(enc), n_new, seconds, len(enc) - n_new)
         splits[name] = FeatureSplit(modules[:, :k], base, enc.labels, seconds, n_new == 0)
     k_stacked = jax.tree_util.tree_map(
-        lambda x: jnp.concatenate([x[:k], x[-1:]]), stacked)  # first k modules + the base slot
-    frozen = {"base": base_params, "adapters": k_stacked,
-              "heads": jax.tree_util.tree_map(lambda x: x[:k], heads)} if q.encoder_dropout else {}
-    return AttensSetup(config, task, mset, k, splits, encoded, feature_fn, frozen, pad_id,
-                       pad_to, sources)
+        lambda x: jnp.concatenate([x[:k], x[-1:]]), fx.stacked)  # first k modules + base slot
+    frozen = {"base": fx.base_params, "adapters": k_stacked,
+              "heads": jax.tree_util.tree_map(lambda x: x[:k], fx.heads)
+              } if config.quirks.encoder_dropout else {}
+    return AttensSetup(config, task, fx.module_set, k, splits, encoded, fx.feature_fn, frozen,
+                       fx.pad_id, fx.pad_to, sources)
 
 
 def build_combiner(config, task: Task, hidden: int) -> AttEnsCombiner:
@@ -213,14 +252,21 @@ def feature_batch(split: FeatureSplit, idx: np.ndarray, size: int) -> dict:
             "labels": _pad_rows(split.labels[idx], size), "weights": weights}
 
 
+def combiner_batches(split: FeatureSplit, batch_size: int):
+    """(row indices, zero-padded feature batch) in split order: the batches every evaluation
+    (and prediction) sees, so the batch-axis quirk attends to the same neighbours."""
+    for start in range(0, len(split), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(split)))
+        yield idx, feature_batch(split, idx, batch_size)
+
+
 def evaluate_combiner(predict, params, split: FeatureSplit, task: Task, batch_size: int,
                       put=lambda b: b):
     """(metrics, mean attention (k, k) over examples and heads, or None with the batch quirk)."""
     preds = np.zeros(len(split), np.float32 if task.is_regression else np.int32)
     att_sum, att_n = None, 0
-    for start in range(0, len(split), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(split)))
-        pred, att = predict(params, put(feature_batch(split, idx, batch_size)))
+    for idx, batch in combiner_batches(split, batch_size):
+        pred, att = predict(params, put(batch))
         preds[idx] = np.asarray(pred)[: len(idx)]
         if att is not None:  # (B, heads, k, k) over modules
             att = np.asarray(att)[: len(idx)].mean(1).sum(0)  # mean over heads, sum examples

@@ -40,7 +40,8 @@ def parse_args(argv):
                    "column(s), comma separated")
     p.add_argument("--labels", default="", help="with --adapter and no --task: class names, "
                    "comma separated")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per batch (default: the run's eval_batch_size; 64 with --adapter)")
     p.add_argument("--max-length", type=int, default=512, help="with --adapter: tokens")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -48,7 +49,7 @@ def parse_args(argv):
         p.error("give --workdir RUN, or --model M with --adapter A")
     if not args.workdir and not (args.model and args.adapter):
         p.error("--model and --adapter go together")
-    if args.batch_size < 1 or args.max_length < 2:
+    if (args.batch_size is not None and args.batch_size < 1) or args.max_length < 2:
         p.error("--batch-size must be >= 1 and --max-length >= 2")
     if not args.output.endswith(".jsonl"):
         p.error(f"--output {args.output!r} must be a .jsonl file")
@@ -60,13 +61,13 @@ def load_predictor(args):
 
     if args.workdir:
         run = inference.load_run(args.workdir)
-        if hasattr(run, "batch_size"):
+        if args.batch_size:
             run.batch_size = args.batch_size
         return run
     return inference.peft_classifier(
         args.model, args.adapter, task_name=args.task, max_length=args.max_length,
         text_keys=tuple(k for k in args.text_keys.split(",") if k),
-        label_names=tuple(k for k in args.labels.split(",") if k), batch_size=args.batch_size)
+        label_names=tuple(k for k in args.labels.split(",") if k), batch_size=args.batch_size or 64)
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:

@@ -187,3 +187,21 @@ def test_train_py_runs_attens(module_set, tmp_path):
     bad = subprocess.run(args[:-4] + ["--config.module_dir=/nope"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "is not a module set" in bad.stderr
+
+
+def test_predict_on_an_attens_run_gives_its_reported_metrics(module_set, tmp_path, capsys):
+    from lora_jax import data as data_lib
+    from lora_jax import predict as predict_cli
+
+    root, model, data = module_set
+    results = train_attens(attens_config(root, model, data, num_epochs=2, max_eval_examples=120),
+                           str(tmp_path / "run"))
+    rows = data_lib.read_rows(str(pathlib.Path(data) / "synth/sentiment/validation.jsonl.gz"))
+    idx = data_lib.random_subset(len(rows), 120, data_lib.EVAL_SUBSET_SEED)
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(rows[i]) + "\n" for i in idx))
+    assert predict_cli.main(["--workdir", str(tmp_path / "run"), "--input",
+                             str(tmp_path / "rows.jsonl"), "--output", str(tmp_path / "p.jsonl"),
+                             "--evaluate", "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert printed["metrics"] == results["metrics"]["validation"]
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 120

@@ -1,0 +1,77 @@
+"""A finished AttEns run applied to new text (`lora_jax.predict --workdir RUN`): the base
+encoder with the k frozen modules makes each row's features, the run's best combiner
+classifies them, in the batches its evaluation used."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from ensemble.train import (
+    FeatureExtractor,
+    FeatureSplit,
+    build_combiner,
+    build_feature_extractor,
+    combiner_batches,
+)
+from lora_jax import data as data_lib
+from lora_jax.errors import UserError
+from lora_jax.inference import (
+    classification_metrics,
+    classification_outputs,
+    run_config,
+    texts_of,
+)
+from lora_jax.tasks import Task, resolve_task
+from lora_jax.trainer import restore_trainable
+
+
+@dataclasses.dataclass
+class AttensRun:
+    task: Task
+    extractor: FeatureExtractor
+    combiner: Any  # AttEnsCombiner
+    params: dict  # the combiner's best parameters
+    batch_size: int  # the run's eval_batch_size (the batch-axis quirk depends on it)
+    feature_batch_size: int
+
+    def logits(self, texts: list[tuple[str, ...]], progress: bool = False) -> np.ndarray:
+        """(N, num_labels) float32 combiner logits."""
+        fx = self.extractor
+        enc = data_lib.encode(data_lib.Examples(texts, np.zeros(len(texts), np.int32)),
+                              fx.tokenizer, fx.max_length)
+        modules, base = fx.features(enc, self.feature_batch_size, progress=progress)
+        split = FeatureSplit(modules[:, : fx.k], base, enc.labels, 0.0, False)
+        apply = jax.jit(lambda p, b: self.combiner.apply(p, b["modules"], b["base"],
+                                                         row_mask=b["weights"] > 0))
+        out = np.zeros((len(texts), self.task.num_labels), np.float32)
+        for idx, batch in combiner_batches(split, self.batch_size):
+            out[idx] = np.asarray(apply(self.params, batch))[: len(idx)]
+        return out
+
+    def predict(self, rows: list[dict], where: str, progress: bool = False) -> list[dict]:
+        return classification_outputs(self.logits(texts_of(rows, self.task, where), progress),
+                                      self.task)
+
+    def evaluate(self, rows: list[dict], outputs: list[dict], where: str) -> dict[str, float]:
+        return classification_metrics(rows, outputs, self.task, where)
+
+    def export(self, out_dir: str, fmt: str) -> str:
+        raise UserError("an AttEns run is a combiner over a module set, not an adapter; export "
+                        "the modules' own FT_LoRA runs (python -m lora_jax.export --workdir "
+                        "<module run>)")
+
+
+def attens_run(workdir: str, results: dict) -> AttensRun:
+    """The AttEns run in `workdir` with its best combiner."""
+    config = run_config(results)
+    config.progress = False
+    task = resolve_task(config)
+    fx = build_feature_extractor(config)
+    combiner = build_combiner(config, task, fx.hidden_size)
+    params, _ = restore_trainable(workdir, "best_trainable")
+    return AttensRun(task, fx, combiner, jax.device_get(params), config.eval_batch_size,
+                     config.feature_batch_size)
