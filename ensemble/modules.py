@@ -6,7 +6,8 @@ Layout of a module set folder::
     <dir>/<task>/module.json        task, num_labels, metrics, source run, training config
     <dir>/<task>/weights/           Orbax checkpoint of {"lora": {...}, "head": {...}}
 
-`export_module` turns a finished FT_LoRA run (its best checkpoint) into a module;
+`export_module` turns a finished FT_LoRA run (its best checkpoint) into a module,
+`module_from_peft` a PEFT SEQ_CLS adapter trained anywhere (its transformers head included);
 `load_module_set` reads modules back in a chosen order.
 """
 
@@ -20,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lora_jax.classifier import pooling_of
+from lora_jax.classifier import head_num_labels, pooling_of
 from lora_jax.errors import UserError
 from lora_jax.lora import ALPHA, LoRASpec
 from lora_jax.trainer import restore_trainable
@@ -62,12 +63,19 @@ def export_module(run_dir: str, out_dir: str) -> dict:
     tree = {"lora": jax.device_get(trainable["lora"]["encoder"]),
             "head": jax.device_get(trainable["params"]["head"])}
     cfg = results["config"]
-    meta = {"task": results["task"], "num_labels": int(np.shape(tree["head"]["bias"])[0]),
+    head = tree["head"]
+    meta = {"task": results["task"],
+            "num_labels": int(np.shape(head["bias"])[0]) if "bias" in head else head_num_labels(head),
             "main_metric": results["main_metric"], "metrics": results["metrics"],
             "model": cfg["model"], "pooling": pooling_of(cfg), "head": cfg.get("head", "linear"),
             "max_length": cfg["max_length"],
             "lora": dict(cfg["lora"]), "source_run": os.path.abspath(run_dir),
             "seed": results["seed"]}
+    return write_module(out_dir, tree, meta)
+
+
+def write_module(out_dir: str, tree: dict, meta: dict) -> dict:
+    """<out_dir>/weights (Orbax: {"lora", "head"}) and <out_dir>/module.json; returns meta."""
     weights = os.path.abspath(os.path.join(out_dir, "weights"))
     if os.path.exists(weights):
         import shutil
@@ -81,13 +89,58 @@ def export_module(run_dir: str, out_dir: str) -> dict:
     return meta
 
 
+SIDECAR = "lora_jax_module.json"  # optional, beside adapter_config.json: {"task": "sst2"}
+
+
+def module_from_peft(adapter: str, model: str, out_dir: str, task: str = "",
+                     max_length: int = 128) -> dict:
+    """Write a PEFT SEQ_CLS adapter (folder or hub id) of `model` as a module; returns meta.
+
+    The task name comes from `task`, else the adapter's sidecar ``lora_jax_module.json``; the
+    number of labels from the adapter's head (checked against a registered task of that name).
+    """
+    from lora_jax.classifier import checked_head
+    from lora_jax.models.hf_import import load_pretrained
+    from lora_jax.peft_io import complete_head, import_peft
+    from lora_jax.tasks import task_names
+
+    pre = load_pretrained(model)
+    peft = import_peft(adapter, pre.config)
+    sidecar = os.path.join(peft.source, SIDECAR)
+    if not task and os.path.isfile(sidecar):
+        with open(sidecar) as f:
+            task = json.load(f).get("task", "")
+    if not task:
+        raise UserError(f"no task name for adapter {adapter}: pass --tasks, or put "
+                        f'{SIDECAR} with {{"task": "<name>"}} beside its adapter_config.json')
+    if peft.head is None and pre.head is None:
+        raise UserError(f"adapter {adapter} has no classification head (task_type "
+                        f"{peft.task_type}); AttEns modules are SEQ_CLS adapters")
+    head = complete_head(peft.head, pre.head, pre.config.model_type, peft.source)
+    num_labels = head_num_labels(head)
+    if task in task_names():
+        from lora_jax.tasks import get_task
+
+        checked_head(head, get_task(task).num_labels, adapter)
+    spec = peft.spec
+    meta = {"task": task, "num_labels": num_labels, "main_metric": "", "metrics": {},
+            "model": model, "pooling": "head", "head": "hf", "max_length": max_length,
+            "lora": {"r": spec.r, "alpha": spec.alpha, "dropout": spec.dropout,
+                     "targets": list(spec.targets)},
+            "source_adapter": adapter if not os.path.isdir(adapter) else os.path.abspath(adapter),
+            "base_model_recorded_by_adapter": peft.base_model, "seed": None}
+    return write_module(out_dir, {"lora": peft.lora["encoder"], "head": head}, meta)
+
+
 def write_moduleset_index(set_dir: str, metas: list[dict]) -> None:
     first = metas[0]
+    shape_of = lambda m: {"model": m["model"], "lora r": m["lora"]["r"]}
     for m in metas[1:]:
-        for key in ("model", "lora"):
-            if m[key] != first[key]:
-                raise UserError(f"module {m['task']} has {key}={m[key]!r} but {first['task']} has "
-                                f"{first[key]!r}; a module set needs one base model and LoRA spec")
+        for key, value in shape_of(m).items():
+            if value != shape_of(first)[key]:
+                raise UserError(f"module {m['task']} has {key} {value!r} but {first['task']} has "
+                                f"{shape_of(first)[key]!r}; the modules of a set share one base "
+                                "model and rank (each keeps its own alpha)")
     write_json_atomic(os.path.join(set_dir, "moduleset.json"), {
         "model": first["model"], "lora": first["lora"], "pooling": first["pooling"],
         "max_length": first["max_length"], "modules": [m["task"] for m in metas]})
@@ -125,6 +178,10 @@ def load_module_set(set_dir: str, tasks: list[str] | tuple[str, ...] = ()) -> Mo
             meta = json.load(f)
         tree = ckptr.restore(os.path.abspath(os.path.join(set_dir, task, "weights")))
         lora = with_alpha(tree["lora"], float(meta["lora"]["alpha"]))
+        if modules and (jax.tree_util.tree_structure(lora)
+                        != jax.tree_util.tree_structure(modules[0].lora)):
+            raise UserError(f"module {task} adapts other layers than module {modules[0].task}; "
+                            "the modules of a set need adapters on the same layers")
         modules.append(Module(task, meta["num_labels"], lora, tree["head"], meta))
     lo = index["lora"]
     spec = LoRASpec(r=lo["r"], alpha=lo["alpha"], dropout=lo["dropout"],

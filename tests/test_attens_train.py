@@ -205,3 +205,37 @@ def test_predict_on_an_attens_run_gives_its_reported_metrics(module_set, tmp_pat
     printed = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert printed["metrics"] == results["metrics"]["validation"]
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 120
+
+
+def test_a_module_set_from_pytorch_made_peft_adapters_trains_attens(module_set, tmp_path):
+    """Adapters trained elsewhere (here: made in PyTorch + PEFT on the same base) become a
+    module set with `--from-peft`, and the combiner trains on them end to end."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from ensemble import train_modules
+
+    root, model, data = module_set
+    adapters = []
+    for i, (task, labels) in enumerate((("synth_sentiment", 2), ("synth_topic", 2))):
+        torch.manual_seed(i)
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(
+            model, num_labels=labels)
+        pm = peft.get_peft_model(base, peft.LoraConfig(
+            task_type="SEQ_CLS", r=4, lora_alpha=8 * (i + 1), target_modules=["query", "value"]))
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        pm.save_pretrained(tmp_path / task)
+        (tmp_path / task / "lora_jax_module.json").write_text(json.dumps({"task": task}))
+        adapters.append(str(tmp_path / task))
+    assert train_modules.main(["--from-peft", ",".join(adapters), "--model", model,
+                               "--out", str(tmp_path / "set")]) == 0
+    mset = load_module_set(str(tmp_path / "set"))
+    assert mset.tasks == ["synth_sentiment", "synth_topic"]
+    assert {m.meta["lora"]["alpha"] for m in mset.modules} == {8.0, 16.0}  # each its own
+    results = train_attens(attens_config(root, model, data, module_dir=str(tmp_path / "set")),
+                           str(tmp_path / "run"))
+    assert results["k"] == 2 and results["total_steps"] > 0
+    assert results["metrics"]["validation"]["accuracy"] > 0.6  # the base alone is at chance

@@ -67,6 +67,9 @@ def _cases(root: pathlib.Path, model: str, data: str) -> dict[str, Case]:
     sweep = ["-m", "lora_jax.sweep", "--config",
              str(ROOT / "configs" / "quickstart_sweep.py"), "--workdir", str(root / "workdir"),
              "--out", str(root / "table")]
+    (root / "rows.txt").write_text("a fine film\n")
+    predict = ["-m", "lora_jax.predict", "--input", str(root / "rows.txt"), "--output",
+               str(root / "p.jsonl")]
     modules = ["-m", "ensemble.train_modules", "--sweep",
                str(ROOT / "configs" / "quickstart_sweep.py"), "--workdir",
                str(root / "workdir"), "--out", str(root / "modules")]
@@ -159,12 +162,34 @@ def _cases(root: pathlib.Path, model: str, data: str) -> dict[str, Case]:
         "t5 num_beams=0": Case(t5 + [f"--config.data_dir={data}", "--config.num_beams=0"],
                                "num_beams=0 must be >= 1"),
         # ensemble.train_modules
-        "modules: no --tasks": Case(modules, "the following arguments are required: --tasks",
+        "modules: no --tasks": Case(modules, "give --sweep, --workdir and --tasks",
                                     outputs=("modules", "workdir")),
+        "modules: --from-peft without --model": Case(
+            ["-m", "ensemble.train_modules", "--from-peft", str(used), "--out",
+             str(root / "modules")], "--from-peft needs --model", outputs=("modules",)),
+        "modules: --from-peft not an adapter": Case(
+            ["-m", "ensemble.train_modules", "--from-peft", str(used), "--model", model,
+             "--out", str(root / "modules")], "has no adapter_config.json", outputs=("modules",)),
+        # lora_jax.predict and lora_jax.export
+        "predict: not a finished run": Case(predict + ["--workdir", str(used)],
+                                            "has no results.json", outputs=("p.jsonl",)),
+        "predict: run and adapter": Case(predict + ["--workdir", str(used), "--model", model,
+                                                    "--adapter", str(used)],
+                                         "give --workdir RUN, or --model M with --adapter A",
+                                         outputs=("p.jsonl",)),
+        "predict: output not .jsonl": Case(predict[:-2] + ["--output", str(root / "p.csv"),
+                                                           "--workdir", str(used)],
+                                           "must be a .jsonl file", outputs=("p.csv",)),
+        "predict: missing adapter": Case(predict + ["--model", model, "--adapter",
+                                                    str(root / "no_adapter")],
+                                         "does not exist", outputs=("p.jsonl",)),
+        "export: unknown format": Case(["-m", "lora_jax.export", "--workdir", str(used),
+                                        "--format", "onnx", "--out", str(root / "exported")],
+                                       "invalid choice: 'onnx'", outputs=("exported",)),
         "modules: unknown task": Case(modules + ["--tasks", "synth_sentiment,nope"],
                                       "unknown task 'nope'", outputs=("modules", "workdir")),
         "modules: task twice": Case(modules + ["--tasks", "synth_topic,synth_topic"],
-                                    "names a task twice", outputs=("modules", "workdir")),
+                                    "names one twice", outputs=("modules", "workdir")),
         "modules: sweep file": Case(["-m", "ensemble.train_modules", "--sweep", "nope.py",
                                      "--workdir", str(root / "workdir"), "--tasks", "a",
                                      "--out", str(root / "modules")], "does not exist",
