@@ -101,8 +101,9 @@ def load_model(config) -> tuple[T5Config, dict, object]:
     return t5_config, jax.tree_util.tree_map(jnp.asarray, params), tokenizer
 
 
-def prepare(config) -> Setup:
-    """Validate the config and inputs, load model and data. Writes nothing."""
+def prepare(config, with_data: bool = True) -> Setup:
+    """Validate the config and inputs, load model and (unless `with_data` is False, as for
+    prediction) data. Writes nothing."""
     validate_config(config)
     task = get_seq2seq_task(config.task)
     adapters.check_variant(config.variant)
@@ -111,7 +112,8 @@ def prepare(config) -> Setup:
     trainer.check_divisible_by_devices(config, ("batch_size", "eval_batch_size"))
     t5_config, params, tokenizer = load_model(config)
     prefix = task.prefix if adapters.uses_prefix(config.variant) else ""
-    raw, sources, selection_name = load_pairs(config, task, prefix)
+    raw, sources, selection_name = (load_pairs(config, task, prefix) if with_data
+                                    else ({}, {}, "selection"))
     max_src = config.max_source_length or task.max_source_length
     max_tgt = config.max_target_length or task.max_target_length
     splits = {k: encode_pairs(*v, tokenizer, max_src, max_tgt, sources.get(k, k))

@@ -39,8 +39,14 @@ def t5_config(data_dir: str, variant: str = "prompt_lora", **overrides):
     return override(c, **overrides)
 
 
-def test_prompt_lora_learns_the_task_and_writes_everything(synth_dir, tmp_path):
-    results = train_t5(t5_config(synth_dir), str(tmp_path))
+@pytest.fixture(scope="module")
+def prompt_lora_run(synth_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("prompt_lora")
+    return workdir, train_t5(t5_config(synth_dir), str(workdir))
+
+
+def test_prompt_lora_learns_the_task_and_writes_everything(prompt_lora_run):
+    tmp_path, results = prompt_lora_run
     assert results["metrics"]["validation"]["accuracy"] >= 0.9
     assert results["trainable_params"] == 30 * 64 + 2 * 3 * 2 * 4 * (64 + 64)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -52,6 +58,69 @@ def test_prompt_lora_learns_the_task_and_writes_everything(synth_dir, tmp_path):
     assert sum(s["prediction"] == s["target"] for s in samples) >= 90
     trainable, meta = restore_trainable(str(tmp_path))
     assert set(trainable) == {"lora", "prompt"} and meta["variant"] == "prompt_lora"
+
+
+def test_predict_on_the_run_gives_its_reported_metrics(prompt_lora_run, synth_dir, tmp_path,
+                                                      capsys):
+    from lora_jax import predict as predict_cli
+
+    workdir, results = prompt_lora_run
+    rows = pathlib.Path(synth_dir, "synth", "keyword", "validation.jsonl.gz")
+    out = tmp_path / "p.jsonl"
+    assert predict_cli.main(["--workdir", str(workdir), "--input", str(rows), "--output",
+                             str(out), "--evaluate", "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert printed["metrics"] == results["metrics"]["validation"]
+    samples = [json.loads(x)["prediction"] for x in
+               (workdir / "samples_validation.jsonl").read_text().splitlines()]
+    assert [json.loads(x)["prediction"] for x in out.read_text().splitlines()] == samples
+
+
+def test_export_merged_and_peft_run_in_pytorch_with_our_logits(prompt_lora_run, tmp_path):
+    """merged: a transformers T5 with the LoRA folded in, plus the prompt as a PEFT adapter;
+    peft: LORA + PROMPT_TUNING adapters loaded by the documented recipe. Teacher-forced logits
+    of both equal ours."""
+    import jax.numpy as jnp
+
+    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from lora_jax import export as export_cli
+    from lora_jax.inference import load_run
+    from t5_hybrid.train import RANDOM_MODELS, T5ForConditionalGeneration
+
+    workdir, _ = prompt_lora_run
+    for fmt in ("merged", "peft"):
+        assert export_cli.main(["--workdir", str(workdir), "--format", fmt, "--out",
+                                str(tmp_path / fmt)]) == 0
+    run = load_run(str(workdir))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 300, (2, 12))
+    mask = np.ones_like(ids)
+    mask[1, 8:] = 0
+    dec = rng.integers(3, 300, (2, 5))
+    dec[:, 0] = 0
+    ours = np.asarray(run.model.apply(run.variables, jnp.asarray(ids), jnp.asarray(mask),
+                                      jnp.asarray(dec)))
+    inputs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                  decoder_input_ids=torch.tensor(dec))
+    merged = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    merged = peft.PeftModel.from_pretrained(merged, str(tmp_path / "merged" / "prompt")).eval()
+    # The peft export on the base weights (the random model's, rebuilt here as the run did).
+    base_dir = tmp_path / "base"
+    base = T5ForConditionalGeneration(RANDOM_MODELS["tiny"])
+    from lora_jax.export import write_hf_folder
+    from t5_hybrid.hf_import import to_hf_state_dict
+
+    write_hf_folder(str(base_dir), to_hf_state_dict(run.variables["params"], base.config),
+                    base.config.to_hf(), None)
+    hybrid = transformers.T5ForConditionalGeneration.from_pretrained(base_dir)
+    hybrid = peft.PeftModel.from_pretrained(hybrid, str(tmp_path / "peft" / "lora"))
+    hybrid = peft.PeftModel.from_pretrained(hybrid.merge_and_unload(),
+                                            str(tmp_path / "peft" / "prompt")).eval()
+    with torch.no_grad():
+        for model in (merged, hybrid):
+            np.testing.assert_allclose(ours, model(**inputs).logits.numpy(), atol=1e-4, rtol=1e-4)
 
 
 def test_base_variant_only_evaluates_and_full_finetune_trains_params(synth_dir, tmp_path):
