@@ -154,6 +154,16 @@ class ClassifierRun:
 
         return export_lib.export_classifier(self, out_dir, fmt)
 
+    def attributions(self, rows: list[dict], where: str, steps: int = 64) -> list[dict]:
+        from lora_jax.attribute import classifier_attributions
+
+        return classifier_attributions(self, rows, where, steps)
+
+    def plot_attributions(self, record: dict, path: str) -> None:
+        from lora_jax.attribute import plot_tokens
+
+        plot_tokens(record, path)
+
 
 def run_config(results: dict) -> ml_collections.ConfigDict:
     """The config a run trained with (``results.json``'s ``config``)."""

@@ -76,6 +76,16 @@ class T5Run:
         _, targets = pairs_from_rows(rows, self.task, where)
         return metrics_lib.compute(self.task.metrics, [o["prediction"] for o in outputs], targets)
 
+    def attributions(self, rows: list[dict], where: str, steps: int = 64) -> list[dict]:
+        from t5_hybrid.attribute import t5_attributions
+
+        return t5_attributions(self, rows, where, steps)
+
+    def plot_attributions(self, record: dict, path: str) -> None:
+        from t5_hybrid.attribute import plot_matrix
+
+        plot_matrix(record, path)
+
     def export(self, out_dir: str, fmt: str) -> str:
         from lora_jax.export import write_hf_folder
         from t5_hybrid.hf_import import to_hf_state_dict

@@ -235,10 +235,11 @@ class T5ForConditionalGeneration(T5Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = self.dense(cfg.vocab_size)
 
-    def encode(self, input_ids: jax.Array, attention_mask: jax.Array,
-               deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
-        """(B, L) ids and 1/0 mask -> states (B, P + L, d_model), mask (B, P + L); P soft-prompt
-        tokens come first when the ``prompt`` collection is present."""
+    def encoder_inputs(self, input_ids: jax.Array, attention_mask: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+        """(B, L) ids and 1/0 mask -> the encoder's input embeddings (B, P + L, d_model) and
+        mask (B, P + L); P soft-prompt tokens come first when the ``prompt`` collection is
+        present."""
         x = self.shared(input_ids)
         mask = attention_mask.astype(jnp.int32)
         if self.has_variable(PROMPT_COLLECTION, "embedding"):
@@ -246,10 +247,22 @@ class T5ForConditionalGeneration(T5Module):
             batch = x.shape[0]
             x = jnp.concatenate([jnp.broadcast_to(prompt, (batch, *prompt.shape)), x], 1)
             mask = jnp.concatenate([jnp.ones((batch, prompt.shape[0]), jnp.int32), mask], 1)
+        return x, mask
+
+    def encode(self, input_ids: jax.Array, attention_mask: jax.Array,
+               deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+        """(B, L) ids and 1/0 mask -> states (B, P + L, d_model), mask (B, P + L)."""
+        x, mask = self.encoder_inputs(input_ids, attention_mask)
+        return self.encode_embeds(x, mask, deterministic), mask
+
+    def encode_embeds(self, x: jax.Array, mask: jax.Array, deterministic: bool = True
+                      ) -> jax.Array:
+        """Encoder states (B, S, d_model) of input embeddings x (B, S, d_model) and mask (B, S)
+        (attribution interpolates x)."""
         positions = jnp.arange(x.shape[1])
         bias = self.encoder.position_bias(positions, positions) + padding_bias(mask)
         states, _ = self.encoder(x, bias, deterministic)
-        return states, mask
+        return states
 
     def init_cache(self, encoder_states: jax.Array, max_length: int) -> dict:
         """{"cross": per-layer (K, V) of the encoder states, "self": per-layer zero K/V caches of

@@ -142,3 +142,20 @@ def test_a_mean_pooled_linear_head_exports_adapters_only_and_no_merged_model(ass
         export_cli.main(["--workdir", str(workdir), "--format", "merged", "--out",
                          str(tmp_path / "merged")])
     assert e.value.code == 2
+
+
+def test_attribute_writes_complete_scores_and_heatmaps(hf_head_run, tmp_path):
+    from lora_jax import attribute as attribute_cli
+
+    workdir, _ = hf_head_run
+    (tmp_path / "in.txt").write_text("a warm and funny story\nboring , slow and dull\n")
+    assert attribute_cli.main(["--workdir", str(workdir), "--input", str(tmp_path / "in.txt"),
+                               "--out-dir", str(tmp_path / "ig"), "--steps", "64"]) == 0
+    written = json.loads((tmp_path / "ig" / "attributions.json").read_text())
+    assert written["git_commit"] and len(written["rows"]) == 2
+    for i, row in enumerate(written["rows"]):
+        assert row["tokens"][0] == "[CLS]" and len(row["scores"]) == len(row["tokens"])
+        assert row["completeness_gap"] < 0.01
+        assert abs(sum(row["scores"]) - (row["f_input"] - row["f_baseline"])) < 0.01 * abs(
+            row["f_input"] - row["f_baseline"]) + 1e-6
+        assert (tmp_path / "ig" / f"row_{i}.png").stat().st_size > 1000

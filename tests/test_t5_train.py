@@ -202,3 +202,18 @@ def test_data_parallel_on_8_devices_matches_1(synth_dir, tmp_path):
         outs[n] = np.load(tmp_path / f"p{n}.npz")
     for key in outs[1].files:
         np.testing.assert_allclose(outs[8][key], outs[1][key], atol=2e-5, rtol=1e-4)
+
+
+def test_attribute_gives_a_complete_source_by_generated_matrix(prompt_lora_run, tmp_path):
+    from t5_hybrid import attribute as t5_attribute
+
+    workdir, _ = prompt_lora_run
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"sentence": "the cat sat", "label": 0}) + "\n")
+    assert t5_attribute._main(["--workdir", str(workdir), "--input", str(tmp_path / "rows.jsonl"),
+                               "--out-dir", str(tmp_path / "ig"), "--steps", "128"]) == 0
+    row = json.loads((tmp_path / "ig" / "attributions.json").read_text())["rows"][0]
+    generated = len(row["generated_tokens"])
+    assert np.shape(row["prompt_scores"]) == (generated, 30)  # the soft prompt, kept apart
+    assert np.shape(row["source_scores"]) == (generated, len(row["source_tokens"]))
+    assert max(row["completeness_gaps"]) < 0.01  # 64 points leave up to ~1.5% here, 128 ~1e-4
+    assert (tmp_path / "ig" / "row_0.png").stat().st_size > 1000

@@ -36,12 +36,16 @@ class Embeddings(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids, token_type_ids, deterministic: bool):
+    def __call__(self, input_ids, token_type_ids, deterministic: bool, inputs_embeds=None):
+        """inputs_embeds: (B, T, embedding_size) word embeddings to use instead of looking up
+        `input_ids` (attribution interpolates them); positions and token types are added."""
         cfg = self.config
         init = nn.initializers.normal(stddev=0.02)
         positions = jnp.arange(input_ids.shape[-1])[None, :]
         x = nn.Embed(cfg.vocab_size, cfg.embedding_size, embedding_init=init,
                      name="word_embeddings")(input_ids)
+        if inputs_embeds is not None:
+            x = inputs_embeds.astype(x.dtype)
         x = x + nn.Embed(cfg.max_position_embeddings, cfg.embedding_size, embedding_init=init,
                          name="position_embeddings")(positions)
         if cfg.type_vocab_size:
@@ -106,14 +110,14 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, inputs_embeds=None):
         cfg = self.config
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         x = Embeddings(cfg, dtype=self.dtype, name="embeddings")(
-            input_ids, token_type_ids, deterministic)
+            input_ids, token_type_ids, deterministic, inputs_embeds)
         for i in range(cfg.num_layers):
             x = TransformerLayer(cfg, self.lora_dropout, self.dtype,
                                  name=f"layer_{i}")(x, attention_mask, deterministic)
@@ -194,10 +198,10 @@ class SequenceClassifier(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, inputs_embeds=None):
         hidden, pooled = Encoder(self.config, self.lora_dropout, self.dtype,
                                  name="encoder")(input_ids, attention_mask, token_type_ids,
-                                                 deterministic)
+                                                 deterministic, inputs_embeds)
         if self.head == "hf":
             return HFClassificationHead(self.config.model_type, self.num_labels,
                                         self.classifier_dropout, name="head")(
