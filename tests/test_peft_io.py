@@ -215,3 +215,25 @@ def test_sharded_safetensors_and_torch_checkpoints_load_like_one_file(tmp_path):
     (tmp_path / "st" / "shard-2.safetensors").unlink()
     with pytest.raises(UserError, match="names the shard 'shard-2.safetensors'"):
         read_state_dict(str(tmp_path / "st"))
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "electra_proj"])
+def test_head_hf_run_starts_from_the_checkpoints_head_like_transformers(kind, tmp_path):
+    """config.head='hf' on a *ForSequenceClassification checkpoint: the run's model (before any
+    training) computes transformers' logits, head included."""
+    from configs import zero_shot
+    from lora_jax import lora as lora_lib
+    from lora_jax.classifier import prepare
+
+    hf = torch_classifier(kind, seed=3)
+    hf.save_pretrained(tmp_path / "clf")
+    config = zero_shot.get_config()
+    config.model, config.head = str(tmp_path / "clf"), "hf"
+    config.custom_task.update(name="mine", num_labels=3)
+    setup = prepare(config, with_data=False)
+    ids, mask, types = hf_inputs()
+    ours = setup.model.apply(lora_lib.combine(setup.trainable, setup.frozen), ids, mask, types)
+    np.testing.assert_allclose(np.asarray(ours), torch_logits(hf, hf_inputs()), atol=1e-4)
+    config.custom_task.num_labels = 2
+    with pytest.raises(UserError, match="has 3 outputs but the task has 2 labels"):
+        prepare(config, with_data=False)
