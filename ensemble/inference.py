@@ -19,18 +19,13 @@ from ensemble.train import (
 )
 from lora_jax import data as data_lib
 from lora_jax.errors import UserError
-from lora_jax.inference import (
-    classification_metrics,
-    classification_outputs,
-    run_config,
-    texts_of,
-)
+from lora_jax.inference import ClassificationRun, run_config
 from lora_jax.tasks import Task, resolve_task
 from lora_jax.trainer import restore_trainable
 
 
 @dataclasses.dataclass
-class AttensRun:
+class AttensRun(ClassificationRun):
     task: Task
     extractor: FeatureExtractor
     combiner: Any  # AttEnsCombiner
@@ -51,13 +46,6 @@ class AttensRun:
         for idx, batch in combiner_batches(split, self.batch_size):
             out[idx] = np.asarray(apply(self.params, batch))[: len(idx)]
         return out
-
-    def predict(self, rows: list[dict], where: str, progress: bool = False) -> list[dict]:
-        return classification_outputs(self.logits(texts_of(rows, self.task, where), progress),
-                                      self.task)
-
-    def evaluate(self, rows: list[dict], outputs: list[dict], where: str) -> dict[str, float]:
-        return classification_metrics(rows, outputs, self.task, where)
 
     def export(self, out_dir: str, fmt: str) -> str:
         raise UserError("an AttEns run is a combiner over a module set, not an adapter; export "

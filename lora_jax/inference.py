@@ -112,11 +112,28 @@ def classification_metrics(rows: list[dict], outputs: list[dict], task: Task,
     return metrics_lib.compute(task.metrics, preds, labels)
 
 
+class ClassificationRun:
+    """What every run that ends in class logits shares: ``predict`` and ``evaluate`` on top of
+    its ``logits(texts, progress) -> (N, C)`` and ``task``."""
+
+    task: Task
+
+    def logits(self, texts: list[tuple[str, ...]], progress: bool = False) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict(self, rows: list[dict], where: str, progress: bool = False) -> list[dict]:
+        return classification_outputs(self.logits(texts_of(rows, self.task, where), progress),
+                                      self.task)
+
+    def evaluate(self, rows: list[dict], outputs: list[dict], where: str) -> dict[str, float]:
+        return classification_metrics(rows, outputs, self.task, where)
+
+
 # ----------------------------------------------------------------------------- classifier
 
 
 @dataclasses.dataclass
-class ClassifierRun:
+class ClassifierRun(ClassificationRun):
     """A sequence classifier with its weights: a finished FT_LoRA / FFN / zero-shot / full run
     (`classifier_run`) or a base model plus a PEFT adapter (`peft_classifier`)."""
 
@@ -141,13 +158,6 @@ class ClassifierRun:
                                                       b["token_type_ids"], deterministic=True))
         return data_lib.map_batches(lambda b: apply(self.variables, b), enc, self.batch_size,
                                     self.buckets, self.pad_id, desc="predict", progress=progress)
-
-    def predict(self, rows: list[dict], where: str, progress: bool = False) -> list[dict]:
-        return classification_outputs(self.logits(texts_of(rows, self.task, where), progress),
-                                      self.task)
-
-    def evaluate(self, rows: list[dict], outputs: list[dict], where: str) -> dict[str, float]:
-        return classification_metrics(rows, outputs, self.task, where)
 
     def export(self, out_dir: str, fmt: str) -> str:
         from lora_jax import export as export_lib

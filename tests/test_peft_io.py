@@ -237,3 +237,34 @@ def test_head_hf_run_starts_from_the_checkpoints_head_like_transformers(kind, tm
     config.custom_task.num_labels = 2
     with pytest.raises(UserError, match="has 3 outputs but the task has 2 labels"):
         prepare(config, with_data=False)
+
+
+@pytest.mark.parametrize("kind", ["distilbert", "electra_proj"])
+def test_merged_export_of_each_family_loads_in_transformers_with_our_logits(kind, tmp_path):
+    """export --format merged for DistilBERT and ELECTRA (BERT: tests/test_predict_export.py):
+    adapters folded in, the transformers head, a config.json transformers reads."""
+    from configs import ft_lora
+    from lora_jax import lora as lora_lib
+    from lora_jax.classifier import prepare
+    from lora_jax.export import export_classifier
+    from lora_jax.inference import ClassifierRun
+
+    torch_classifier(kind, seed=4).save_pretrained(tmp_path / "clf")
+    config = ft_lora.get_config()
+    config.model, config.head = str(tmp_path / "clf"), "hf"
+    config.custom_task.update(name="mine", num_labels=3)
+    config.lora.targets = ("query", "value", "intermediate")
+    setup = prepare(config, with_data=False)
+    variables = lora_lib.combine(setup.trainable, setup.frozen)
+    variables["lora"] = jax.tree_util.tree_map_with_path(
+        lambda p, x: x if p[-1].key == "alpha" else x + 0.5, variables["lora"])
+    run = ClassifierRun(setup.task, setup.model, variables, None, setup.max_length,
+                        setup.buckets, setup.pad_id, 8, setup.model_dir, lora_lib.LoRASpec(),
+                        "head")
+    export_classifier(run, str(tmp_path / "merged"), "merged")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    ids, mask, types = hf_inputs()
+    ours = np.asarray(setup.model.apply(variables, ids, mask, types))
+    without_lora = np.asarray(setup.model.apply({"params": variables["params"]}, ids, mask, types))
+    assert np.abs(ours - without_lora).max() > 1e-3  # the merged adapters change the logits
+    np.testing.assert_allclose(ours, torch_logits(hf, hf_inputs()), atol=1e-4)

@@ -115,3 +115,27 @@ def test_a_prompt_adapter_with_a_foreign_tensor_or_width_is_refused(tmp_path):
               folder / "adapter_model.safetensors")
     with pytest.raises(UserError, match="does not fit a T5 with d_model 32"):
         import_t5_prompt(str(folder), model.config)
+
+
+def test_a_sharded_t5_checkpoint_loads_like_one_file(tmp_path):
+    """transformers' own sharded save (model.safetensors.index.json + shards)."""
+    from t5_hybrid.hf_import import load_pretrained
+
+    tm = _torch_t5("v1.1")
+    tm.save_pretrained(tmp_path / "one")
+    tm.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    _, _, one = load_pretrained(str(tmp_path / "one"))
+    _, _, sharded = load_pretrained(str(tmp_path / "sharded"))
+    for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(sharded),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_unreachable_hub_adapter_is_one_clear_error(monkeypatch):
+    from lora_jax.peft_io import resolve_adapter_dir
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="could not get adapter 'someone/no-such-adapter' from the "
+                                        "Hugging Face Hub"):
+        resolve_adapter_dir("someone/no-such-adapter")
