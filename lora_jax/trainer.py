@@ -394,12 +394,14 @@ def machine_description() -> str:
 
 
 def git_commit() -> str:
-    """The repository's HEAD commit, with ``+dirty`` when tracked files differ from it."""
+    """The repository's HEAD commit, with ``+dirty`` when tracked files other than results/
+    differ from it (results/ holds what earlier commands wrote, not code)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)results"],
                                cwd=root, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"
