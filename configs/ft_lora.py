@@ -4,8 +4,10 @@ LoRA r=4, alpha=32, dropout 0.1 on query/key/value, linear head trained. Paper-s
 
     python train.py --config configs/ft_lora.py --config.task=rte --workdir runs/ft_lora_rte
 
-CPU scale on the offline data and MiniLM-L3 (SST-2 validation accuracy 0.852 in
-results/ft_lora_sst2_minilm_l3.json, written by this command; ~11 min on 2 cores):
+CPU scale on the offline data and MiniLM-L3: SST-2 validation accuracy 0.852 in
+results/ft_lora_sst2_minilm_l3.json, written by the identical sweep cell
+``python -m lora_jax.sweep --config configs/glue_cpu.py --workdir runs/glue_cpu --only sst2
+--rows ft_lora --out results/ft_lora_sst2_minilm_l3``; on its own:
 
     python train.py --config configs/ft_lora.py --workdir runs/ft_lora_sst2 \
       --config.model=../shared/models/paraphrase-MiniLM-L3-v2 --config.data_dir=../shared/data \
