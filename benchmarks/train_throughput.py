@@ -1,7 +1,8 @@
 """Training throughput, JAX/Flax LoRA vs PyTorch + PEFT, same model, batch and length, one run.
 
     python benchmarks/train_throughput.py --model ../shared/models/paraphrase-MiniLM-L3-v2 \
-        --batch 32 --length 64 --steps 30 --out results/bench_train_throughput_cpu.json
+        --batch 32 --length 64 --steps 20 --rounds 3 \
+        --out results/bench_train_throughput_cpu_b32_l64.json
 
 Both sides: LoRA r=4, alpha=32, dropout 0.1 on query/key/value, linear head trained, AdamW,
 dropout on, a fixed batch of random token ids (no padding), fp32. Timed after warm-up (JAX
