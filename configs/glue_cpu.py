@@ -1,6 +1,7 @@
 """CPU-scale single-task baselines on the offline GLUE data: rows Model / FFN / FT_LoRA.
 
-Regenerates results/glue_minilm_l3.{json,md} (about 40 minutes on 2 CPU cores):
+Regenerates results/glue_minilm_l3.{json,md} (about an hour on 2 CPU cores; the table lists
+each FT_LoRA training time):
 
     python -m lora_jax.sweep --config configs/glue_cpu.py --workdir runs/glue_cpu \
       --out results/glue_minilm_l3
