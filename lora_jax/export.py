@@ -46,8 +46,8 @@ def export_classifier(run, out_dir: str, fmt: str) -> str:
     import jax
 
     from lora_jax import lora as lora_lib
-    from lora_jax.models.hf_import import to_hf_state_dict
-    from lora_jax.peft_io import export_peft, head_tensor_names
+    from lora_jax.models.hf_import import ARCH_PREFIX, head_state_dict, to_hf_state_dict
+    from lora_jax.peft_io import export_peft
 
     cfg = run.model.config
     variables = jax.device_get(run.variables)
@@ -65,11 +65,8 @@ def export_classifier(run, out_dir: str, fmt: str) -> str:
         raise UserError("a merged transformers model needs a transformers head; train with "
                         "--config.head=hf (or BERT with --config.pooling=pooler)")
     params = lora_lib.merge(variables["params"], variables.get("lora", {}))
-    prefix = {"bert": "bert.", "distilbert": "distilbert.", "electra": "electra."}[cfg.model_type]
-    state = to_hf_state_dict(params["encoder"], cfg, prefix=prefix)
-    for name, (path, transform) in head_tensor_names(cfg.model_type).items():
-        value = np.asarray(head[path[0]][path[1]], np.float32)
-        state[name] = np.ascontiguousarray(value.T if transform == "T" else value)
+    state = to_hf_state_dict(params["encoder"], cfg, prefix=ARCH_PREFIX[cfg.model_type])
+    state.update(head_state_dict(head, cfg.model_type))
     write_hf_folder(out_dir, state, classifier_config(cfg, run.task), run.tokenizer)
     return f"transformers model (adapters merged) in {out_dir}"
 

@@ -183,18 +183,25 @@ def run_config(results: dict) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(results["config"])
 
 
+def best_variables(workdir: str, trainable: dict, frozen: dict) -> dict:
+    """The run's variables with its best checkpoint's trainable tree (the one its results.json
+    reports) in place of `trainable`, each leaf in `trainable`'s dtype."""
+    from lora_jax.trainer import restore_trainable
+
+    best, _ = restore_trainable(workdir, "best_trainable")
+    best = jax.tree_util.tree_map(lambda like, x: np.asarray(x, like.dtype), trainable, best)
+    return lora_lib.combine(best, frozen)
+
+
 def classifier_run(workdir: str, results: dict) -> ClassifierRun:
     """A finished classifier run with its best checkpoint (the one results.json reports)."""
     from lora_jax import classifier
-    from lora_jax.trainer import restore_trainable
 
     config = run_config(results)
     config.progress = False
     setup = classifier.prepare(config, with_data=False)
-    best, _ = restore_trainable(workdir, "best_trainable")
-    trainable = jax.tree_util.tree_map(lambda like, x: np.asarray(x, like.dtype),
-                                       setup.trainable, best)
-    return ClassifierRun(setup.task, setup.model, lora_lib.combine(trainable, setup.frozen),
+    return ClassifierRun(setup.task, setup.model,
+                         best_variables(workdir, setup.trainable, setup.frozen),
                          setup.tokenizer, setup.max_length, setup.buckets, setup.pad_id,
                          config.eval_batch_size, setup.model_dir,
                          classifier.lora_spec(config) if config.experiment == "ft_lora" else None,

@@ -28,13 +28,18 @@ import numpy as np
 from lora_jax.errors import UserError
 from lora_jax.lora import ALPHA, LoRASpec, adapter_alphas
 from lora_jax.models import EncoderConfig
-from lora_jax.models.hf_import import hf_head_module_map, hf_module_map
+from lora_jax.models.hf_import import (
+    ARCH_PREFIX,
+    head_state_dict,
+    hf_head_module_map,
+    hf_head_name_map,
+    hf_module_map,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 TORCH_WEIGHTS_NAME = "adapter_model.bin"
 ROOT = "base_model.model."
-_ARCH_PREFIX = {"bert": "bert.", "distilbert": "distilbert.", "electra": "electra."}
 
 # PEFT options that change what an adapter computes; a truthy value is refused by name.
 UNSUPPORTED_OPTIONS = (
@@ -229,7 +234,7 @@ def lora_tensors(lora_tree: dict, names: dict[Path, str]) -> tuple[dict[str, np.
 def encoder_module_map(config: EncoderConfig) -> dict[str, Path]:
     """PEFT module name (``bert.encoder.layer.0.attention.self.query``) -> path in the
     classifier's ``lora`` collection (``("encoder", "layer_0", "attention", "query")``)."""
-    prefix = _ARCH_PREFIX[config.model_type]
+    prefix = ARCH_PREFIX[config.model_type]
     return {prefix + hf: ("encoder", *path) for path, hf in hf_module_map(config).items()}
 
 
@@ -238,18 +243,9 @@ def _layer_free(hf_module: str) -> str:
     return re.sub(r"^\w+\.(encoder|transformer)\.layer\.\d+\.", "", hf_module)
 
 
-def head_tensor_names(model_type: str) -> dict[str, tuple[Path, str]]:
-    """transformers head tensor name -> (path in the `HFClassificationHead` tree, transform)."""
-    out = {}
-    for path, hf in hf_head_module_map(model_type).items():
-        out[f"{hf}.weight"] = ((*path, "kernel"), "T")
-        out[f"{hf}.bias"] = ((*path, "bias"), "")
-    return out
-
-
 def import_peft(adapter: str, config: EncoderConfig) -> PeftAdapter:
     """Read a PEFT LoRA adapter (folder or hub id) of a BERT / DistilBERT / ELECTRA model."""
-    return read_adapter(adapter, encoder_module_map(config), head_tensor_names(config.model_type),
+    return read_adapter(adapter, encoder_module_map(config), hf_head_name_map(config.model_type),
                         arch=config.model_type)
 
 
@@ -293,9 +289,7 @@ def export_peft(out_dir: str, lora_tree: dict, spec: LoRASpec, config: EncoderCo
     tensors, modules = lora_tensors(lora_tree, names)
     modules_to_save = None
     if head is not None:
-        for name, (path, transform) in head_tensor_names(config.model_type).items():
-            value = np.asarray(head[path[0]][path[1]], np.float32)
-            tensors[ROOT + name] = value.T if transform == "T" else value
+        tensors.update(head_state_dict(head, config.model_type, prefix=ROOT))
         modules_to_save = sorted({hf.split(".")[0]
                                   for hf in hf_head_module_map(config.model_type).values()})
     write_adapter(out_dir, tensors, lora_config_dict(

@@ -16,9 +16,8 @@ from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
 from lora_jax import metrics as metrics_lib
 from lora_jax.errors import UserError
-from lora_jax.inference import run_config
+from lora_jax.inference import best_variables, run_config
 from lora_jax.tasks import Task
-from lora_jax.trainer import restore_trainable
 from t5_hybrid import adapters
 from t5_hybrid.data import encode_pairs, make_batch
 from t5_hybrid.generate import make_generate, strip_after_eos
@@ -120,9 +119,6 @@ def t5_run(workdir: str, results: dict) -> T5Run:
     config = run_config(results)
     config.progress = False
     setup = prepare(config, with_data=False)
-    best, _ = restore_trainable(workdir, "best_trainable")
-    trainable = jax.tree_util.tree_map(lambda like, x: np.asarray(x, like.dtype),
-                                       setup.trainable, best)
     prefix = setup.task.prefix if adapters.uses_prefix(config.variant) else ""
-    return T5Run(setup.task, setup.model, lora_lib.combine(trainable, setup.frozen),
+    return T5Run(setup.task, setup.model, best_variables(workdir, setup.trainable, setup.frozen),
                  setup.tokenizer, config, prefix, config.eval_batch_size)

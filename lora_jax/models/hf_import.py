@@ -23,8 +23,10 @@ from lora_jax.models.config import EncoderConfig
 
 log = logging.getLogger(__name__)
 
-# Hugging Face prefixes of task models (BertForSequenceClassification -> "bert." ...).
-_PREFIXES = ("bert.", "distilbert.", "electra.", "model.")
+# The encoder's attribute in transformers' task models (BertForSequenceClassification.bert ...).
+ARCH_PREFIX = {"bert": "bert.", "distilbert": "distilbert.", "electra": "electra."}
+# Prefixes stripped from checkpoint names (task models, and "model." of some exports).
+_PREFIXES = (*ARCH_PREFIX.values(), "model.")
 _IGNORED_SUFFIXES = ("position_ids",)  # buffers, not weights
 
 Path = tuple[str, ...]
@@ -339,6 +341,16 @@ def split_head(state: Mapping[str, np.ndarray], model_type: str
         else:
             rest[raw] = value
     return rest, head or None
+
+
+def head_state_dict(head: Mapping, model_type: str, prefix: str = "") -> dict[str, np.ndarray]:
+    """Inverse of `split_head`: an `HFClassificationHead` tree as transformers head tensors
+    (float32, torch's (out, in) layout), each name preceded by `prefix`."""
+    out = {}
+    for name, (path, transform) in hf_head_name_map(model_type).items():
+        value = np.asarray(_get(head, path), np.float32)
+        out[prefix + name] = np.ascontiguousarray(value.T if transform == "T" else value)
+    return out
 
 
 def load_pretrained(model: str) -> Pretrained:
