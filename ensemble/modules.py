@@ -65,7 +65,7 @@ def export_module(run_dir: str, out_dir: str) -> dict:
     cfg = results["config"]
     head = tree["head"]
     meta = {"task": results["task"],
-            "num_labels": int(np.shape(head["bias"])[0]) if "bias" in head else head_num_labels(head),
+            "num_labels": head_num_labels(head),
             "main_metric": results["main_metric"], "metrics": results["metrics"],
             "model": cfg["model"], "pooling": pooling_of(cfg), "head": cfg.get("head", "linear"),
             "max_length": cfg["max_length"],
@@ -100,12 +100,10 @@ def module_from_peft(adapter: str, model: str, out_dir: str, task: str = "",
     number of labels from the adapter's head (checked against a registered task of that name).
     """
     from lora_jax.classifier import checked_head
-    from lora_jax.models.hf_import import load_pretrained
-    from lora_jax.peft_io import complete_head, import_peft
+    from lora_jax.peft_io import load_seq_cls
     from lora_jax.tasks import task_names
 
-    pre = load_pretrained(model)
-    peft = import_peft(adapter, pre.config)
+    _, peft, head = load_seq_cls(model, adapter)
     sidecar = os.path.join(peft.source, SIDECAR)
     if not task and os.path.isfile(sidecar):
         with open(sidecar) as f:
@@ -113,10 +111,6 @@ def module_from_peft(adapter: str, model: str, out_dir: str, task: str = "",
     if not task:
         raise UserError(f"no task name for adapter {adapter}: pass --tasks, or put "
                         f'{SIDECAR} with {{"task": "<name>"}} beside its adapter_config.json')
-    if peft.head is None and pre.head is None:
-        raise UserError(f"adapter {adapter} has no classification head (task_type "
-                        f"{peft.task_type}); AttEns modules are SEQ_CLS adapters")
-    head = complete_head(peft.head, pre.head, pre.config.model_type, peft.source)
     num_labels = head_num_labels(head)
     if task in task_names():
         from lora_jax.tasks import get_task

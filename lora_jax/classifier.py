@@ -114,8 +114,9 @@ def init_variables(model: SequenceClassifier, pretrained: Pretrained, config) ->
 
 
 def head_num_labels(head: dict) -> int:
-    """Output size of an `HFClassificationHead` tree (its last layer: out_proj or classifier)."""
-    return int(np.shape(head.get("out_proj", head.get("classifier", {})).get("bias"))[0])
+    """Output size of a head tree: the linear head's, or an `HFClassificationHead`'s last layer
+    (out_proj or classifier)."""
+    return int(np.shape(head.get("out_proj", head.get("classifier", head))["bias"])[0])
 
 
 def checked_head(head: dict, num_labels: int, source: str) -> dict:

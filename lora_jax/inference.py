@@ -215,19 +215,14 @@ def peft_classifier(model: str, adapter: str, *, text_keys: tuple[str, ...] = ("
     transformers + PEFT run it: the adapter's r/alpha/targets and its head."""
     from lora_jax.classifier import checked_head, head_num_labels
     from lora_jax.models import SequenceClassifier
-    from lora_jax.models.hf_import import load_pretrained, place_pretrained
-    from lora_jax.peft_io import complete_head, import_peft
+    from lora_jax.models.hf_import import place_pretrained
+    from lora_jax.peft_io import load_seq_cls
     from lora_jax.tasks import custom_task, get_task
 
-    pre = load_pretrained(model)
+    pre, peft, head = load_seq_cls(model, adapter)
     if pre.missing:
         raise UserError(f"{model} lacks {', '.join(pre.missing)}; use the base checkpoint the "
                         "adapter was trained on")
-    peft = import_peft(adapter, pre.config)
-    if peft.head is None and pre.head is None:
-        raise UserError(f"{adapter} carries no classification head (task_type "
-                        f"{peft.task_type}) and {model} has none; a SEQ_CLS adapter is needed")
-    head = complete_head(peft.head, pre.head, pre.config.model_type, peft.source)
     num_labels = head_num_labels(head)
     if task_name:
         task = get_task(task_name)

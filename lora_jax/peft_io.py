@@ -266,6 +266,19 @@ def complete_head(adapter_head: dict | None, checkpoint_head: dict | None, model
     return head
 
 
+def load_seq_cls(model: str, adapter: str):
+    """(the base checkpoint, the adapter, the head PEFT runs it with) for a PEFT SEQ_CLS adapter
+    of `model`; an adapter without a head on a base without one is refused."""
+    from lora_jax.models.hf_import import load_pretrained
+
+    pre = load_pretrained(model)
+    peft = import_peft(adapter, pre.config)
+    if peft.head is None and pre.head is None:
+        raise UserError(f"adapter {adapter} carries no classification head (task_type "
+                        f"{peft.task_type}) and {model} has none; a SEQ_CLS adapter is needed")
+    return pre, peft, complete_head(peft.head, pre.head, pre.config.model_type, peft.source)
+
+
 def linear_head_as_hf(head: dict, pooling: str, config: EncoderConfig) -> dict:
     """Our linear head in transformers' layout; only BERT with ``pooling="pooler"`` computes
     exactly what BertForSequenceClassification does."""
