@@ -55,11 +55,13 @@ def main(argv):
     from lora_jax.config_check import validate_config
     from lora_jax.experiments import log_packages_at_info, run
     from lora_jax.report import print_results
+    from lora_jax.trainer import check_workdir
 
     log_packages_at_info()
 
     def body():
         validate_config(FLAGS.config)  # the shared keys, before the experiment's heavy imports
+        check_workdir(FLAGS.workdir, FLAGS.config.get("resume", False))  # before any data or weights load
         results = run(FLAGS.config, FLAGS.workdir)
         if "stopped_at_step" in results:
             print(f"stopped at step {results['stopped_at_step']} of {results['total_steps']}; "

@@ -205,12 +205,18 @@ def restore_trainable(workdir: str, which: str = "best_trainable", step: int | N
     return restored["state"][which], restored["meta"]
 
 
-def prepare_workdir(workdir: str, resume: bool) -> None:
-    """Create the workdir; refuse one that holds another run's checkpoints unless resuming."""
+def check_workdir(workdir: str, resume: bool) -> None:
+    """Refuse a workdir that holds another run's checkpoints unless resuming (creates nothing,
+    so entry points call it before loading data or weights)."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir) and not resume:
         raise UserError(f"{workdir} already holds checkpoints; pass --config.resume=True to "
                         "continue that run, or choose a new --workdir")
+
+
+def prepare_workdir(workdir: str, resume: bool) -> None:
+    """Check the workdir (`check_workdir`), then create it."""
+    check_workdir(workdir, resume)
     os.makedirs(workdir, exist_ok=True)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
 
@@ -11,6 +13,33 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("LORA_JAX_SHARED", ROOT.parent / "shared"))
 MINILM_L3 = SHARED / "models" / "paraphrase-MiniLM-L3-v2"
 DATA_DIR = SHARED / "data"
+
+
+def pytest_configure(config):
+    """One persistent JAX compilation cache per test run, shared by the xdist workers and by
+    every command a test starts in a subprocess (they inherit the environment).
+
+    Many tests compile the same small programs (a kill -9 test runs the same training three
+    times); compiling each once per run instead of once per process cuts the suite by minutes.
+    The cache key covers the program, the flags and the jax version, so a hit is the same
+    executable. The size cap turns on JAX's file lock, which keeps concurrent writers apart.
+    Programs that compile in under half a second (eager ops, small helpers) are not cached:
+    writing them costs more than compiling them again. The controller deletes the folder at the
+    end of the run.
+    """
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                          os.path.join(tempfile.gettempdir(), f"lora_jax_tests_jit_{run_id}"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+
+
+def pytest_unconfigure(config):
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
+    if (os.path.basename(cache).startswith("lora_jax_tests_jit_")
+            and "PYTEST_XDIST_WORKER" not in os.environ):
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def require_shared(path: pathlib.Path) -> pathlib.Path:
