@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lora_jax.models.layers import Dropout
+
 AGGREGATIONS = {
     "mean": lambda x, axis: jnp.mean(x, axis=axis),
     "max": lambda x, axis: jnp.max(x, axis=axis),
@@ -89,7 +91,7 @@ class AttEnsCombiner(nn.Module):
         a = norm("ln_attention")(AGGREGATIONS[self.agg2](h, 1))  # (B, d)
         f = nn.Dense(d, name="ffn")(norm("ln_base")(base))
         x = norm("ln_out")(a + f)
-        x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+        x = Dropout(self.dropout)(x, deterministic=deterministic)
         logits = nn.Dense(self.num_classes, name="classifier")(x)
         return (logits, weights) if return_attention else logits
 
@@ -118,6 +120,6 @@ class MultiHeadSelfAttention(nn.Module):
         if key_mask is not None:
             scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
         weights = jax.nn.softmax(scores, axis=-1)
-        dropped = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
+        dropped = Dropout(self.dropout)(weights, deterministic=deterministic)
         out = jnp.einsum("nhqk,nkhd->nqhd", dropped, v).reshape(n, length, d)
         return nn.Dense(d, name="out_proj")(out), weights

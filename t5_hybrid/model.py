@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.lora import register_adaptable
-from lora_jax.models.layers import ACTIVATIONS, LoRADense
+from lora_jax.models.layers import ACTIVATIONS, Dropout, LoRADense
 from t5_hybrid.config import T5Config
 
 PROMPT_COLLECTION = "prompt"
@@ -103,7 +103,7 @@ class T5Attention(T5Module):
         self.k = dense(cfg.inner_dim)
         self.v = dense(cfg.inner_dim)
         self.o = dense(cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def _heads(self, x: jax.Array) -> jax.Array:
         return x.reshape(*x.shape[:-1], self.config.num_heads, self.config.d_kv)
@@ -137,7 +137,7 @@ class T5FeedForward(T5Module):
                 cfg.d_ff, name="wi_1")(x, deterministic)
         else:
             h = act(dense(cfg.d_ff, name="wi")(x, deterministic))
-        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        h = Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         return dense(cfg.d_model, name="wo")(h, deterministic)
 
 
@@ -156,7 +156,7 @@ class T5Block(T5Module):
             self.cross_attention_norm = RMSNorm(cfg.layer_norm_epsilon)
         self.mlp = T5FeedForward(**kw)
         self.mlp_norm = RMSNorm(cfg.layer_norm_epsilon)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def cross_key_value(self, encoder_states: jax.Array, deterministic: bool):
         return self.cross_attention.key_value(encoder_states, deterministic)
@@ -196,7 +196,7 @@ class T5Stack(T5Module):
         self.blocks = [T5Block(**self.part_kwargs, is_decoder=self.is_decoder)
                        for _ in range(n)]
         self.final_norm = RMSNorm(cfg.layer_norm_epsilon)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def position_bias(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
         """(Lq,), (Lk,) int positions -> (1, heads, Lq, Lk) float32 bias."""

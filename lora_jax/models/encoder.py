@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from lora_jax.lora import register_adaptable
 from lora_jax.models.config import EncoderConfig
-from lora_jax.models.layers import ACTIVATIONS, LoRADense
+from lora_jax.models.layers import ACTIVATIONS, Dropout, LoRADense
 
 POOLINGS = ("mean", "cls", "pooler")
 HEADS = ("linear", "hf")
@@ -52,7 +52,7 @@ class Embeddings(nn.Module):
             x = x + nn.Embed(cfg.type_vocab_size, cfg.embedding_size, embedding_init=init,
                              name="token_type_embeddings")(token_type_ids)
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x)
-        x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+        x = Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
         if cfg.embedding_size != cfg.hidden_size:
             x = nn.Dense(cfg.hidden_size, dtype=self.dtype, name="projection")(x)
         return x.astype(self.dtype)
@@ -77,7 +77,7 @@ class SelfAttention(nn.Module):
         keep = attention_mask[:, None, None, :].astype(bool)
         scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+        probs = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, cfg.hidden_size)
         return dense("output")(ctx, deterministic)
 
@@ -92,7 +92,7 @@ class TransformerLayer(nn.Module):
         cfg = self.config
         kw = dict(lora_dropout=self.lora_dropout, dtype=self.dtype)
         norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=name)
-        drop = lambda y: nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
+        drop = lambda y: Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
         attn = SelfAttention(cfg, name="attention", **kw)(x, attention_mask, deterministic)
         x = norm("attention_norm")(x + drop(attn))
         h = LoRADense(cfg.intermediate_size, name="intermediate", **kw)(x, deterministic)
@@ -161,7 +161,7 @@ class HFClassificationHead(nn.Module):
 
     @nn.compact
     def __call__(self, hidden, pooled, deterministic: bool):
-        drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)
+        drop = lambda y: Dropout(self.dropout)(y, deterministic=deterministic)
         dense = lambda n, name: nn.Dense(n, dtype=jnp.float32, name=name,
                                          kernel_init=nn.initializers.normal(stddev=0.02))
         d = hidden.shape[-1]
@@ -209,6 +209,6 @@ class SequenceClassifier(nn.Module):
         if self.head != "linear":
             raise ValueError(f"unknown head {self.head!r}; use one of {HEADS}")
         x = pool(hidden, pooled, attention_mask, self.pooling)
-        x = nn.Dropout(self.classifier_dropout)(x, deterministic=deterministic)
+        x = Dropout(self.classifier_dropout)(x, deterministic=deterministic)
         return nn.Dense(self.num_labels, dtype=jnp.float32, name="head",
                         kernel_init=nn.initializers.normal(stddev=0.02))(x)

@@ -13,11 +13,13 @@ get adapters is decided by `lora_jax.lora.init_lora`, not here.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.extend.random import threefry2x32_p
 
 LORA_COLLECTION = "lora"
 
@@ -31,6 +33,61 @@ ACTIVATIONS = {
 }
 
 default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+DROPOUT_BITS = 16  # random bits per mask element: the drop probability is a multiple of 2**-16
+
+
+def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+    """Boolean mask of `shape`, each element True (kept) with probability 1 - rate.
+
+    Profiled on CPU (MiniLM-L3 LoRA step, batch 32, length 128), the masks drawn by
+    `flax.linen.Dropout` took a fifth of the train step: `jax.random.bernoulli` spends one
+    Threefry-2x32 block (64 bits) on every element. Here one block gives four 16-bit lanes, so a
+    mask costs a quarter of the hashing. The drop probability is ``round(rate * 2**16) / 2**16``
+    (within 8e-6 of `rate`). The counter of each block is its position in the (..., ceil(n/4))
+    block array, so the mask is the same however the array is sharded (like JAX's partitionable
+    Threefry) and two shapes never share blocks only by accident of layout.
+
+    Args:
+      key: a Threefry key (typed or raw uint32[2]).
+      shape: mask shape (..., n); at most 2**32 blocks.
+      rate: drop probability in [0, 1).
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    if key.shape != (2,):
+        raise ValueError(f"dropout needs a Threefry key (uint32[2]); got key data of shape "
+                         f"{key.shape} (another PRNG implementation?)")
+    *lead, n = shape
+    blocks = (*lead, -(-n // 4))
+    if math.prod(blocks) >= 2**32:
+        raise ValueError(f"a dropout mask of shape {shape} needs more than 2**32 random blocks")
+    counter = jnp.zeros(blocks, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(blocks))):  # row-major position of each block
+        counter = counter + jax.lax.broadcasted_iota(jnp.uint32, blocks, axis) * jnp.uint32(stride)
+        stride *= blocks[axis]
+    hi, lo = threefry2x32_p.bind(key[0], key[1], jnp.zeros(blocks, jnp.uint32), counter)
+    low16, threshold = jnp.uint32(0xFFFF), jnp.uint32(round(rate * 2**DROPOUT_BITS))
+    keep = [lane >= threshold for lane in (lo & low16, lo >> 16, hi & low16, hi >> 16)]
+    # compare before interleaving: the interleaved array is bool (1 byte), not uint32
+    return jnp.stack(keep, axis=-1).reshape(*lead, 4 * blocks[-1])[..., :n]
+
+
+class Dropout(nn.Module):
+    """Inverted dropout (``x / (1 - rate)`` where kept, 0 elsewhere) with masks from
+    `dropout_keep_mask`; a drop-in for `flax.linen.Dropout` (same "dropout" rng stream)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = dropout_keep_mask(self.make_rng("dropout"), x.shape, self.rate)
+        return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(x))
 
 
 class LoRADense(nn.Module):
@@ -67,6 +124,6 @@ class LoRADense(nn.Module):
             # alpha is a hyper-parameter stored with the adapter, never trained
             alpha = jax.lax.stop_gradient(self.get_variable(LORA_COLLECTION, "alpha"))
             scale = (alpha / a.shape[-1]).astype(self.dtype)
-            x_drop = nn.Dropout(self.lora_dropout)(x, deterministic=deterministic)
+            x_drop = Dropout(self.lora_dropout)(x, deterministic=deterministic)
             y = y + scale * jnp.dot(jnp.dot(x_drop, a.astype(self.dtype)), b.astype(self.dtype))
         return y

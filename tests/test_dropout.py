@@ -1,0 +1,59 @@
+"""The dropout used by every model (`lora_jax.models.layers.Dropout`): Bernoulli keep masks from
+four 16-bit lanes per Threefry block, checked for rate, lane independence and scaling."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lora_jax.models.layers import Dropout, dropout_keep_mask
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_every_lane_keeps_1_minus_rate(rate):
+    keep = np.asarray(dropout_keep_mask(jax.random.PRNGKey(0), (512, 4 * 257), rate))
+    for lane in range(4):  # element j comes from lane j % 4 of its block
+        frac = keep[:, lane::4].mean()
+        sigma = np.sqrt(rate * (1 - rate) / keep[:, lane::4].size)
+        assert abs(frac - (1 - rate)) < 5 * sigma, (lane, frac)
+
+
+def test_lanes_and_neighbours_are_uncorrelated():
+    keep = np.asarray(dropout_keep_mask(jax.random.PRNGKey(1), (256, 4096), 0.5), np.float64)
+    flat = keep.ravel()
+    for offset in (1, 2, 3, 4, 4096):  # within a block, next block, next row
+        r = np.corrcoef(flat[:-offset], flat[offset:])[0, 1]
+        assert abs(r) < 0.01, (offset, r)
+
+
+def test_masks_depend_on_the_key_only_and_odd_widths_work():
+    a = dropout_keep_mask(jax.random.PRNGKey(2), (3, 1001), 0.3)
+    b = dropout_keep_mask(jax.random.PRNGKey(2), (3, 1001), 0.3)
+    c = dropout_keep_mask(jax.random.PRNGKey(3), (3, 1001), 0.3)
+    assert a.shape == (3, 1001) and a.dtype == jnp.bool_
+    np.testing.assert_array_equal(a, b)
+    assert 0.3 < float(jnp.mean(a != c)) < 0.5  # independent masks differ in 2p(1-p) = 42%
+    typed = dropout_keep_mask(jax.random.key(2), (3, 1001), 0.3)
+    np.testing.assert_array_equal(a, typed)
+
+
+def test_dropout_scales_kept_values_and_is_identity_when_deterministic():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 512)), jnp.float32)
+    layer = Dropout(0.25)
+    y = layer.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(4)})
+    kept = np.asarray(y) != 0
+    np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+    assert abs(kept.mean() - 0.75) < 0.01
+    np.testing.assert_array_equal(layer.apply({}, x, deterministic=True), x)
+    bf16 = layer.apply({}, x.astype(jnp.bfloat16), deterministic=False,
+                       rngs={"dropout": jax.random.PRNGKey(4)})
+    assert bf16.dtype == jnp.bfloat16
+
+
+def test_bad_rate_and_non_threefry_keys_are_refused():
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        dropout_keep_mask(jax.random.PRNGKey(0), (4, 4), 1.0)
+    with pytest.raises(ValueError, match="Threefry key"):
+        dropout_keep_mask(jax.random.key(0, impl="rbg"), (4, 4), 0.1)
