@@ -69,16 +69,16 @@ class SelfAttention(nn.Module):
         dense = lambda name: LoRADense(cfg.hidden_size, lora_dropout=self.lora_dropout,
                                        dtype=self.dtype, name=name)
         b, t, _ = x.shape
-        split = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        split = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim).transpose(0, 2, 1, 3)
         q = split(dense("query")(x, deterministic))
         k = split(dense("key")(x, deterministic))
         v = split(dense("value")(x, deterministic))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
         keep = attention_mask[:, None, None, :].astype(bool)
         scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         probs = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, cfg.hidden_size)
+        ctx = jnp.einsum("bhqk,bhkd->bqhd", probs, v).reshape(b, t, cfg.hidden_size)
         return dense("output")(ctx, deterministic)
 
 
