@@ -23,7 +23,26 @@ def environment() -> dict:
             "machine": f"{platform.machine()} {dev.platform.upper()} ({dev.device_kind}), "
                        f"{os.cpu_count()} CPU cores",
             "git_commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
-            "command": "python " + " ".join(sys.argv)}
+            "command": command_line()}
+
+
+def command_line() -> str:
+    """The command as typed: ``python -m benchmarks.run ...`` when run as a module."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    program = f"-m {spec.name}" if spec is not None else sys.argv[0]
+    return " ".join(["python", program, *sys.argv[1:]])
+
+
+def machine_slug() -> str:
+    """A short file-name-safe name of this machine: "cpu_2cores", "gpu_nvidia_h100_80gb_hbm3"."""
+    import re
+
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return f"cpu_{os.cpu_count()}cores"
+    return re.sub(r"[^a-z0-9]+", "_", f"{dev.platform}_{dev.device_kind}".lower()).strip("_")
 
 
 def emit(result: dict, path: str) -> None:

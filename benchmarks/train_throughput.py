@@ -1,13 +1,15 @@
 """Training throughput, JAX/Flax LoRA vs PyTorch + PEFT, same model, batch and length, one run.
 
-    python benchmarks/train_throughput.py --model ../shared/models/paraphrase-MiniLM-L3-v2 \
+    python -m benchmarks.train_throughput --model ../shared/models/paraphrase-MiniLM-L3-v2 \
         --batch 32 --length 64 --steps 20 --rounds 3 \
         --out results/bench_train_throughput_cpu_b32_l64.json
 
 Both sides: LoRA r=4, alpha=32, dropout 0.1 on query/key/value, linear head trained, AdamW,
 dropout on, a fixed batch of random token ids (no padding), fp32. Timed after warm-up (JAX
-compilation excluded) in alternating rounds; medians. Prints one JSON line: examples/s of each
-and the ratio jax/torch.
+compilation excluded) in alternating rounds; medians. Prints one JSON line: examples/s of each,
+the ratio jax/torch, and the roofline: each side's FLOP/s (`roofline.lora_encoder_step_flops`)
+as a fraction of a large GEMM's rate measured in the same run (the better of one measurement
+before and one after the rounds).
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import sys
 import time
 
 import numpy as np
-from common import emit, environment
 
+from benchmarks.common import emit, environment
+from benchmarks.roofline import gemm_rate, lora_encoder_step_flops, roofline_fields
 from lora_jax.cli import ArgumentParser, fail
+
+RANK, ADAPTED = 4, ("query", "key", "value")
 
 
 def timed(step_fn, batch: int, steps: int) -> float:
@@ -30,6 +35,7 @@ def timed(step_fn, batch: int, steps: int) -> float:
 
 
 def make_jax_runner(model_dir: str, batch: int, length: int, dtype: str):
+    """(run(n_steps), encoder config) of a warmed-up jitted LoRA train step."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -49,7 +55,7 @@ def make_jax_runner(model_dir: str, batch: int, length: int, dtype: str):
     params = model.init(jax.random.PRNGKey(0), ids, ones, ids * 0)["params"]
     params["encoder"] = jax.tree_util.tree_map(jnp.asarray, {**params["encoder"], **encoder})
     variables = {"params": params, "lora": lora.init_lora(jax.random.PRNGKey(1), params,
-                                                          lora.LoRASpec(r=4, alpha=32.0))}
+                                                          lora.LoRASpec(r=RANK, alpha=32.0, targets=ADAPTED))}
     trainable, frozen = lora.split(variables, lora.trainable_mask(variables,
                                                                   ("^lora/", "^params/head/")))
     tx = optax.multi_transform({"trainable": optax.adamw(5e-4, weight_decay=0.01),
@@ -67,37 +73,70 @@ def make_jax_runner(model_dir: str, batch: int, length: int, dtype: str):
         jax.block_until_ready(state["t"])
 
     run(3)  # compile + warm up
-    return run
+    return run, cfg
 
 
-def make_torch_runner(model_dir: str, batch: int, length: int):
+def make_torch_runner(model_dir: str, batch: int, length: int, dtype: str = "float32"):
+    """run(n_steps) of a warmed-up PyTorch + PEFT train step: on CUDA when there is one, with
+    bf16 autocast (AMP) when `dtype` is bfloat16."""
     import peft
     import torch
     import transformers
 
     torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = transformers.BertForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     model = peft.get_peft_model(model, peft.LoraConfig(
-        task_type="SEQ_CLS", r=4, lora_alpha=32, lora_dropout=0.1,
-        target_modules=["query", "key", "value"]))
+        task_type="SEQ_CLS", r=RANK, lora_alpha=32, lora_dropout=0.1,
+        target_modules=list(ADAPTED))).to(device)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4,
                             weight_decay=0.01)
     rng = np.random.default_rng(0)
-    ids = torch.tensor(rng.integers(1000, model.config.vocab_size, (batch, length)))
-    labels = torch.tensor(rng.integers(0, 2, batch))
+    ids = torch.tensor(rng.integers(1000, model.config.vocab_size, (batch, length)),
+                       device=device)
+    labels = torch.tensor(rng.integers(0, 2, batch), device=device)
+    amp = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     def one():
         opt.zero_grad()
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss.backward()
+        with amp:
+            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+        loss.backward()
         opt.step()
 
     def run(n):
         for _ in range(n):
             one()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     run(3)
     return run
+
+
+def measure(model: str, batch: int, length: int, steps: int, rounds: int,
+            dtype: str = "float32") -> dict:
+    """The benchmark's figures (see the module docstring) as a dict."""
+    gemm = [gemm_rate(dtype)]
+    jax_run, cfg = make_jax_runner(model, batch, length, dtype)
+    torch_run = make_torch_runner(model, batch, length, dtype)
+    jax_rates, torch_rates = [], []
+    for _ in range(rounds):  # alternate, so both sides see the same machine load
+        jax_rates.append(timed(jax_run, batch, steps))
+        torch_rates.append(timed(torch_run, batch, steps))
+    gemm.append(gemm_rate(dtype))
+    jax_rate, torch_rate = float(np.median(jax_rates)), float(np.median(torch_rates))
+    flops = lora_encoder_step_flops(batch, length, cfg.hidden_size, cfg.intermediate_size,
+                                    cfg.num_layers, RANK, len(ADAPTED))
+    return {"benchmark": "lora_train_throughput", "model": model, "batch": batch,
+            "length": length, "steps": steps, "rounds": rounds, "jax_dtype": dtype,
+            "jax_rounds": [round(x, 1) for x in jax_rates],
+            "torch_rounds": [round(x, 1) for x in torch_rates],
+            "jax_examples_per_s": round(jax_rate, 1), "torch_peft_examples_per_s":
+            round(torch_rate, 1), "ratio_jax_over_torch": round(jax_rate / torch_rate, 2),
+            **roofline_fields(flops, {"jax": jax_rate / batch, "torch": torch_rate / batch},
+                              max(gemm))}
 
 
 def main() -> int:
@@ -112,22 +151,8 @@ def main() -> int:
     a = p.parse_args()
     if not os.path.isdir(a.model):
         fail(f"model folder {a.model!r} does not exist; pass --model")
-
-    jax_run = make_jax_runner(a.model, a.batch, a.length, a.dtype)
-    torch_run = make_torch_runner(a.model, a.batch, a.length)
-    jax_rates, torch_rates = [], []
-    for _ in range(a.rounds):  # alternate, so both sides see the same machine load
-        jax_rates.append(timed(jax_run, a.batch, a.steps))
-        torch_rates.append(timed(torch_run, a.batch, a.steps))
-    jax_rate, torch_rate = float(np.median(jax_rates)), float(np.median(torch_rates))
-    out = {"benchmark": "lora_train_throughput", "model": a.model, "batch": a.batch,
-           "length": a.length, "steps": a.steps, "rounds": a.rounds, "jax_dtype": a.dtype,
-           "jax_rounds": [round(x, 1) for x in jax_rates],
-           "torch_rounds": [round(x, 1) for x in torch_rates],
-           "jax_examples_per_s": round(jax_rate, 1), "torch_peft_examples_per_s":
-           round(torch_rate, 1), "ratio_jax_over_torch": round(jax_rate / torch_rate, 2),
-           **environment()}
-    emit(out, a.out)
+    emit({**measure(a.model, a.batch, a.length, a.steps, a.rounds, a.dtype), **environment()},
+         a.out)
     return 0
 
 

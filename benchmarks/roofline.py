@@ -1,0 +1,82 @@
+"""The machine's limit that every benchmark reports against: a large GEMM's rate, measured in the
+same run, and the FLOPs of the work being timed.
+
+    achieved FLOP/s = flops_per_step * steps / seconds;  fraction = achieved / gemm_rate
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def gemm_rate(dtype: str = "float32", size: int = 2048, rounds: int = 5) -> float:
+    """FLOP/s of one jitted (size x size) @ (size x size) matmul in JAX on the default device,
+    the median of `rounds` timed calls after a warm-up (2 * size**3 FLOPs per call)."""
+    import jax
+    import jax.numpy as jnp
+
+    key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(key_a, (size, size), jnp.dtype(dtype))
+    b = jax.random.normal(key_b, (size, size), jnp.dtype(dtype))
+    matmul = jax.jit(jnp.dot)
+    matmul(a, b).block_until_ready()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2.0 * size**3 / float(np.median(times))
+
+
+def lora_encoder_step_flops(batch: int, length: int, hidden: int, intermediate: int,
+                            layers: int, rank: int, adapted_per_layer: int) -> float:
+    """FLOPs of one train step of a frozen encoder with LoRA adapters (matmuls only).
+
+    With N = batch * length tokens, d = hidden, f = intermediate, per layer:
+      forward dense      2 N (4 d^2 + 2 d f)        q, k, v, attention output; FFN in and out
+      forward attention  2 * 2 B T^2 d              Q K^T and P V over all heads
+      backward dense     2 N (4 d^2 + 2 d f)        activation gradients only: dX = dY W^T;
+                                                     frozen kernels get no weight gradient
+      backward attention 4 * 2 B T^2 d              dP, dV, dQ, dK
+      LoRA (each adapted d x d module)  3 * 2 N r (d + d)  forward x A B, dA/dB, dx
+    Elementwise work (softmax, LayerNorm, GELU, dropout) and the head are not counted.
+    """
+    n, d, f = batch * length, hidden, intermediate
+    dense = 2 * n * (4 * d * d + 2 * d * f)
+    attention = (2 + 4) * 2 * batch * length * length * d
+    lora = adapted_per_layer * 3 * 2 * n * rank * (d + d)
+    return float(layers * (2 * dense + attention + lora))
+
+
+def t5_greedy_flops(batch: int, source: int, new: int, d_model: int, inner: int, d_ff: int,
+                    enc_layers: int, dec_layers: int, vocab: int, gated: bool = True) -> float:
+    """FLOPs of encoding `source` tokens and greedily decoding `new` tokens with a KV cache
+    (matmuls only; inner = heads * d_kv, one FFN input matmul more when gated).
+
+      encoder, per source token and layer   2 (4 d inner + m d ff) + 2 * 2 S inner
+      cross K/V, per source token and layer 2 * 2 d inner           (computed once)
+      decoder, per new token and layer      2 (6 d inner + m d ff)  self q,k,v,o; cross q,o
+                                            + 2 * 2 (t + S) inner   attention over cache
+      LM head, per new token                2 d vocab
+    with m = 3 for gated FFNs, 2 otherwise; t runs over 1..new.
+    """
+    m = 3 if gated else 2
+    enc = batch * source * enc_layers * (2 * (4 * d_model * inner + m * d_model * d_ff)
+                                         + 4 * source * inner)
+    cross_kv = batch * source * dec_layers * 4 * d_model * inner
+    steps = sum(2 * (6 * d_model * inner + m * d_model * d_ff) + 4 * (t + source) * inner
+                for t in range(1, new + 1))
+    dec = batch * (dec_layers * steps + new * 2 * d_model * vocab)
+    return float(enc + cross_kv + dec)
+
+
+def roofline_fields(flops_per_step: float, steps_per_s: dict[str, float], gemm: float) -> dict:
+    """GFLOP/s of each side and its fraction of the measured GEMM rate."""
+    out = {"step_gflop": round(flops_per_step / 1e9, 2), "gemm_gflops": round(gemm / 1e9, 1)}
+    for side, rate in steps_per_s.items():
+        achieved = flops_per_step * rate
+        out[f"{side}_gflops"] = round(achieved / 1e9, 1)
+        out[f"{side}_fraction_of_gemm"] = round(achieved / gemm, 3)
+    return out
