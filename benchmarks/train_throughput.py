@@ -8,8 +8,8 @@ Both sides: LoRA r=4, alpha=32, dropout 0.1 on query/key/value, linear head trai
 dropout on, a fixed batch of random token ids (no padding), fp32. Timed after warm-up (JAX
 compilation excluded) in alternating rounds; medians. Prints one JSON line: examples/s of each,
 the ratio jax/torch, and the roofline: each side's FLOP/s (`roofline.lora_encoder_step_flops`)
-as a fraction of a large GEMM's rate measured in the same run (the better of one measurement
-before and one after the rounds).
+as a fraction of the machine's large-GEMM rate measured in the same run (`roofline.gemm_rates`:
+JAX and PyTorch, before and after the rounds, the best of them).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from benchmarks.common import emit, environment
-from benchmarks.roofline import gemm_rate, lora_encoder_step_flops, roofline_fields
+from benchmarks.roofline import gemm_rates, lora_encoder_step_flops, roofline_fields
 from lora_jax.cli import ArgumentParser, fail
 
 RANK, ADAPTED = 4, ("query", "key", "value")
@@ -118,14 +118,14 @@ def make_torch_runner(model_dir: str, batch: int, length: int, dtype: str = "flo
 def measure(model: str, batch: int, length: int, steps: int, rounds: int,
             dtype: str = "float32") -> dict:
     """The benchmark's figures (see the module docstring) as a dict."""
-    gemm = [gemm_rate(dtype)]
+    gemm = [gemm_rates(dtype)]
     jax_run, cfg = make_jax_runner(model, batch, length, dtype)
     torch_run = make_torch_runner(model, batch, length, dtype)
     jax_rates, torch_rates = [], []
     for _ in range(rounds):  # alternate, so both sides see the same machine load
         jax_rates.append(timed(jax_run, batch, steps))
         torch_rates.append(timed(torch_run, batch, steps))
-    gemm.append(gemm_rate(dtype))
+    gemm.append(gemm_rates(dtype))
     jax_rate, torch_rate = float(np.median(jax_rates)), float(np.median(torch_rates))
     flops = lora_encoder_step_flops(batch, length, cfg.hidden_size, cfg.intermediate_size,
                                     cfg.num_layers, RANK, len(ADAPTED))
@@ -136,7 +136,7 @@ def measure(model: str, batch: int, length: int, steps: int, rounds: int,
             "jax_examples_per_s": round(jax_rate, 1), "torch_peft_examples_per_s":
             round(torch_rate, 1), "ratio_jax_over_torch": round(jax_rate / torch_rate, 2),
             **roofline_fields(flops, {"jax": jax_rate / batch, "torch": torch_rate / batch},
-                              max(gemm))}
+                              gemm)}
 
 
 def main() -> int:

@@ -1,7 +1,12 @@
 """lora_jax: pure-functional LoRA fine-tuning of frozen Flax encoders."""
 
-from lora_jax.errors import UserError
-from lora_jax.lora import LoRASpec, combine, init_lora, merge, split, trainable_mask
+from lora_jax.xla_flags import apply_default_flags
+
+apply_default_flags()  # before any JAX backend exists; see lora_jax/xla_flags.py
+
+
+from lora_jax.errors import UserError  # noqa: E402
+from lora_jax.lora import LoRASpec, combine, init_lora, merge, split, trainable_mask  # noqa: E402
 
 __all__ = ["UserError", "LoRASpec", "init_lora", "merge", "split", "combine", "trainable_mask"]
 __version__ = "0.1.0"
