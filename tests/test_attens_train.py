@@ -184,9 +184,12 @@ def test_train_py_runs_attens(module_set, tmp_path):
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| attens | synth_topic |" in proc.stdout
-    bad = subprocess.run(args[:-4] + ["--config.module_dir=/nope"], capture_output=True,
+    fresh = tmp_path / "bad"
+    bad_args = [a.replace(f"--workdir={tmp_path / 'w'}", f"--workdir={fresh}") for a in args]
+    bad = subprocess.run(bad_args + ["--config.module_dir=/nope"], capture_output=True,
                          text=True, timeout=300)
-    assert bad.returncode == 2 and "is not a module set" in bad.stderr
+    assert bad.returncode == 2 and "is not a module set" in bad.stderr, bad.stderr
+    assert not fresh.exists() or not any(fresh.iterdir())
 
 
 def test_predict_on_an_attens_run_gives_its_reported_metrics(module_set, tmp_path, capsys):
