@@ -7,6 +7,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 
 
 def environment() -> dict:
@@ -52,3 +53,72 @@ def emit(result: dict, path: str) -> None:
         with open(path, "w") as f:
             json.dump(result, f, indent=2)
             f.write("\n")
+
+
+def alternating_rounds(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Wall seconds of each warmed-up callable, `rounds` times; the callables take turns
+    within every round, so each side sees the same machine load."""
+    seconds = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - t0)
+    return seconds
+
+
+def comparison(what: str, unit: str, work: float, ours: list[float], peer: list[float], *,
+               ours_label: str, peer_label: str, flops: float | None = None,
+               gemm_flops_per_s: float | None = None) -> dict:
+    """One row of a benchmark: rates (`work` units per call over each round's seconds) of our
+    side and its peer, their medians, ratio ours/peer, and, when `flops` (per call) and the
+    machine's GEMM rate are given, each side's achieved FLOP/s and its fraction of that rate."""
+    import numpy as np
+
+    rates = {"ours": [work / s for s in ours], "peer": [work / s for s in peer]}
+    med = {side: float(np.median(r)) for side, r in rates.items()}
+    row = {"what": what, "unit": unit, "ours_label": ours_label, "peer_label": peer_label,
+           "ours": round(med["ours"], 2), "peer": round(med["peer"], 2),
+           "ratio": round(med["ours"] / med["peer"], 2),
+           "ours_rounds": [round(r, 2) for r in rates["ours"]],
+           "peer_rounds": [round(r, 2) for r in rates["peer"]]}
+    if flops is not None and gemm_flops_per_s:
+        row["gflop_per_call"] = round(flops / 1e9, 3)
+        for side in ("ours", "peer"):
+            achieved = flops * med[side] / work
+            row[f"{side}_gflops"] = round(achieved / 1e9, 1)
+            row[f"{side}_fraction_of_gemm"] = round(achieved / gemm_flops_per_s, 3)
+    return row
+
+
+def jax_step_runner(step: Callable, trainable, opt_state, frozen, batch) -> Callable[[int], None]:
+    """run(n): n calls of a jitted `trainer.make_train_step` step on one fixed batch, carrying
+    (and donating) the trainable tree and optimizer state; blocks until the last is done.
+    Warmed up (compiled) before it is returned."""
+    import jax
+
+    state = {"trainable": trainable, "opt_state": opt_state}
+
+    def run(n: int) -> None:
+        for i in range(n):
+            state["trainable"], state["opt_state"], _ = step(
+                state["trainable"], state["opt_state"], i, frozen, batch)
+        jax.block_until_ready(state["trainable"])
+
+    run(3)
+    return run
+
+
+def torch_step_runner(one_step: Callable[[], None]) -> Callable[[int], None]:
+    """run(n): n calls of a PyTorch train step, synchronised with the GPU when there is one.
+    Warmed up before it is returned."""
+    import torch
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            one_step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    run(3)
+    return run

@@ -71,16 +71,27 @@ def lora_encoder_step_flops(batch: int, length: int, hidden: int, intermediate: 
     return float(layers * (2 * dense + attention + lora))
 
 
-def t5_greedy_flops(batch: int, source: int, new: int, d_model: int, inner: int, d_ff: int,
-                    enc_layers: int, dec_layers: int, vocab: int, gated: bool = True) -> float:
-    """FLOPs of encoding `source` tokens and greedily decoding `new` tokens with a KV cache
-    (matmuls only; inner = heads * d_kv, one FFN input matmul more when gated).
+def encoder_forward_flops(batch: int, length: int, hidden: int, intermediate: int,
+                          layers: int) -> float:
+    """FLOPs of one forward pass of an encoder (matmuls only; the forward terms of
+    `lora_encoder_step_flops`, LoRA's few left out): per layer 2 N (4 d^2 + 2 d f) + 2 * 2 B T^2 d
+    with N = batch * length tokens."""
+    n, d, f = batch * length, hidden, intermediate
+    return float(layers * (2 * n * (4 * d * d + 2 * d * f) + 4 * batch * length * length * d))
+
+
+def t5_decode_flops(batch: int, source: int, new: int, d_model: int, inner: int, d_ff: int,
+                    enc_layers: int, dec_layers: int, vocab: int, beams: int = 1,
+                    gated: bool = True) -> float:
+    """FLOPs of encoding `source` tokens once per example and decoding `new` tokens for each of
+    `beams` hypotheses with a KV cache (greedy: beams = 1; matmuls only; inner = heads * d_kv,
+    one FFN input matmul more when gated).
 
       encoder, per source token and layer   2 (4 d inner + m d ff) + 2 * 2 S inner
-      cross K/V, per source token and layer 2 * 2 d inner           (computed once)
-      decoder, per new token and layer      2 (6 d inner + m d ff)  self q,k,v,o; cross q,o
-                                            + 2 * 2 (t + S) inner   attention over cache
-      LM head, per new token                2 d vocab
+      cross K/V, per source token and layer 2 * 2 d inner           (once per example)
+      decoder, per new token, hypothesis    2 (6 d inner + m d ff)  self q,k,v,o; cross q,o
+        and layer                           + 2 * 2 (t + S) inner   attention over cache
+      LM head, per new token and hypothesis 2 d vocab
     with m = 3 for gated FFNs, 2 otherwise; t runs over 1..new.
     """
     m = 3 if gated else 2
@@ -89,20 +100,46 @@ def t5_greedy_flops(batch: int, source: int, new: int, d_model: int, inner: int,
     cross_kv = batch * source * dec_layers * 4 * d_model * inner
     steps = sum(2 * (6 * d_model * inner + m * d_model * d_ff) + 4 * (t + source) * inner
                 for t in range(1, new + 1))
-    dec = batch * (dec_layers * steps + new * 2 * d_model * vocab)
+    dec = batch * beams * (dec_layers * steps + new * 2 * d_model * vocab)
     return float(enc + cross_kv + dec)
 
 
-def roofline_fields(flops_per_step: float, steps_per_s: dict[str, float],
-                    gemm: list[dict[str, float]]) -> dict:
-    """GFLOP/s of each side and its fraction of the machine's GEMM rate: the best of the
-    `gemm_rates` measurements taken in this run (each library, before and after the rounds)."""
-    best = max(rate for rates in gemm for rate in rates.values())
-    out = {"step_gflop": round(flops_per_step / 1e9, 2), "gemm_gflops": round(best / 1e9, 1),
-           "gemm_gflops_measured": [{k: round(v / 1e9, 1) for k, v in r.items()} for r in gemm]}
-    gemm = best
-    for side, rate in steps_per_s.items():
-        achieved = flops_per_step * rate
-        out[f"{side}_gflops"] = round(achieved / 1e9, 1)
-        out[f"{side}_fraction_of_gemm"] = round(achieved / gemm, 3)
-    return out
+def t5_train_step_flops(batch: int, source: int, target: int, d_model: int, inner: int,
+                        d_ff: int, enc_layers: int, dec_layers: int, vocab: int, rank: int,
+                        gated: bool = True) -> float:
+    """FLOPs of one teacher-forced train step of a frozen T5 with LoRA on q and v of every
+    attention (matmuls only). `source` counts the soft-prompt tokens too. With Ne = B S encoder
+    tokens, Nd = B T decoder tokens and m as in `t5_decode_flops`, forward:
+
+      encoder layer   2 Ne (4 d inner + m d ff) + 2 * 2 B S^2 inner
+      decoder layer   2 Nd (6 d inner + m d ff) + 2 Ne (2 d inner)     cross K/V of the encoder
+                      + 2 * 2 B T^2 inner + 2 * 2 B T S inner          self and cross attention
+      LM head         2 Nd d vocab
+    Backward: activation gradients only (dX = dY W^T, as many FLOPs as the forward matmul; no
+    weight gradient for frozen kernels), two for each attention matmul (dP and dV, dQ and dK).
+    LoRA, per adapted (d -> inner) projection over N tokens: 3 * 2 N r (d + inner).
+    """
+    m = 3 if gated else 2
+    ne, nd, b, s, t = batch * source, batch * target, batch, source, target
+    dense = (enc_layers * 2 * ne * (4 * d_model * inner + m * d_model * d_ff)
+             + dec_layers * 2 * (nd * (6 * d_model * inner + m * d_model * d_ff)
+                                 + ne * 2 * d_model * inner)
+             + 2 * nd * d_model * vocab)
+    attention = (enc_layers * 4 * b * s * s * inner
+                 + dec_layers * 4 * b * (t * t + t * s) * inner)
+    adapted_tokens = enc_layers * 2 * ne + dec_layers * (2 * nd + nd + ne)  # self q,v; cross q,v
+    lora = adapted_tokens * 3 * 2 * rank * (d_model + inner)
+    return float(2 * dense + 3 * attention + lora)
+
+
+def best_gemm_rate(gemm: list[dict[str, float]]) -> float:
+    """The machine's rate: the best of the `gemm_rates` measurements taken in a run (each
+    library, before and after the timed rounds), FLOP/s."""
+    return max(rate for rates in gemm for rate in rates.values())
+
+
+def gemm_fields(gemm: list[dict[str, float]]) -> dict:
+    """The GEMM measurements of a run as recorded in its JSON (GFLOP/s)."""
+    return {"gemm_gflops": round(best_gemm_rate(gemm) / 1e9, 1),
+            "gemm_gflops_measured": [{k: round(v / 1e9, 1) for k, v in r.items()}
+                                     for r in gemm]}

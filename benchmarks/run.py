@@ -1,21 +1,30 @@
 """Every benchmark in one run, written to results/bench_<machine>.json and .md.
 
-    python -m benchmarks.run            # about 10 minutes on 2 CPU cores
-    python -m benchmarks.run --quick    # fewer steps and rounds, same shapes
+    python -m benchmarks.run            # about 20 minutes on 2 CPU cores
+    python -m benchmarks.run --quick    # fewer steps, rounds and rows, same shapes
     python -m benchmarks.run --model random-bert-base --dtype bfloat16   # on a GPU
 
-Each figure is a ratio against its peer measured in the same process, in alternating rounds
-(medians; the .md also gives each side's slowest and fastest round), with each side's FLOP/s as
+Each figure is a ratio against its peer measured in the same process (medians of alternating
+rounds; the .md also gives each side's slowest and fastest round), with each side's FLOP/s as
 a fraction of a large GEMM's rate measured in the same run (see benchmarks/roofline.py):
 
   train_l64, train_l128   LoRA train step vs PyTorch + PEFT (batch 32; r=4 on query/key/value,
                           dropout on, AdamW), benchmarks/train_throughput.py
-  t5_greedy               greedy decoding with the KV cache vs transformers `generate`
-                          (random T5 v1.1, batch 16, 64 + 64 tokens), benchmarks/t5_generate.py
+  t5_train                T5 prompt + LoRA train step vs PyTorch + PEFT (random T5 v1.1, batch
+                          16, 30 + 64 -> 16 tokens), benchmarks/t5_train.py
+  t5_generate             greedy and 4-beam decoding with the KV cache vs transformers
+                          `generate` (random T5 v1.1, batch 16, 64 + 64 tokens),
+                          benchmarks/t5_generate.py
+  attens_features         stacked k = 6 adapter features vs 7 sequential single passes
+  attens_end_to_end       our AttEns run (features once, 20 combiner epochs) vs the authors'
+                          structure in PyTorch + PEFT (k + 1 encoder passes every step),
+                          one round each, benchmarks/attens.py
 
 `--model random-bert-base` benchmarks a randomly initialised BERT-base (written to a temporary
-folder; no download), for machines without the shared weights. `--smoke` runs tiny shapes in
-seconds to check the command itself; its figures mean nothing.
+folder with a WordPiece vocabulary of the synthetic task; no download), for machines without the
+shared weights. `--smoke` runs tiny shapes in seconds to check the command itself; its figures
+mean nothing. Run it on a quiet machine: another process on the same cores distorts both sides,
+PyTorch's thread pool far more than XLA's.
 """
 
 from __future__ import annotations
@@ -25,58 +34,72 @@ import sys
 import tempfile
 import time
 
-from benchmarks import t5_generate, train_throughput
+from benchmarks import attens, t5_generate, t5_train, train_throughput
 from benchmarks.common import emit, environment, machine_slug
 from lora_jax.cli import ArgumentParser, fail
 
-SCALES = {  # (train steps per round, rounds, train shapes, (T5 batch, source, new))
-    "full": (20, 3, ((32, 64), (32, 128)), (16, 64, 64)),
-    "quick": (8, 3, ((32, 64), (32, 128)), (16, 64, 64)),
-    "smoke": (2, 2, ((4, 16),), (2, 8, 4)),
+# train (steps per round, rounds, shapes); t5 train (batch, source, target, steps);
+# t5 generation (batch, source, new); attens (k, train rows, validation rows, epochs, length,
+# feature batch, feature length)
+SCALES = {
+    "full": dict(steps=20, rounds=3, shapes=((32, 64), (32, 128)), t5_train=(16, 64, 16, 10),
+                 t5_generate=(16, 64, 64), attens=(6, 512, 256, 20, 64, 32, 128)),
+    "quick": dict(steps=8, rounds=3, shapes=((32, 64), (32, 128)), t5_train=(16, 64, 16, 4),
+                  t5_generate=(16, 64, 64), attens=(6, 192, 96, 20, 64, 32, 128)),
+    "smoke": dict(steps=2, rounds=2, shapes=((4, 16),), t5_train=(2, 8, 4, 2),
+                  t5_generate=(2, 8, 4), attens=(2, 32, 16, 2, 16, 4, 16)),
 }
 
 
 def random_bert_base(folder: str) -> str:
-    """Write a randomly initialised BERT-base (transformers' default BertConfig) to `folder`."""
+    """Write a randomly initialised BERT-base (transformers' default BertConfig) to `folder`,
+    with a WordPiece tokenizer of the synthetic task's words."""
     import torch
     import transformers
 
+    from lora_jax.synthetic import build_wordpiece, make_sentiment_task
+
     torch.manual_seed(0)
     transformers.BertModel(transformers.BertConfig()).save_pretrained(folder)
+    build_wordpiece(make_sentiment_task(os.path.join(folder, "synthetic_data")), folder)
     return folder
 
 
 def spread(rounds: list[float]) -> str:
-    return f"{min(rounds):.1f}-{max(rounds):.1f}"
+    return f"{min(rounds):g}-{max(rounds):g}" if len(rounds) > 1 else "one round"
+
+
+def percent(row: dict, side: str) -> str:
+    value = row.get(f"{side}_fraction_of_gemm")
+    return "-" if value is None else f"{100 * value:.0f}%"
 
 
 def markdown(results: dict) -> str:
     rows = ["| benchmark | ours | peer | ours / peer | ours, % of GEMM | peer, % of GEMM |",
             "|---|---|---|---|---|---|"]
-    for name, r in results["benchmarks"].items():
-        if r["benchmark"] == "lora_train_throughput":
-            ours = f"{r['jax_examples_per_s']} ex/s [{spread(r['jax_rounds'])}]"
-            peer = f"{r['torch_peft_examples_per_s']} ex/s [{spread(r['torch_rounds'])}]"
-            ratio, fo, fp = (r["ratio_jax_over_torch"], r["jax_fraction_of_gemm"],
-                             r["torch_fraction_of_gemm"])
-            what = f"{name}: LoRA train step, batch {r['batch']}, length {r['length']}"
-        else:
-            t, rr = r["tokens_per_s"], r["tokens_per_s_rounds"]
-            ours = f"{t['jax_cached']} tok/s [{spread(rr['jax_cached'])}]"
-            peer = f"{t['torch_generate']} tok/s [{spread(rr['torch_generate'])}]"
-            ratio, fo, fp = (r["ratio_jax_cached_over_torch"], r["jax_cached_fraction_of_gemm"],
-                             r["torch_generate_fraction_of_gemm"])
-            what = f"{name}: T5 greedy decoding, batch {r['batch']}"
-        rows.append(f"| {what} | {ours} | {peer} | **{ratio}x** | {100 * fo:.0f}% "
-                    f"| {100 * fp:.0f}% |")
+    for name, bench in results["benchmarks"].items():
+        for r in bench["comparisons"]:
+            rows.append(
+                f"| {name}: {r['what']} | {r['ours']:g} {r['unit']} [{spread(r['ours_rounds'])}] "
+                f"{r['ours_label']} | {r['peer']:g} [{spread(r['peer_rounds'])}] "
+                f"{r['peer_label']} | **{r['ratio']}x** | {percent(r, 'ours')} "
+                f"| {percent(r, 'peer')} |")
+    e2e = results["benchmarks"].get("attens_end_to_end")
+    notes = []
+    if e2e:
+        notes = ["", f"AttEns end to end: {e2e['seconds']['ours']} s against "
+                 f"{e2e['seconds']['authors_structure']} s; validation accuracy "
+                 f"{e2e['validation_accuracy']['ours']} (ours) and "
+                 f"{e2e['validation_accuracy']['authors_structure']} (authors' structure), "
+                 f"features equal to {e2e['max_feature_difference']:.1e}."]
     env = results["environment"]
     return "\n".join([
         f"# Benchmarks on {env['machine']}", "",
         f"`{env['command']}` at commit {env['git_commit']}, {env['date']}, "
         f"{results['wall_s']} s; peer = PyTorch {env['torch']} (+ PEFT), ours = JAX {env['jax']}, "
-        f"{results['dtype']}. Medians of {results['rounds']} alternating rounds "
-        "[slowest-fastest round]; % of GEMM = achieved matmul FLOP/s over a large GEMM's rate "
-        "measured in the same run (benchmarks/roofline.py).", "", *rows, ""])
+        f"{results['dtype']}. Medians of alternating rounds [slowest-fastest round]; % of GEMM = "
+        "achieved matmul FLOP/s over a large GEMM's rate measured in the same run "
+        "(benchmarks/roofline.py).", "", *rows, *notes, ""])
 
 
 def main() -> int:
@@ -93,19 +116,28 @@ def main() -> int:
         fail(f"model folder {a.model!r} does not exist; pass --model (or random-bert-base)")
     if not os.path.isdir(a.out_dir):
         fail(f"--out-dir {a.out_dir!r} is not a folder")
-    steps, rounds, shapes, (t5_batch, source, new) = SCALES[
-        "smoke" if a.smoke else "quick" if a.quick else "full"]
+    scale = SCALES["smoke" if a.smoke else "quick" if a.quick else "full"]
+    steps, rounds = scale["steps"], scale["rounds"]
     start = time.perf_counter()
+    benchmarks = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = random_bert_base(tmp) if a.model == "random-bert-base" else a.model
-        benchmarks = {}
-        for batch, length in shapes:
+        for batch, length in scale["shapes"]:
             print(f"train step, batch {batch}, length {length} ...", file=sys.stderr)
             benchmarks[f"train_l{length}"] = train_throughput.measure(
                 model, batch, length, steps, rounds, a.dtype)
-    print("T5 greedy decoding ...", file=sys.stderr)
-    benchmarks["t5_greedy"] = t5_generate.measure(t5_batch, source, new, rounds)
-    results = {"benchmarks": benchmarks, "model": a.model, "dtype": a.dtype, "rounds": rounds,
+        print("T5 train step ...", file=sys.stderr)
+        batch, source, target, t5_steps = scale["t5_train"]
+        benchmarks["t5_train"] = t5_train.measure(batch, source, target, t5_steps, rounds,
+                                                  a.dtype)
+        print("T5 generation ...", file=sys.stderr)
+        benchmarks["t5_generate"] = t5_generate.measure(*scale["t5_generate"], rounds,
+                                                        dtype=a.dtype)
+        print("AttEns features and end to end ...", file=sys.stderr)
+        k, n_train, n_val, epochs, length, f_batch, f_length = scale["attens"]
+        benchmarks["attens_features"], benchmarks["attens_end_to_end"] = attens.measure(
+            model, k, n_train, n_val, epochs, length, f_batch, f_length, rounds)
+    results = {"benchmarks": benchmarks, "model": a.model, "dtype": a.dtype, "scale": scale,
                "wall_s": round(time.perf_counter() - start), "environment": environment()}
     stem = os.path.join(a.out_dir, f"bench_{machine_slug()}")
     emit(results, stem + ".json")

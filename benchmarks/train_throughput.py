@@ -1,13 +1,11 @@
 """Training throughput, JAX/Flax LoRA vs PyTorch + PEFT, same model, batch and length, one run.
 
-    python -m benchmarks.train_throughput --model ../shared/models/paraphrase-MiniLM-L3-v2 \
-        --batch 32 --length 64 --steps 20 --rounds 3 \
-        --out results/bench_train_throughput_cpu_b32_l64.json
+    python -m benchmarks.train_throughput --batch 32 --length 64   # --out FILE: also write it
 
 Both sides: LoRA r=4, alpha=32, dropout 0.1 on query/key/value, linear head trained, AdamW,
 dropout on, a fixed batch of random token ids (no padding), fp32. Timed after warm-up (JAX
 compilation excluded) in alternating rounds; medians. Prints one JSON line: examples/s of each,
-the ratio jax/torch, and the roofline: each side's FLOP/s (`roofline.lora_encoder_step_flops`)
+the ratio JAX / PyTorch, and the roofline: each side's FLOP/s (`roofline.lora_encoder_step_flops`)
 as a fraction of the machine's large-GEMM rate measured in the same run (`roofline.gemm_rates`:
 JAX and PyTorch, before and after the rounds, the best of them).
 """
@@ -16,22 +14,21 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import numpy as np
 
-from benchmarks.common import emit, environment
-from benchmarks.roofline import gemm_rates, lora_encoder_step_flops, roofline_fields
+from benchmarks.common import (
+    alternating_rounds,
+    comparison,
+    emit,
+    environment,
+    jax_step_runner,
+    torch_step_runner,
+)
+from benchmarks.roofline import best_gemm_rate, gemm_fields, gemm_rates, lora_encoder_step_flops
 from lora_jax.cli import ArgumentParser, fail
 
 RANK, ADAPTED = 4, ("query", "key", "value")
-
-
-def timed(step_fn, batch: int, steps: int) -> float:
-    """examples/s of `steps` calls of a warmed-up step function."""
-    t0 = time.perf_counter()
-    step_fn(steps)
-    return batch * steps / (time.perf_counter() - t0)
 
 
 def make_jax_runner(model_dir: str, batch: int, length: int, dtype: str):
@@ -65,15 +62,7 @@ def make_jax_runner(model_dir: str, batch: int, length: int, dtype: str):
                    donate_argnums=(0, 1))
     b = dict(input_ids=ids, attention_mask=ones, token_type_ids=ids * 0,
              labels=jnp.asarray(rng.integers(0, 2, batch)), weights=jnp.ones(batch))
-    state = {"t": trainable, "o": opt_state}
-
-    def run(n):
-        for i in range(n):
-            state["t"], state["o"], _ = step(state["t"], state["o"], i, frozen, b)
-        jax.block_until_ready(state["t"])
-
-    run(3)  # compile + warm up
-    return run, cfg
+    return jax_step_runner(step, trainable, opt_state, frozen, b), cfg
 
 
 def make_torch_runner(model_dir: str, batch: int, length: int, dtype: str = "float32"):
@@ -105,38 +94,27 @@ def make_torch_runner(model_dir: str, batch: int, length: int, dtype: str = "flo
         loss.backward()
         opt.step()
 
-    def run(n):
-        for _ in range(n):
-            one()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    run(3)
-    return run
+    return torch_step_runner(one)
 
 
 def measure(model: str, batch: int, length: int, steps: int, rounds: int,
             dtype: str = "float32") -> dict:
-    """The benchmark's figures (see the module docstring) as a dict."""
+    """The benchmark's figures (see the module docstring) as a dict with one comparison."""
     gemm = [gemm_rates(dtype)]
     jax_run, cfg = make_jax_runner(model, batch, length, dtype)
     torch_run = make_torch_runner(model, batch, length, dtype)
-    jax_rates, torch_rates = [], []
-    for _ in range(rounds):  # alternate, so both sides see the same machine load
-        jax_rates.append(timed(jax_run, batch, steps))
-        torch_rates.append(timed(torch_run, batch, steps))
+    seconds = alternating_rounds({"jax": lambda: jax_run(steps),
+                                  "torch": lambda: torch_run(steps)}, rounds)
     gemm.append(gemm_rates(dtype))
-    jax_rate, torch_rate = float(np.median(jax_rates)), float(np.median(torch_rates))
     flops = lora_encoder_step_flops(batch, length, cfg.hidden_size, cfg.intermediate_size,
                                     cfg.num_layers, RANK, len(ADAPTED))
-    return {"benchmark": "lora_train_throughput", "model": model, "batch": batch,
-            "length": length, "steps": steps, "rounds": rounds, "jax_dtype": dtype,
-            "jax_rounds": [round(x, 1) for x in jax_rates],
-            "torch_rounds": [round(x, 1) for x in torch_rates],
-            "jax_examples_per_s": round(jax_rate, 1), "torch_peft_examples_per_s":
-            round(torch_rate, 1), "ratio_jax_over_torch": round(jax_rate / torch_rate, 2),
-            **roofline_fields(flops, {"jax": jax_rate / batch, "torch": torch_rate / batch},
-                              gemm)}
+    row = comparison(f"LoRA train step, batch {batch}, length {length}", "examples/s",
+                     batch * steps, seconds["jax"], seconds["torch"], ours_label=f"JAX {dtype}",
+                     peer_label="PyTorch + PEFT" + (" + AMP" if dtype == "bfloat16" else ""),
+                     flops=flops * steps, gemm_flops_per_s=best_gemm_rate(gemm))
+    return {"benchmark": "lora_train_step", "model": model, "batch": batch, "length": length,
+            "steps": steps, "rounds": rounds, "dtype": dtype, "comparisons": [row],
+            **gemm_fields(gemm)}
 
 
 def main() -> int:

@@ -72,9 +72,11 @@ def beam_search(model: T5ForConditionalGeneration, variables, input_ids, attenti
     cfg = model.config
     batch, k = input_ids.shape[0], num_beams
     states, mask = _encode(model, variables, input_ids, attention_mask)
+    cache = None
+    if use_cache:  # cross K/V projected once per example, then copied to its k beams
+        cache = model.apply(variables, states, max_new_tokens, method=model.init_cache)
+        cache = jax.tree_util.tree_map(lambda c: jnp.repeat(c, k, 0), cache)
     states, mask = jnp.repeat(states, k, 0), jnp.repeat(mask, k, 0)
-    cache = (model.apply(variables, states, max_new_tokens, method=model.init_cache)
-             if use_cache else None)
     seqs = jnp.full((batch, k, max_new_tokens + 1), cfg.pad_token_id, jnp.int32)
     seqs = seqs.at[:, :, 0].set(cfg.decoder_start_token_id)
     alive_logp = jnp.tile(jnp.asarray([0.0] + [-jnp.inf] * (k - 1), jnp.float32), (batch, 1))

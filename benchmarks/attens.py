@@ -1,0 +1,386 @@
+"""AttEns speed: stacked k-adapter features, and the whole combiner run against the authors'
+structure, on one random module set, in one run.
+
+    python -m benchmarks.attens --k 6 --train 512 --validation 256 --epochs 20
+
+The module set: k random LoRA modules (r=4, alpha=32 on query/key/value, B drawn from
+N(0, 0.02^2) so that every module differs from the base) on the given encoder, written as
+`ensemble.train_modules` writes one. The target: the embedded synthetic sentiment task
+(`lora_jax.synthetic`), so the benchmark needs no data folder.
+
+  features    our stacked pass (one jitted vmap over the k adapters and the all-zero base slot,
+              `ensemble.features.make_feature_fn`) against k + 1 sequential jitted
+              single-adapter passes of the same encoder; same batch of random ids, masked-mean
+              pooling; checked equal (1e-4). Alternating rounds after warm-up; medians; FLOP/s
+              (k + 1 times `roofline.encoder_forward_flops`) as a fraction of a large GEMM's
+              rate measured in the same run.
+  end_to_end  our pipeline as a user runs it (`ensemble.train.train_attens`: tokenize, every
+              row's features once, then `--epochs` combiner epochs on them, selecting on the
+              held-out slice of train, checkpoints, results) against the authors' structure in
+              PyTorch + PEFT: per step, k + 1 encoder passes (each PEFT adapter, then the base
+              with adapters disabled; no gradient) and the combiner (`torch.nn.MultiheadAttention`,
+              batch_first) for every batch of every epoch, rows padded to max_length as their
+              tokenizer call does (their token mean counts padding, ../shared/DESIGN.md), the
+              selection slice evaluated every epoch, the best epoch's combiner evaluated on
+              validation. Same rows (`lora_jax.data.load_examples`), same adapters (exported with
+              `lora_jax.peft_io.export_peft`, features checked equal), same batch sizes, AdamW
+              lr 1e-3. Wall time of each, once each (ours first, JAX compilation included), and
+              both validation accuracies. No roofline: the two sides do different amounts of
+              encoder work (that is the point), so a FLOP rate would not compare them.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from benchmarks.common import alternating_rounds, comparison, emit, environment
+from benchmarks.roofline import best_gemm_rate, encoder_forward_flops, gemm_fields, gemm_rates
+from lora_jax.cli import ArgumentParser, fail
+
+RANK, ALPHA, TARGETS, B_STD = 4, 32.0, ("query", "key", "value"), 0.02
+TASK, BATCH, EVAL_BATCH, LR = "synth_sentiment", 32, 64, 1e-3
+
+
+def random_module_set(model_dir: str, out_dir: str, k: int, max_length: int) -> list[str]:
+    """Write k random modules of `model_dir` as a module set in `out_dir`; returns their names."""
+    import jax
+
+    from ensemble.modules import write_module, write_moduleset_index
+    from lora_jax import lora as lora_lib
+    from lora_jax.models.hf_import import load_pretrained
+
+    pretrained = load_pretrained(model_dir)
+    spec = lora_lib.LoRASpec(r=RANK, alpha=ALPHA, dropout=0.1, targets=TARGETS)
+    d = pretrained.config.hidden_size
+    names, metas = [], []
+    for i in range(k):
+        key_lora, key_b = jax.random.split(jax.random.PRNGKey(i))
+        lora = lora_lib.init_lora(key_lora, pretrained.encoder, spec)
+        leaves, tree = jax.tree_util.tree_flatten_with_path(lora)
+        keys = jax.random.split(key_b, len(leaves))
+        lora = jax.tree_util.tree_unflatten(tree, [
+            B_STD * jax.random.normal(kk, x.shape) if getattr(p[-1], "key", None) == "B" else x
+            for (p, x), kk in zip(leaves, keys, strict=True)])
+        name = f"random_{i}"
+        meta = {"task": name, "num_labels": 2, "main_metric": "", "metrics": {},
+                "model": model_dir, "pooling": "mean", "head": "linear",
+                "max_length": max_length, "lora": {"r": RANK, "alpha": ALPHA, "dropout": 0.1,
+                                                   "targets": list(TARGETS)}, "seed": i}
+        head = {"kernel": np.zeros((d, 2), np.float32), "bias": np.zeros(2, np.float32)}
+        metas.append(write_module(os.path.join(out_dir, name),
+                                  {"lora": jax.device_get(lora), "head": head}, meta))
+        names.append(name)
+    write_moduleset_index(out_dir, metas)
+    return names
+
+
+def attens_config(model_dir: str, data_dir: str, module_dir: str, modules: list[str],
+                  n_train: int, n_validation: int, epochs: int, max_length: int, cache: str):
+    """The AttEns config of the end-to-end comparison (`configs/attens_minilm_cpu.py` with the
+    benchmark's model, data, module set and sizes)."""
+    from lora_jax.experiments import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _, c = load_config(os.path.join(root, "configs", "attens_minilm_cpu.py"))
+    c.model, c.data_dir, c.module_dir, c.modules = model_dir, data_dir, module_dir, tuple(modules)
+    c.task, c.feature_cache, c.progress = TASK, cache, False
+    c.num_epochs, c.max_length, c.selection_size = epochs, max_length, 0.1
+    c.max_train_examples, c.max_eval_examples = n_train, n_validation
+    c.batch_size, c.eval_batch_size, c.feature_batch_size = BATCH, EVAL_BATCH, EVAL_BATCH
+    c.optimizer.learning_rate = LR
+    return c
+
+
+def measure_features(model_dir: str, module_dir: str, config, batch: int, length: int,
+                     rounds: int) -> dict:
+    """Stacked k-adapter features against k + 1 sequential single-adapter passes."""
+    import jax
+    import jax.numpy as jnp
+
+    from ensemble.features import aggregate_tokens
+    from ensemble.train import build_feature_extractor
+    from lora_jax.models import Encoder
+
+    fx = build_feature_extractor(config)
+    encoder = Encoder(load_cfg(model_dir), lora_dropout=0.1)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(1000, fx.tokenizer.vocab_size, (batch, length)), jnp.int32)
+    b = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "token_type_ids": ids * 0}
+    stacked = jax.jit(fx.feature_fn)
+
+    @jax.jit
+    def single(lora, batch):
+        hidden, _ = encoder.apply({"params": fx.base_params, "lora": lora}, batch["input_ids"],
+                                  batch["attention_mask"], batch["token_type_ids"])
+        return aggregate_tokens(hidden, batch["attention_mask"], "mean")
+
+    slots = [jax.tree_util.tree_map(lambda x, i=i: x[i], fx.stacked) for i in range(fx.k + 1)]
+    runs = {"stacked": lambda: jax.block_until_ready(stacked(fx.base_params, fx.stacked,
+                                                             fx.heads, b)),
+            "sequential": lambda: jax.block_until_ready([single(s, b) for s in slots])}
+    modules, base = runs["stacked"]()
+    one_by_one = runs["sequential"]()
+    np.testing.assert_allclose(np.asarray(modules), np.stack(one_by_one[:-1], 1), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(base), np.asarray(one_by_one[-1]), atol=1e-4)
+    gemm = [gemm_rates()]
+    seconds = alternating_rounds(runs, rounds)
+    gemm.append(gemm_rates())
+    cfg = load_cfg(model_dir)
+    flops = (fx.k + 1) * encoder_forward_flops(batch, length, cfg.hidden_size,
+                                               cfg.intermediate_size, cfg.num_layers)
+    row = comparison(f"stacked features, k = {fx.k} modules + base, batch {batch}, length "
+                     f"{length}", "examples/s", batch, seconds["stacked"], seconds["sequential"],
+                     ours_label="one stacked pass (vmap)",
+                     peer_label=f"{fx.k + 1} sequential single-adapter passes",
+                     flops=flops, gemm_flops_per_s=best_gemm_rate(gemm))
+    return {"benchmark": "attens_features", "k": fx.k, "batch": batch, "length": length,
+            "rounds": rounds, "comparisons": [row], **gemm_fields(gemm)}
+
+
+def load_cfg(model_dir: str):
+    from lora_jax.models.hf_import import load_hf_config
+
+    return load_hf_config(model_dir)[0]
+
+
+def torch_features(encoder, adapters: list[str], peft_model, ids, mask):
+    """(modules (B, k, d), base (B, d)): masked token means of each adapter's and the base's
+    last hidden states, the authors' way (one full encoder pass each)."""
+    import torch
+
+    def pooled():
+        hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+    with torch.no_grad():
+        modules = []
+        for name in adapters:
+            peft_model.set_adapter(name)
+            modules.append(pooled())
+        with peft_model.disable_adapter():
+            base = pooled()
+    return torch.stack(modules, 1), base
+
+
+def torch_combiner(d: int, num_classes: int, heads: int = 4, dropout: float = 0.1):
+    """The combiner of ../shared/DESIGN.md in torch.nn (attention across the k modules)."""
+    import torch
+    from torch import nn
+
+    class Combiner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_modules, self.ln_attention, self.ln_base, self.ln_out = (
+                nn.LayerNorm(d) for _ in range(4))
+            self.attention = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+            self.ffn, self.drop, self.classifier = (nn.Linear(d, d), nn.Dropout(dropout),
+                                                    nn.Linear(d, num_classes))
+
+        def forward(self, modules, base):
+            m = self.ln_modules(modules)
+            h, _ = self.attention(m, m, m, need_weights=False)
+            a = self.ln_attention(h.mean(1))
+            f = self.ffn(self.ln_base(base))
+            return self.classifier(self.drop(self.ln_out(a + f)))
+
+    torch.manual_seed(0)
+    return Combiner()
+
+
+def authors_structure(config, model_dir: str, adapter_dirs: list[str], epochs: int) -> dict:
+    """The authors' training structure in PyTorch + PEFT (see the module docstring); returns
+    wall seconds, the best selection accuracy and the validation accuracy at that epoch."""
+    import peft
+    import torch
+    import transformers
+
+    from lora_jax import data as data_lib
+    from lora_jax.tasks import get_task
+
+    start = time.perf_counter()
+    examples, _ = data_lib.load_examples(config, get_task(TASK))
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+
+    def tensors(ex):
+        enc = tok([t[0] for t in ex.texts], padding="max_length", truncation=True,
+                  max_length=config.max_length, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"], torch.tensor(np.asarray(ex.labels, np.int64))
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    splits = {name: tuple(t.to(device) for t in tensors(ex)) for name, ex in examples.items()}
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir,
+                                                                            num_labels=2)
+    names = [f"m{i}" for i in range(len(adapter_dirs))]
+    pm = peft.PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name=names[0])
+    for name, path in zip(names[1:], adapter_dirs[1:], strict=True):
+        pm.load_adapter(path, adapter_name=name)
+    pm.to(device).eval()
+    encoder = pm.get_base_model().base_model  # the BertModel inside, LoRA layers injected
+    combiner = torch_combiner(model.config.hidden_size, 2).to(device)
+    opt = torch.optim.AdamW(combiner.parameters(), lr=LR, weight_decay=config.optimizer.weight_decay)
+    gen = torch.Generator().manual_seed(config.seed)
+
+    def accuracy(split):
+        ids, mask, labels = splits[split]
+        combiner.eval()
+        correct = 0
+        for s in range(0, len(labels), EVAL_BATCH):
+            modules, base = torch_features(encoder, names, pm, ids[s:s + EVAL_BATCH],
+                                           mask[s:s + EVAL_BATCH])
+            with torch.no_grad():
+                pred = combiner(modules, base).argmax(-1)
+            correct += int((pred == labels[s:s + EVAL_BATCH]).sum())
+        return correct / len(labels)
+
+    ids, mask, labels = splits["train"]
+    best, best_state = -1.0, None
+    for _ in range(epochs):
+        combiner.train()
+        order = torch.randperm(len(labels), generator=gen).to(device)
+        for s in range(0, len(labels), BATCH):
+            idx = order[s:s + BATCH]
+            modules, base = torch_features(encoder, names, pm, ids[idx], mask[idx])
+            loss = torch.nn.functional.cross_entropy(combiner(modules, base), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        acc = accuracy("selection")
+        if acc > best:
+            best, best_state = acc, copy.deepcopy(combiner.state_dict())
+    combiner.load_state_dict(best_state)
+    validation = accuracy("validation")  # a Python number: the GPU has finished
+    return {"seconds": time.perf_counter() - start, "selection_accuracy": best,
+            "validation_accuracy": validation}
+
+
+def export_adapters(model_dir: str, module_dir: str, names: list[str], out_dir: str) -> list[str]:
+    """Each module's adapter as a PEFT folder (what the PyTorch side loads)."""
+    from ensemble.modules import load_module_set
+    from lora_jax.peft_io import export_peft
+
+    mset = load_module_set(module_dir, tuple(names))
+    paths = []
+    for m in mset.modules:
+        path = os.path.join(out_dir, m.task)
+        export_peft(path, {"encoder": m.lora}, mset.spec, load_cfg(model_dir))
+        paths.append(path)
+    return paths
+
+
+def check_same_features(config, model_dir: str, adapter_dirs: list[str], texts: list[str]):
+    """Our stacked features and the PyTorch side's of the same rows agree (max |difference|)."""
+    import peft
+    import transformers
+
+    from ensemble.train import build_feature_extractor
+    from lora_jax import data as data_lib
+    from lora_jax.data import Examples
+
+    fx = build_feature_extractor(config)
+    ex = Examples([(t,) for t in texts], np.zeros(len(texts), np.int64))
+    ours_modules, ours_base = fx.features(data_lib.encode(ex, fx.tokenizer, config.max_length),
+                                          len(texts))
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    enc = tok(texts, padding=True, truncation=True, max_length=config.max_length,
+              return_tensors="pt")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir,
+                                                                            num_labels=2)
+    pm = peft.PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name="m0")
+    for i, path in enumerate(adapter_dirs[1:], 1):
+        pm.load_adapter(path, adapter_name=f"m{i}")
+    pm.eval()
+    modules, base = torch_features(pm.get_base_model().base_model,
+                                   [f"m{i}" for i in range(len(adapter_dirs))], pm,
+                                   enc["input_ids"], enc["attention_mask"])
+    return max(float(np.abs(ours_modules - modules.numpy()).max()),
+               float(np.abs(ours_base - base.numpy()).max()))
+
+
+def measure_end_to_end(model_dir: str, data_dir: str, module_dir: str, names: list[str],
+                       n_train: int, n_validation: int, epochs: int, max_length: int,
+                       scratch: str) -> dict:
+    """Our whole AttEns run against the authors' structure (see the module docstring)."""
+    import logging
+
+    from ensemble.train import train_attens
+
+    logging.getLogger("lora_jax").setLevel(logging.WARNING)
+    config = attens_config(model_dir, data_dir, module_dir, names, n_train, n_validation,
+                           epochs, max_length, os.path.join(scratch, "cache"))
+    adapter_dirs = export_adapters(model_dir, module_dir, names, os.path.join(scratch, "peft"))
+    difference = check_same_features(config, model_dir, adapter_dirs,
+                                     ["the plot was not good", "a film was clever and warm"])
+    if difference > 1e-3:
+        raise RuntimeError(f"the PyTorch side's features differ from ours by {difference}")
+    t0 = time.perf_counter()
+    ours = train_attens(config, os.path.join(scratch, "run"))
+    ours_s = time.perf_counter() - t0
+    theirs = authors_structure(config, model_dir, adapter_dirs, epochs)
+    row = comparison(f"AttEns end to end, k = {len(names)}, {n_train} train rows, {epochs} "
+                     "epochs", "runs/hour", 3600.0, [ours_s], [theirs["seconds"]],
+                     ours_label="features once, combiner on the cache (train_attens)",
+                     peer_label="authors' structure, PyTorch + PEFT")
+    return {"benchmark": "attens_end_to_end", "k": len(names), "train_rows": n_train,
+            "validation_rows": n_validation, "epochs": epochs, "max_length": max_length,
+            "seconds": {"ours": round(ours_s, 1), "authors_structure": round(theirs["seconds"], 1)},
+            "validation_accuracy": {"ours": round(ours["metrics"]["validation"]["accuracy"], 4),
+                                    "authors_structure": round(theirs["validation_accuracy"], 4)},
+            "selection_accuracy": {"ours": round(ours["selection_metrics"]["accuracy"], 4),
+                                   "authors_structure": round(theirs["selection_accuracy"], 4)},
+            "max_feature_difference": difference, "comparisons": [row]}
+
+
+def measure(model_dir: str, k: int, n_train: int, n_validation: int, epochs: int,
+            max_length: int, feature_batch: int, feature_length: int, rounds: int) -> list[dict]:
+    """[features benchmark, end-to-end benchmark] on one random module set."""
+    from lora_jax.synthetic import make_sentiment_task
+
+    with tempfile.TemporaryDirectory() as scratch:
+        data_dir = os.path.join(scratch, "data")
+        make_sentiment_task(data_dir, n_train=int(n_train / 0.9) + 1, n_validation=n_validation)
+        module_dir = os.path.join(scratch, "modules")
+        names = random_module_set(model_dir, module_dir, k, max_length)
+        config = attens_config(model_dir, data_dir, module_dir, names, n_train, n_validation,
+                               epochs, max_length, os.path.join(scratch, "unused_cache"))
+        features = measure_features(model_dir, module_dir, config, feature_batch,
+                                    feature_length, rounds)
+        end_to_end = measure_end_to_end(model_dir, data_dir, module_dir, names, n_train,
+                                        n_validation, epochs, max_length, scratch)
+    return [features, end_to_end]
+
+
+def main() -> int:
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="../shared/models/paraphrase-MiniLM-L3-v2")
+    p.add_argument("--k", type=int, default=6, help="modules")
+    p.add_argument("--train", type=int, default=512, help="combiner training rows")
+    p.add_argument("--validation", type=int, default=256, help="validation rows")
+    p.add_argument("--epochs", type=int, default=20, help="combiner epochs")
+    p.add_argument("--max-length", type=int, default=64, help="tokens")
+    p.add_argument("--feature-batch", type=int, default=32)
+    p.add_argument("--feature-length", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (features)")
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    if not os.path.isdir(a.model):
+        fail(f"model folder {a.model!r} does not exist; pass --model")
+    for name in ("k", "train", "validation", "epochs", "max_length", "feature_batch",
+                 "feature_length", "rounds"):
+        if getattr(a, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    features, end_to_end = measure(a.model, a.k, a.train, a.validation, a.epochs, a.max_length,
+                                   a.feature_batch, a.feature_length, a.rounds)
+    emit({"benchmarks": {"attens_features": features, "attens_end_to_end": end_to_end},
+          **environment()}, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
