@@ -23,9 +23,11 @@ N(0, 0.02^2) so that every module differs from the base) on the given encoder, w
               tokenizer call does (their token mean counts padding, ../shared/DESIGN.md), the
               selection slice evaluated every epoch, the best epoch's combiner evaluated on
               validation. Same rows (`lora_jax.data.load_examples`), same adapters (exported with
-              `lora_jax.peft_io.export_peft`, features checked equal), same batch sizes, AdamW
-              lr 1e-3. Wall time of each, once each (ours first, JAX compilation included), and
-              both validation accuracies. No roofline: the two sides do different amounts of
+              `lora_jax.peft_io.export_peft`, features checked equal), same batch sizes, same
+              optimiser (AdamW, constant lr 1e-3, no weight decay, no clipping). Wall time of
+              each, once each (ours first, JAX compilation included), and both validation
+              accuracies (the masked token mean on both sides, so padding changes only their
+              cost). No roofline: the two sides do different amounts of
               encoder work (that is the point), so a FLOP rate would not compare them.
 """
 
@@ -93,7 +95,9 @@ def attens_config(model_dir: str, data_dir: str, module_dir: str, modules: list[
     c.num_epochs, c.max_length, c.selection_size = epochs, max_length, 0.1
     c.max_train_examples, c.max_eval_examples = n_train, n_validation
     c.batch_size, c.eval_batch_size, c.feature_batch_size = BATCH, EVAL_BATCH, EVAL_BATCH
-    c.optimizer.learning_rate = LR
+    # the optimiser both sides use: AdamW at a constant rate, no weight decay, no clipping
+    c.optimizer.update(learning_rate=LR, schedule="constant", warmup_ratio=0.0, warmup_steps=0,
+                       weight_decay=0.0, grad_clip=0.0)
     return c
 
 
@@ -224,7 +228,9 @@ def authors_structure(config, model_dir: str, adapter_dirs: list[str], epochs: i
     pm.to(device).eval()
     encoder = pm.get_base_model().base_model  # the BertModel inside, LoRA layers injected
     combiner = torch_combiner(model.config.hidden_size, 2).to(device)
-    opt = torch.optim.AdamW(combiner.parameters(), lr=LR, weight_decay=config.optimizer.weight_decay)
+    opt = torch.optim.AdamW(combiner.parameters(), lr=LR, weight_decay=0.0,
+                            betas=(config.optimizer.b1, config.optimizer.b2),
+                            eps=config.optimizer.eps)
     gen = torch.Generator().manual_seed(config.seed)
 
     def accuracy(split):
