@@ -38,6 +38,9 @@ def common_config() -> ml_collections.ConfigDict:
     c.num_epochs = 5
     c.max_steps = 0  # 0: num_epochs * steps per epoch
     c.early_stopping_patience = 0  # evaluations without a new best; 0: never stop early
+    # Devices: (data, fsdp). Batches split over all devices; pretrained weights sharded over
+    # fsdp (1: replicated). -1 in one place takes the rest. See lora_jax/sharding.py.
+    c.mesh = ml_collections.ConfigDict({"shape": (-1, 1)})
 
     # Bookkeeping.
     c.seed = 0

@@ -209,7 +209,7 @@ def prepare_attens(config) -> AttensSetup:
                for name, ex in examples.items()}
     settings = feature_settings(config, fx.base_params, fx.tokenizer, fx.stacked, fx.heads,
                                 fx.module_set.tasks, fx.max_length, fx.pad_to)
-    place = trainer.Placement.all_devices()
+    place = trainer.Placement.from_config(config)
     splits = {}
     k = fx.k
     for name, enc in encoded.items():
@@ -303,7 +303,7 @@ def experiment(setup: AttensSetup) -> trainer.Experiment:
     sample = feature_batch(train, np.arange(min(bs, len(train))), bs)
     params = jax.jit(combiner.init)(jax.random.PRNGKey(cfg.seed), sample["modules"],
                                     sample["base"])
-    place = trainer.Placement.all_devices()
+    place = trainer.Placement.from_config(cfg)
 
     @jax.jit
     def predict(p, batch):

@@ -196,9 +196,9 @@ def evaluate(predict, trainable, frozen, enc: data_lib.Encoded, task: Task, setu
 def experiment(setup: Setup) -> trainer.Experiment:
     """The classifier as an `Experiment` of the shared pipeline."""
     cfg, task = setup.config, setup.task
-    place = trainer.Placement.all_devices()
-    predict = jax.jit(make_predict_step(setup.model, task.is_regression),
-                      in_shardings=(place.replicated, place.replicated, place.batch))
+    place = trainer.Placement.from_config(cfg)
+    predict = jax.jit(make_predict_step(setup.model, task.is_regression),  # params: as placed
+                      in_shardings=(None, None, place.batch))
     train = setup.splits.get("train")
     sizes = {k: len(v) for k, v in setup.splits.items()}
     return trainer.Experiment(

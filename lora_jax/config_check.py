@@ -74,6 +74,13 @@ def fraction_or_count(v) -> str | None:
     return None
 
 
+def mesh_axes(v) -> str | None:
+    if (not isinstance(v, (tuple, list)) or len(v) != 2
+            or not all(_is_int(s) and (s == -1 or s >= 1) for s in v) or list(v).count(-1) > 1):
+        return "must be (data, fsdp): two positive integers, or -1 in one place for the rest"
+    return None
+
+
 PROBABILITY = number(0.0, 1.0, hi_open=True)
 POSITIVE = integer(1)
 NON_NEGATIVE = integer(0)
@@ -97,6 +104,7 @@ RULES: dict[str, Rule] = {
     "optimizer.eps": number(0.0, lo_open=True), "optimizer.warmup_ratio": PROBABILITY,
     "optimizer.warmup_steps": NON_NEGATIVE, "optimizer.grad_clip": number(0.0),
     "optimizer.schedule": one_of("linear", "cosine", "constant"),
+    "mesh.shape": mesh_axes,
 }
 
 

@@ -28,13 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
 from lora_jax.errors import UserError
+from lora_jax.sharding import Placement, memory_report, mesh_shape
 from lora_jax.writers import MetricWriter, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -109,31 +108,12 @@ def weighted_loss_and_predictions(logits: jax.Array, labels: jax.Array, weights:
 # ----------------------------------------------------------------------------- placement
 
 
-@dataclasses.dataclass
-class Placement:
-    """Data-parallel placement: batches split over the mesh's ``data`` axis, params replicated."""
-
-    mesh: Mesh
-
-    @classmethod
-    def all_devices(cls) -> Placement:
-        return cls(Mesh(np.asarray(jax.devices()), ("data",)))
-
-    @property
-    def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P())
-
-    @property
-    def batch(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P("data"))
-
-    def put_batch(self, batch):
-        return jax.device_put(batch, self.batch)
-
-
 def check_divisible_by_devices(config, keys: tuple[str, ...]) -> None:
-    """Every batch size in `keys` must split evenly over the devices of the data axis."""
+    """The mesh must fit the devices, and every batch size in `keys` split evenly over them
+    (a batch is split over every device)."""
     n = jax.device_count()
+    if config.get("mesh") is not None:
+        mesh_shape(tuple(config.mesh.shape), n)
     for key in keys:
         value = config.get(key)
         if value and value % n:
@@ -311,11 +291,13 @@ def train_loop(cfg, lengths: np.ndarray, workdir: str, place: Placement, trainab
     eval_every = cfg.eval_every_steps or steps_per_epoch
     patience = cfg.get("early_stopping_patience", 0)
     tx = make_optimizer(cfg, total_steps)
-    opt_state = jax.jit(tx.init, out_shardings=place.replicated)(trainable)
+    # moments follow their parameters' shardings (`trainable` is placed); counts replicated
+    opt_state = place.onto_mesh(jax.jit(tx.init)(trainable))
+    state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, (trainable, opt_state))
     train_step = jax.jit(
         make_train_step(loss_fn, tx, jax.random.PRNGKey(cfg.seed + 2)),
-        in_shardings=(place.replicated, place.replicated, None, place.replicated, place.batch),
-        out_shardings=(place.replicated, place.replicated, place.replicated),
+        in_shardings=(*state_shardings, None, place.shardings(frozen), place.batch),
+        out_shardings=(*state_shardings, place.replicated),
         donate_argnums=(0, 1))
     # A copy: the train step donates `trainable`'s buffers.
     best = Best(-np.inf, 0, jax.tree_util.tree_map(jnp.copy, trainable))
@@ -431,7 +413,8 @@ def selection_protocol(sizes: dict[str, int], eval_splits) -> str:
 
 
 def results_record(exp: Experiment, metrics: dict, selection_metrics: dict | None, best: Best,
-                   stats: dict, n_trainable: int, n_total: int, wall_seconds: float) -> dict:
+                   stats: dict, n_trainable: int, n_total: int, wall_seconds: float,
+                   placement: dict | None = None) -> dict:
     """The one results record (results.json) of every experiment."""
     cfg = exp.config
     record = {"task": exp.task.name, "experiment": exp.name, "model": exp.model,
@@ -446,7 +429,7 @@ def results_record(exp: Experiment, metrics: dict, selection_metrics: dict | Non
         "sizes": exp.sizes, "train_seconds": round(seconds, 2),
         "train_examples_per_s": round(stats["examples"] / seconds, 1) if seconds else None,
         "protocol": exp.protocol, "data_sources": exp.sources, "seed": cfg.seed,
-        **provenance(), "wall_seconds": round(wall_seconds, 1),
+        **provenance(), "wall_seconds": round(wall_seconds, 1), **(placement or {}),
     })
     if exp.extra is not None:
         record.update(exp.extra(best.trainable))
@@ -462,9 +445,10 @@ def run_experiment(exp: Experiment, workdir: str, wall_start: float) -> dict[str
     """
     cfg, task = exp.config, exp.task
     prepare_workdir(workdir, cfg.resume)
-    place = Placement.all_devices()
-    frozen = jax.device_put(exp.frozen, place.replicated)
-    trainable = jax.device_put(exp.trainable, place.replicated)
+    place = Placement.from_config(cfg)
+    frozen, trainable = place.put(exp.frozen), place.put(exp.trainable)
+    placement = {"mesh": dict(place.mesh.shape),
+                 "memory_per_device": memory_report(trainable, frozen)}
     n_trainable = lora_lib.count_params(exp.trainable)
     n_total = n_trainable + lora_lib.count_params(exp.frozen)
     log.info("%s on %s: %d trainable of %d parameters (%.4f%%)", exp.name, task.name,
@@ -492,7 +476,7 @@ def run_experiment(exp: Experiment, workdir: str, wall_start: float) -> dict[str
     if exp.selection_split in exp.sizes and exp.selection_split not in task.eval_splits:
         selection_metrics = exp.evaluate(best.trainable, frozen, exp.selection_split, None)
     results = results_record(exp, metrics, selection_metrics, best, stats, n_trainable, n_total,
-                             time.perf_counter() - wall_start)
+                             time.perf_counter() - wall_start, placement)
     main_split = task.eval_splits[0]
     writer.write(stats["last_step"], {f"{main_split}/{task.main_metric}":
                                       metrics[main_split][task.main_metric]})

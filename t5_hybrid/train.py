@@ -199,7 +199,7 @@ def experiment(setup: Setup) -> trainer.Experiment:
     """The T5 hybrid as an `Experiment` of the shared pipeline: selection by generation on the
     selection split; the reported splits' predictions go to samples_<split>.jsonl."""
     cfg, task = setup.config, setup.task
-    place = trainer.Placement.all_devices()
+    place = trainer.Placement.from_config(cfg)
     generate = make_generate(setup.model, cfg.max_target_length or task.max_target_length,
                              num_beams=cfg.num_beams)
     train, pad_id = setup.splits.get("train"), setup.model.config.pad_token_id

@@ -122,6 +122,8 @@ def _cases(root: pathlib.Path, model: str, data: str) -> dict[str, Case]:
         "eval_batch_size devices": Case(train + ["--config.eval_batch_size=3"],
                                         "eval_batch_size 3 is not divisible by the 2 devices",
                                         env=two),
+        "mesh": Case(train + ["--config.mesh.shape=(2,3)"],
+                     "mesh.shape=(2, 3) does not fit the 2 devices", env=two),
         # the model, the data
         "model path": Case(train + ["--config.model=/no/such/model"], "does not exist"),
         "truncated weights": Case(train + [f"--config.model={truncated}"],

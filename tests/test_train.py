@@ -108,35 +108,58 @@ DP_SCRIPT = """
 import json, sys, jax, numpy as np
 sys.path.insert(0, {root!r})
 from tests.test_train import quick_config
-from flax import traverse_util
 
-from lora_jax.classifier import evaluate, make_loss_fn, make_predict_step, prepare, train_and_evaluate
+from lora_jax import lora
+from lora_jax.classifier import prepare, train_and_evaluate
 from lora_jax.data import make_batch
-from lora_jax.trainer import Placement, restore_trainable
+from lora_jax.sharding import Placement
+from lora_jax.trainer import restore_trainable
 c = quick_config(({model!r}, {data!r}), batch_size=16, num_epochs=1, max_steps=6,
-                 selection_size=64, max_eval_examples=64)
+                 selection_size=64, max_eval_examples=64, **{{"mesh.shape": {mesh!r}}})
 r = train_and_evaluate(c, {workdir!r})
 t, _ = restore_trainable({workdir!r}, "trainable")
-np.savez({out!r}, *[np.asarray(x) for x in jax.tree_util.tree_leaves(t)])
-print(json.dumps({{"devices": jax.device_count(), "acc": r["metrics"]["validation"]["accuracy"]}}))
+# the trained model's logits, computed on the run's own mesh and plan
+s = prepare(c)
+place = Placement.from_config(c)
+frozen, trainable = place.put(s.frozen), place.put(t)
+batch = place.put_batch(make_batch(s.splits["validation"], np.arange(16), 16, s.buckets, s.pad_id))
+logits = jax.jit(lambda tr, fr, b: s.model.apply(lora.combine(tr, fr), b["input_ids"],
+                 b["attention_mask"], b["token_type_ids"]))(trainable, frozen, batch)
+kernels = {{"/".join(map(str, p)): [x.size * x.dtype.itemsize,
+                                    int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize]
+           for p, x in jax.tree_util.tree_flatten_with_path(frozen)[0] if x.ndim == 2}}
+np.savez({out!r}, np.asarray(logits), *[np.asarray(x) for x in jax.tree_util.tree_leaves(t)])
+print(json.dumps({{"devices": jax.device_count(), "metrics": r["metrics"], "mesh": r["mesh"],
+                  "memory": r["memory_per_device"], "kernels": kernels}}))
 """
 
 
 @pytest.mark.slow
-def test_data_parallel_on_8_devices_matches_1(assets, tmp_path):
-    outs = {}
-    for n in (1, 8):
-        script = DP_SCRIPT.format(root=str(ROOT), model=assets[0], data=assets[1],
-                                  workdir=str(tmp_path / f"w{n}"), out=str(tmp_path / f"p{n}.npz"))
+def test_data_parallel_and_fsdp_on_8_devices_match_1(assets, tmp_path):
+    """Same trajectory (trainable tree after 6 steps), logits and metrics on 1 device, 8 data
+    parallel, and an 8-device (data 2, fsdp 4) mesh whose frozen kernels hold a quarter of
+    their bytes on each device."""
+    outs, infos = {}, {}
+    for name, n, mesh in (("one", 1, (-1, 1)), ("data8", 8, (-1, 1)), ("fsdp", 8, (2, 4))):
+        script = DP_SCRIPT.format(root=str(ROOT), model=assets[0], data=assets[1], mesh=mesh,
+                                  workdir=str(tmp_path / name), out=str(tmp_path / f"{name}.npz"))
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                               timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu",
                                                 "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
         assert proc.returncode == 0, proc.stderr[-2000:]
-        info = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert info["devices"] == n
-        outs[n] = np.load(tmp_path / f"p{n}.npz")
-    for key in outs[1].files:
-        np.testing.assert_allclose(outs[8][key], outs[1][key], atol=2e-5, rtol=1e-4)
+        infos[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert infos[name]["devices"] == n
+        outs[name] = np.load(tmp_path / f"{name}.npz")
+    assert infos["fsdp"]["mesh"] == {"data": 2, "fsdp": 4}
+    for name in ("data8", "fsdp"):
+        for key in outs["one"].files:
+            np.testing.assert_allclose(outs[name][key], outs["one"][key], atol=2e-5, rtol=1e-4)
+        assert infos[name]["metrics"] == infos["one"]["metrics"]
+    for path, (full, shard) in infos["fsdp"]["kernels"].items():
+        assert infos["data8"]["kernels"][path] == [full, full], path  # replicated
+        assert shard * 4 == full, (path, full, shard)
+    memory = {k: infos[k]["memory"]["frozen_bytes_per_device"] for k in infos}
+    assert memory["data8"] == memory["one"] and memory["fsdp"] < 0.3 * memory["one"]
 
 
 def test_real_minilm_short_run(minilm_l3, data_dir, tmp_path):
