@@ -16,6 +16,9 @@ def common_config() -> ml_collections.ConfigDict:
     c.model = ""
     c.tokenizer = ""  # default: the model folder's tokenizer
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (trainable params stay float32)
+    # storage of the frozen pretrained weights: bfloat16 halves their memory (trainable
+    # parameters and optimizer state stay float32)
+    c.param_dtype = "float32"
 
     # Task and data.
     c.task = "sst2"

@@ -41,6 +41,7 @@ from ensemble.features import (
 )
 from ensemble.modules import ModuleSet, load_module_set
 from lora_jax import data as data_lib
+from lora_jax import lora as lora_lib
 from lora_jax import metrics as metrics_lib
 from lora_jax import trainer
 from lora_jax.config_check import (
@@ -173,7 +174,8 @@ def build_feature_extractor(config) -> FeatureExtractor:
                       dtype=trainer.DTYPES[config.dtype])
     ids = jnp.zeros((1, 8), jnp.int32)
     initialised = encoder.init(jax.random.PRNGKey(config.seed), ids)["params"]
-    base_params = place_pretrained(initialised, pretrained)
+    base_params = lora_lib.cast_floating(place_pretrained(initialised, pretrained),
+                                         trainer.DTYPES[config.param_dtype])
     try:
         stacked = with_base_slot(stack_trees([m.lora for m in mset.modules]))
         heads = stack_heads([m.head for m in mset.modules]) if (

@@ -86,7 +86,7 @@ POSITIVE = integer(1)
 NON_NEGATIVE = integer(0)
 
 RULES: dict[str, Rule] = {
-    "dtype": one_of("float32", "bfloat16"),
+    "dtype": one_of("float32", "bfloat16"), "param_dtype": one_of("float32", "bfloat16"),
     "batch_size": POSITIVE, "eval_batch_size": POSITIVE,
     "num_epochs": NON_NEGATIVE, "max_steps": NON_NEGATIVE,
     "max_length": integer(2, 1_000_000), "buckets": positive_lengths,

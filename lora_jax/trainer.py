@@ -446,7 +446,9 @@ def run_experiment(exp: Experiment, workdir: str, wall_start: float) -> dict[str
     cfg, task = exp.config, exp.task
     prepare_workdir(workdir, cfg.resume)
     place = Placement.from_config(cfg)
-    frozen, trainable = place.put(exp.frozen), place.put(exp.trainable)
+    frozen = place.put(lora_lib.frozen_in_dtype(exp.frozen, DTYPES[cfg.get("param_dtype",
+                                                                            "float32")]))
+    trainable = place.put(exp.trainable)
     placement = {"mesh": dict(place.mesh.shape),
                  "memory_per_device": memory_report(trainable, frozen)}
     n_trainable = lora_lib.count_params(exp.trainable)

@@ -158,3 +158,21 @@ def test_bfloat16_compute_is_close_to_float32():
     low = bf16.apply(variables, ids, mask, dec)
     assert low.dtype == jnp.float32  # logits come back in float32
     assert float(jnp.max(jnp.abs(low - ref))) < 0.1 * float(jnp.max(jnp.abs(ref)))
+
+
+def test_bf16_stored_weights_run_the_fp32_model_and_give_close_logits():
+    """param_dtype=bfloat16 as `trainer.run_experiment` applies it: the pretrained weights are
+    stored in bf16, the compute stays fp32 (logits fp32), the logits move by bf16 rounding only."""
+    from lora_jax.lora import frozen_in_dtype
+
+    model, variables = _flax(_torch_t5("v1.1"))
+    ids, mask = _inputs(seed=3)
+    dec = np.asarray(ids)[:, :5]
+    stored = frozen_in_dtype(variables, jnp.bfloat16)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(stored["params"])} == {jnp.dtype("bfloat16")}
+    full = model.apply(variables, ids, mask, dec)
+    half = model.apply(stored, ids, mask, dec)
+    assert half.dtype == jnp.float32
+    scale = float(jnp.abs(full).max())
+    diff = float(jnp.abs(half - full).max())
+    assert 0 < diff < 0.05 * scale, (diff, scale)

@@ -21,6 +21,7 @@ from lora_jax.classifier import (
     train_and_evaluate,
 )
 from lora_jax.data import make_batch
+from lora_jax.errors import UserError
 from lora_jax.experiments import load_config
 from lora_jax.synthetic import make_quickstart_assets
 from lora_jax.trainer import Placement, restore_trainable
@@ -112,6 +113,7 @@ from tests.test_train import quick_config
 from lora_jax import lora
 from lora_jax.classifier import prepare, train_and_evaluate
 from lora_jax.data import make_batch
+from lora_jax.errors import UserError
 from lora_jax.sharding import Placement
 from lora_jax.trainer import restore_trainable
 c = quick_config(({model!r}, {data!r}), batch_size=16, num_epochs=1, max_steps=6,
@@ -196,3 +198,22 @@ def test_mnli_reports_matched_and_mismatched(minilm_l3, data_dir, tmp_path):
     r = train_and_evaluate(c, str(tmp_path))
     assert set(r["metrics"]) == {"validation_matched", "validation_mismatched"}
     assert r["sizes"] == {"validation_matched": 48, "validation_mismatched": 48}
+
+
+def test_bf16_storage_halves_the_frozen_bytes_and_keeps_fp32_trainables(assets, tmp_path):
+    """param_dtype=bfloat16: the frozen base is stored in bf16 (half its bytes, from the placed
+    arrays), trainable parameters stay fp32, and the run lands where the fp32 run does."""
+    runs = {dt: train_and_evaluate(quick_config(assets, param_dtype=dt, max_steps=20,
+                                                max_eval_examples=128), str(tmp_path / dt))
+            for dt in ("float32", "bfloat16")}
+    frozen = {dt: r["memory_per_device"]["frozen_bytes_per_device"] for dt, r in runs.items()}
+    assert frozen["bfloat16"] * 2 == frozen["float32"]
+    assert (runs["bfloat16"]["memory_per_device"]["trainable_bytes_per_device"]
+            == runs["float32"]["memory_per_device"]["trainable_bytes_per_device"])
+    trainable, _ = restore_trainable(str(tmp_path / "bfloat16"), "trainable")
+    assert {x.dtype for x in jax.tree_util.tree_leaves(trainable)} == {np.dtype("float32")}
+    acc = {dt: r["metrics"]["validation"]["accuracy"] for dt, r in runs.items()}
+    assert abs(acc["bfloat16"] - acc["float32"]) <= 0.05, acc
+    bad = quick_config(assets, param_dtype="float16")
+    with pytest.raises(UserError, match="param_dtype='float16' must be one of"):
+        train_and_evaluate(bad, str(tmp_path / "bad"))
