@@ -41,7 +41,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import alternating_rounds, comparison, emit, environment
+from benchmarks.common import alternating_rounds, comparison, emit, environment, require_positive
 from benchmarks.roofline import best_gemm_rate, encoder_forward_flops, gemm_fields, gemm_rates
 from lora_jax.cli import ArgumentParser, fail
 
@@ -377,10 +377,8 @@ def main() -> int:
     a = p.parse_args()
     if not os.path.isdir(a.model):
         fail(f"model folder {a.model!r} does not exist; pass --model")
-    for name in ("k", "train", "validation", "epochs", "max_length", "feature_batch",
-                 "feature_length", "rounds"):
-        if getattr(a, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    require_positive(a, "k", "train", "validation", "epochs", "max_length", "feature_batch",
+                     "feature_length", "rounds")
     features, end_to_end = measure(a.model, a.k, a.train, a.validation, a.epochs, a.max_length,
                                    a.feature_batch, a.feature_length, a.rounds)
     emit({"benchmarks": {"attens_features": features, "attens_end_to_end": end_to_end},

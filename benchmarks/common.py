@@ -122,3 +122,12 @@ def torch_step_runner(one_step: Callable[[], None]) -> Callable[[int], None]:
 
     run(3)
     return run
+
+
+def require_positive(args, *names: str) -> None:
+    """A one-line error (exit 2) for the first of `names` (argparse dests) below 1."""
+    from lora_jax.cli import fail
+
+    for name in names:
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from benchmarks.common import alternating_rounds, comparison, emit, environment
+from benchmarks.common import alternating_rounds, comparison, emit, environment, require_positive
 from benchmarks.roofline import best_gemm_rate, gemm_fields, gemm_rates, t5_decode_flops
 from lora_jax.cli import ArgumentParser, fail
 
@@ -117,9 +117,7 @@ def main() -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--out", default="")
     a = p.parse_args()
-    for name in ("batch", "source", "new", "rounds"):
-        if getattr(a, name) < 1:
-            fail(f"--{name} must be >= 1, got {getattr(a, name)}")
+    require_positive(a, "batch", "source", "new", "rounds")
     if a.beams < 2:
         fail(f"--beams must be >= 2 (1 is the greedy comparison), got {a.beams}")
     emit({**measure(a.batch, a.source, a.new, a.rounds, a.beams, a.dtype), **environment()},

@@ -25,11 +25,12 @@ from benchmarks.common import (
     emit,
     environment,
     jax_step_runner,
+    require_positive,
     torch_step_runner,
 )
 from benchmarks.roofline import best_gemm_rate, gemm_fields, gemm_rates, t5_train_step_flops
 from benchmarks.t5_generate import random_t5
-from lora_jax.cli import ArgumentParser, fail
+from lora_jax.cli import ArgumentParser
 
 PROMPT_TOKENS, RANK, ALPHA, DROPOUT, TARGETS = 30, 4, 4.0, 0.05, ("q", "v")
 LR, WEIGHT_DECAY = 1e-3, 1e-3
@@ -123,9 +124,7 @@ def main() -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--out", default="")
     a = p.parse_args()
-    for name in ("batch", "source", "target", "steps", "rounds"):
-        if getattr(a, name) < 1:
-            fail(f"--{name} must be >= 1, got {getattr(a, name)}")
+    require_positive(a, "batch", "source", "target", "steps", "rounds")
     emit({**measure(a.batch, a.source, a.target, a.steps, a.rounds, a.dtype), **environment()},
          a.out)
     return 0

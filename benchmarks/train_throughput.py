@@ -23,6 +23,7 @@ from benchmarks.common import (
     emit,
     environment,
     jax_step_runner,
+    require_positive,
     torch_step_runner,
 )
 from benchmarks.roofline import best_gemm_rate, gemm_fields, gemm_rates, lora_encoder_step_flops
@@ -129,6 +130,7 @@ def main() -> int:
     a = p.parse_args()
     if not os.path.isdir(a.model):
         fail(f"model folder {a.model!r} does not exist; pass --model")
+    require_positive(a, "batch", "length", "steps", "rounds")
     emit({**measure(a.model, a.batch, a.length, a.steps, a.rounds, a.dtype), **environment()},
          a.out)
     return 0
