@@ -1,7 +1,7 @@
 """Where arrays live: a device mesh with a ``data`` and an ``fsdp`` axis, and the sharding plan.
 
     place = Placement.from_config(config)          # config.mesh.shape = (data, fsdp)
-    frozen = jax.device_put(frozen, place.shardings(frozen))
+    frozen = place.put(frozen)                     # by the plan below
     batch = place.put_batch(host_batch)
 
 Plan (`Placement.shardings`):
@@ -92,7 +92,7 @@ class Placement:
     def weight_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
         """A pretrained weight: split over fsdp along its largest divisible dimension."""
         if len(shape) < 1 or self.fsdp == 1:
-            return self._split(len(shape), None)
+            return self.replicated
         return self._split(len(shape), _largest_divisible_dim(tuple(shape), self.fsdp))
 
     def shardings(self, variables: dict) -> dict:
@@ -138,15 +138,6 @@ class Placement:
         return jax.device_put(variables, self.shardings(variables))
 
 
-def bytes_per_device(tree) -> int:
-    """Bytes of one device's shards of every array leaf of `tree` (from their shardings)."""
-    total = 0
-    for x in jax.tree_util.tree_leaves(tree):
-        shard = x.sharding.shard_shape(x.shape) if hasattr(x, "sharding") else np.shape(x)
-        total += int(np.prod(shard)) * np.dtype(x.dtype).itemsize
-    return total
-
-
 def planned_bytes(tree, shardings) -> tuple[int, int]:
     """(whole, per device) bytes of `tree` (arrays or `jax.ShapeDtypeStruct`s, e.g. from
     `jax.eval_shape`) under a matching tree of shardings: a plan sized before anything is
@@ -158,6 +149,11 @@ def planned_bytes(tree, shardings) -> tuple[int, int]:
         whole += int(np.prod(x.shape)) * itemsize
         per_device += int(np.prod(s.shard_shape(x.shape))) * itemsize
     return whole, per_device
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes of one device's shards of every array of a placed tree (from their shardings)."""
+    return planned_bytes(tree, jax.tree_util.tree_map(lambda x: x.sharding, tree))[1]
 
 
 def memory_report(trainable, frozen) -> dict:
