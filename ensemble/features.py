@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import data as data_lib
+from lora_jax.distributed import DataShards, map_encoded
 from lora_jax.models import Encoder
 from lora_jax.models.encoder import pool
 
@@ -125,11 +126,14 @@ def fingerprint(tree) -> str:
 def compute_split_features(feature_fn: Callable, base_params, stacked, heads,
                            enc: data_lib.Encoded, *, batch_size: int, buckets, pad_id: int,
                            put: Callable = lambda b: b, desc: str = "features",
-                           progress: bool = True):
-    """(modules (N, k, D), base (N, d)) float32 numpy for every example of an encoded split."""
-    fn = jax.jit(feature_fn)
-    return data_lib.map_batches(lambda batch: fn(base_params, stacked, heads, batch), enc,
-                                batch_size, buckets, pad_id, put, desc, progress)
+                           progress: bool = True, rows: np.ndarray | None = None,
+                           shards: DataShards | None = None, out_sharding=None):
+    """(modules (N, k, D), base (N, d)) float32 numpy for `rows` (default every example) of an
+    encoded split, each process computing its data shards' rows (`lora_jax.distributed`)."""
+    fn = jax.jit(feature_fn, out_shardings=out_sharding)
+    return map_encoded(lambda batch: fn(base_params, stacked, heads, batch), enc, batch_size,
+                       buckets, pad_id, put=put, rows=rows, shards=shards, desc=desc,
+                       progress=progress)
 
 
 def row_keys(texts: list[tuple[str, ...]]) -> np.ndarray:

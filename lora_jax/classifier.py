@@ -22,6 +22,7 @@ from lora_jax import lora as lora_lib
 from lora_jax import metrics as metrics_lib
 from lora_jax import trainer
 from lora_jax.config_check import validate_config
+from lora_jax.distributed import DataShards, map_encoded
 from lora_jax.errors import UserError
 from lora_jax.models import EncoderConfig, SequenceClassifier
 from lora_jax.models.encoder import POOLINGS
@@ -48,6 +49,7 @@ class Setup:
     sources: dict[str, str]
     tokenizer: Any
     max_length: int  # tokens, after the model's position limit
+    shards: DataShards  # the rows this process tokenizes and feeds
 
 
 def pooling_of(config) -> str:
@@ -151,14 +153,16 @@ def prepare(config, with_data: bool = True) -> Setup:
     model_dir, enc_cfg = pretrained.model_dir, pretrained.config
     model = build_model(config, enc_cfg, task)
     tokenizer = data_lib.load_tokenizer(model_dir, config.tokenizer)
+    shards = DataShards.from_config(config)
     examples, sources = data_lib.load_examples(config, task) if with_data else ({}, {})
     max_len = min(config.max_length, enc_cfg.max_position_embeddings)
-    splits = {k: data_lib.encode(v, tokenizer, max_len) for k, v in examples.items()}
+    splits = {k: data_lib.encode(v, tokenizer, max_len, shards.rows_to_read(len(v)))
+              for k, v in examples.items()}
     variables = init_variables(model, pretrained, config)
     trainable, frozen = lora_lib.split(variables, lora_lib.trainable_mask(variables, patterns))
     return Setup(config, task, model_dir, enc_cfg, model, frozen, trainable, splits,
                  tokenizer.pad_token_id or 0, data_lib.bucket_lengths(max_len, config.buckets),
-                 sources, tokenizer, max_len)
+                 sources, tokenizer, max_len, shards)
 
 
 def make_loss_fn(model: SequenceClassifier, regression: bool) -> trainer.LossFn:
@@ -186,10 +190,11 @@ def make_predict_step(model: SequenceClassifier, regression: bool):
 
 def evaluate(predict, trainable, frozen, enc: data_lib.Encoded, task: Task, setup: Setup,
              put, desc: str = "eval") -> dict[str, float]:
-    """Metrics of `task` on one encoded split (predictions gathered back to example order)."""
-    preds = data_lib.map_batches(lambda batch: predict(trainable, frozen, batch), enc,
-                                 setup.config.eval_batch_size, setup.buckets, setup.pad_id, put,
-                                 desc, setup.config.progress)
+    """Metrics of `task` on one encoded split (predictions of every process gathered back to
+    example order)."""
+    preds = map_encoded(lambda batch: predict(trainable, frozen, batch), enc,
+                        setup.config.eval_batch_size, setup.buckets, setup.pad_id, put=put,
+                        shards=setup.shards, desc=desc, progress=setup.config.progress)
     return metrics_lib.compute(task.metrics, preds, enc.labels)
 
 
@@ -198,7 +203,7 @@ def experiment(setup: Setup) -> trainer.Experiment:
     cfg, task = setup.config, setup.task
     place = trainer.Placement.from_config(cfg)
     predict = jax.jit(make_predict_step(setup.model, task.is_regression),  # params: as placed
-                      in_shardings=(None, None, place.batch))
+                      in_shardings=(None, None, place.batch), out_shardings=place.batch)
     train = setup.splits.get("train")
     sizes = {k: len(v) for k, v in setup.splits.items()}
     return trainer.Experiment(
@@ -206,15 +211,15 @@ def experiment(setup: Setup) -> trainer.Experiment:
         trainable=setup.trainable, frozen=setup.frozen,
         train_lengths=None if train is None else train.lengths,
         loss_fn=make_loss_fn(setup.model, task.is_regression),
-        batch_of=lambda idx: data_lib.make_batch(train, idx, cfg.batch_size, setup.buckets,
-                                                 setup.pad_id),
+        batch_of=lambda idx, size, step_rows: data_lib.make_batch(
+            train, idx, size, setup.buckets, setup.pad_id, step_rows),
         evaluate=lambda params, frozen, split, _workdir: evaluate(
             predict, params, frozen, setup.splits[split], task, setup, place.put_batch,
             desc=f"eval {split}"),
         selection_split="selection" if "selection" in setup.splits else task.eval_splits[0],
         sizes=sizes, sources=setup.sources, protocol=trainer.selection_protocol(sizes, task.eval_splits),
         meta={"task": task.name, "experiment": cfg.experiment, "model": cfg.model,
-              "config": cfg.to_dict()})
+              "config": cfg.to_dict()}, shards=setup.shards)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import dataclasses
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -281,33 +281,55 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 @dataclasses.dataclass
 class Encoded:
-    """Token ids of a split: ragged lists of int32 arrays, plus labels (N,)."""
+    """Token ids of a split: ragged lists of int32 arrays, plus labels (N,).
+
+    A process of a multi-process run tokenizes only its rows (`encode` with `rows`): the other
+    rows hold empty arrays, and `row_lengths` (every row's token count, shared by all
+    processes) stands in for their lengths.
+    """
 
     input_ids: list[np.ndarray]
     token_type_ids: list[np.ndarray]
     labels: np.ndarray
+    row_lengths: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     @property
     def lengths(self) -> np.ndarray:
+        if self.row_lengths is not None:
+            return self.row_lengths
         return np.fromiter((len(x) for x in self.input_ids), np.int64, len(self.input_ids))
 
     def subset(self, idx) -> Encoded:
+        idx = np.asarray(idx, np.int64)
         return Encoded([self.input_ids[i] for i in idx], [self.token_type_ids[i] for i in idx],
-                       self.labels[np.asarray(idx, np.int64)])
+                       self.labels[idx],
+                       None if self.row_lengths is None else self.row_lengths[idx])
 
 
-def encode(examples: Examples, tokenizer, max_length: int) -> Encoded:
-    """Tokenize (truncating pairs longest-first) to at most max_length tokens per example."""
-    first = [t[0] for t in examples.texts]
-    second = [t[1] for t in examples.texts] if examples.texts and len(examples.texts[0]) > 1 else None
+def encode(examples: Examples, tokenizer, max_length: int,
+           rows: np.ndarray | None = None) -> Encoded:
+    """Tokenize (truncating pairs longest-first) to at most max_length tokens per example.
+
+    rows: tokenize only these (a process's share, `lora_jax.distributed.DataShards.rows`); the
+    others get empty arrays, and every row's length is shared across processes.
+    """
+    texts = examples.texts if rows is None else [examples.texts[i] for i in rows]
+    first = [t[0] for t in texts]
+    second = [t[1] for t in texts] if texts and len(texts[0]) > 1 else None
     out = tokenizer(first, second, truncation=True, max_length=max_length,
-                    return_token_type_ids=True, return_attention_mask=False)
+                    return_token_type_ids=True, return_attention_mask=False) if texts else {
+                        "input_ids": [], "token_type_ids": []}
     ids = [np.asarray(x, np.int32) for x in out["input_ids"]]
     types = [np.asarray(x, np.int32) for x in out["token_type_ids"]]
-    return Encoded(ids, types, examples.labels)
+    if rows is None:
+        return Encoded(ids, types, examples.labels)
+    from lora_jax.distributed import spread_rows
+
+    (ids, types), lengths = spread_rows([ids, types], rows, len(examples))
+    return Encoded(ids, types, examples.labels, lengths)
 
 
 def bucket_lengths(max_length: int, buckets: Sequence[int]) -> tuple[int, ...]:
@@ -316,10 +338,12 @@ def bucket_lengths(max_length: int, buckets: Sequence[int]) -> tuple[int, ...]:
 
 
 def pad_to_bucket(seqs: Sequence[np.ndarray], batch_size: int, buckets: Sequence[int],
-                  pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, mask), each int32 (batch_size, smallest bucket >= the longest of `seqs`): the
-    sequences left-aligned, `pad_id` and mask 0 after them and in the rows past len(seqs)."""
-    length = next(b for b in buckets if b >= max(len(s) for s in seqs))
+                  pad_id: int, longest: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask), each int32 (batch_size, smallest bucket >= the longest of `seqs` and
+    `longest`): the sequences left-aligned, `pad_id` and mask 0 after them and in the rows past
+    len(seqs). `longest` makes the parts of one global batch (`lora_jax.distributed`) agree."""
+    longest = max(longest, 1, *(len(s) for s in seqs))
+    length = next(b for b in buckets if b >= longest)
     ids = np.full((batch_size, length), pad_id, np.int32)
     mask = np.zeros((batch_size, length), np.int32)
     for row, s in enumerate(seqs):
@@ -328,13 +352,16 @@ def pad_to_bucket(seqs: Sequence[np.ndarray], batch_size: int, buckets: Sequence
 
 
 def make_batch(enc: Encoded, idx: np.ndarray, batch_size: int, buckets: Sequence[int],
-               pad_id: int) -> dict[str, np.ndarray]:
+               pad_id: int, pad_for: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Arrays for the examples `idx`, padded to (batch_size, smallest bucket >= longest).
 
     Rows past len(idx) are padding with weight 0. Keys: input_ids, attention_mask,
-    token_type_ids (int32, (B, T)), labels (B,), weights (B,) float32.
+    token_type_ids (int32, (B, T)), labels (B,), weights (B,) float32. pad_for: the rows of
+    the whole global batch `idx` is a part of (their longest sets T; default `idx`).
     """
-    ids, mask = pad_to_bucket([enc.input_ids[i] for i in idx], batch_size, buckets, pad_id)
+    longest = int(enc.lengths[pad_for].max()) if pad_for is not None and len(pad_for) else 0
+    ids, mask = pad_to_bucket([enc.input_ids[i] for i in idx], batch_size, buckets, pad_id,
+                              longest)
     types, _ = pad_to_bucket([enc.token_type_ids[i] for i in idx], batch_size, (ids.shape[1],), 0)
     labels = np.zeros((batch_size,), enc.labels.dtype)
     labels[: len(idx)] = enc.labels[idx]
@@ -344,7 +371,7 @@ def make_batch(enc: Encoded, idx: np.ndarray, batch_size: int, buckets: Sequence
                 weights=weights)
 
 
-def train_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+def train_order(lengths: np.ndarray, batch_size: int, seed, epoch: int,
                 length_grouping: bool = True, group_batches: int = 50) -> list[np.ndarray]:
     """Index batches of one epoch; a pure function of (seed, epoch), so resuming is exact.
 
@@ -352,7 +379,7 @@ def train_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
     cut (less padding, same randomness across chunks), and batch order is shuffled again.
     The last batch may be short (it is padded with weight-0 rows).
     """
-    rng = np.random.default_rng([seed, epoch])
+    rng = np.random.default_rng([*np.atleast_1d(seed), epoch])
     perm = rng.permutation(len(lengths))
     if length_grouping:
         chunk = batch_size * group_batches
@@ -368,24 +395,3 @@ def eval_order(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Index batches sorted by length (least padding); predictions are scattered back by index."""
     perm = np.argsort(lengths, kind="stable")
     return [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
-
-
-def map_batches(fn: Callable, enc: Encoded, batch_size: int, buckets: Sequence[int],
-                pad_id: int, put: Callable = lambda b: b, desc: str = "",
-                progress: bool = False):
-    """``fn(batch)`` over every example of `enc` in length-sorted batches (`eval_order`,
-    `make_batch`), its outputs (a pytree of (batch_size, ...) arrays) gathered back to example
-    order: the same pytree of numpy arrays with leading axis len(enc)."""
-    import jax
-    from tqdm.auto import tqdm
-
-    out, treedef = None, None
-    for idx in tqdm(eval_order(enc.lengths, batch_size), desc=desc, leave=False,
-                    disable=not progress):
-        leaves, treedef = jax.tree_util.tree_flatten(
-            jax.device_get(fn(put(make_batch(enc, idx, batch_size, buckets, pad_id)))))
-        if out is None:
-            out = [np.zeros((len(enc), *np.shape(x)[1:]), np.asarray(x).dtype) for x in leaves]
-        for gathered, x in zip(out, leaves, strict=True):
-            gathered[idx] = np.asarray(x)[: len(idx)]
-    return None if treedef is None else treedef.unflatten(out)

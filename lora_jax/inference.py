@@ -30,6 +30,7 @@ import numpy as np
 from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
 from lora_jax import metrics as metrics_lib
+from lora_jax.distributed import map_encoded
 from lora_jax.errors import UserError
 from lora_jax.tasks import Task
 
@@ -156,8 +157,8 @@ class ClassifierRun(ClassificationRun):
                               self.tokenizer, self.max_length)
         apply = jax.jit(lambda v, b: self.model.apply(v, b["input_ids"], b["attention_mask"],
                                                       b["token_type_ids"], deterministic=True))
-        return data_lib.map_batches(lambda b: apply(self.variables, b), enc, self.batch_size,
-                                    self.buckets, self.pad_id, desc="predict", progress=progress)
+        return map_encoded(lambda b: apply(self.variables, b), enc, self.batch_size,
+                           self.buckets, self.pad_id, desc="predict", progress=progress)
 
     def export(self, out_dir: str, fmt: str) -> str:
         from lora_jax import export as export_lib

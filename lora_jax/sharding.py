@@ -82,7 +82,12 @@ class Placement:
         return NamedSharding(self.mesh, P(AXES))
 
     def put_batch(self, batch):
-        return jax.device_put(batch, self.batch)
+        """A global batch from this process's rows of it (a pytree of host arrays, leading axis
+        = the rows this process feeds; with one process, the whole batch)."""
+        if jax.process_count() == 1:
+            return jax.device_put(batch, self.batch)
+        return jax.tree_util.tree_map(
+            lambda x: jax.make_array_from_process_local_data(self.batch, np.asarray(x)), batch)
 
     def _split(self, ndim: int, dim: int | None) -> NamedSharding:
         if dim is None:

@@ -30,11 +30,11 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
+from lora_jax.distributed import DataShards, concat_batches, is_main_process, steps_per_epoch
 from lora_jax.errors import UserError
 from lora_jax.sharding import Placement, memory_report, mesh_shape
-from lora_jax.writers import MetricWriter, write_json_atomic
+from lora_jax.writers import MetricWriter, NullWriter, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -241,34 +241,37 @@ class TrainProgress:
                 "examples": self.examples}
 
 
-def train_stream(lengths: np.ndarray, cfg, start_step: int, total_steps: int):
-    """(step, index batch) pairs from start_step up to total_steps.
+def train_stream(lengths: np.ndarray, cfg, start_step: int, total_steps: int,
+                 shards: DataShards):
+    """(step, parts) pairs from start_step up to total_steps; parts: each data shard's row
+    indices of that global batch (`DataShards.train_batches`; one part with one shard).
 
     The order of each epoch is a pure function of (seed, epoch), so starting at any step replays
     exactly the batches an uninterrupted run would see there.
     """
-    steps_per_epoch = -(-len(lengths) // cfg.batch_size)
+    per_epoch = steps_per_epoch(len(lengths), cfg.batch_size, shards.count)
     step = start_step
     while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        order = data_lib.train_order(lengths, cfg.batch_size, cfg.seed, epoch, cfg.length_grouping)
-        for idx in order[offset:]:
+        epoch, offset = divmod(step, per_epoch)
+        order = shards.train_batches(lengths, cfg.batch_size, cfg.seed, epoch,
+                                     cfg.length_grouping)
+        for parts in order[offset:]:
             if step >= total_steps:
                 return
-            yield step, idx
+            yield step, parts
             step += 1
 
 
-def num_train_steps(num_examples: int, cfg) -> int:
+def num_train_steps(num_examples: int, cfg, shards_count: int = 1) -> int:
     """Optimizer steps for `cfg.num_epochs` over `num_examples` rows, capped by `max_steps`."""
-    total = cfg.num_epochs * -(-num_examples // cfg.batch_size)
+    total = cfg.num_epochs * steps_per_epoch(num_examples, cfg.batch_size, shards_count)
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
 def train_loop(cfg, lengths: np.ndarray, workdir: str, place: Placement, trainable, frozen,
                writer: MetricWriter, *, loss_fn: LossFn, batch_of: Callable,
                select: Callable, selection_name: str, main_metric: str, desc: str,
-               meta: dict) -> tuple[Best, dict]:
+               meta: dict, shards: DataShards | None = None) -> tuple[Best, dict]:
     """The training loop every experiment shares.
 
     Selection every `cfg.eval_every_steps` (0: once per epoch) and at the last step; early
@@ -279,16 +282,19 @@ def train_loop(cfg, lengths: np.ndarray, workdir: str, place: Placement, trainab
     Args:
       lengths: (N,) token lengths of the training rows (the length-grouped batch order).
       loss_fn: (trainable, frozen, batch, rng) -> scalar; see `make_train_step`.
-      batch_of: (B,) row indices -> host batch (a dict of numpy arrays, leading axis B).
+      batch_of: (idx, part_size, step_rows) -> host batch (a dict of numpy arrays, leading
+        axis part_size) of the rows `idx`, padded for all of `step_rows` (the global batch).
+      shards: how rows are dealt to processes (`lora_jax.distributed`); default one shard.
       select: trainable -> {metric: score} on the selection split.
     Returns:
       (best, stats): stats has "seconds" and "examples" of pure training in this process,
       "last_step", "total_steps", "stopped_early" and "interrupted" (stopped by
       `stop_after_steps`: no results yet).
     """
-    steps_per_epoch = -(-len(lengths) // cfg.batch_size)
-    total_steps = num_train_steps(len(lengths), cfg)
-    eval_every = cfg.eval_every_steps or steps_per_epoch
+    shards = shards or DataShards()
+    per_epoch = steps_per_epoch(len(lengths), cfg.batch_size, shards.count)
+    total_steps = num_train_steps(len(lengths), cfg, shards.count)
+    eval_every = cfg.eval_every_steps or per_epoch
     patience = cfg.get("early_stopping_patience", 0)
     tx = make_optimizer(cfg, total_steps)
     # moments follow their parameters' shardings (`trainable` is placed); counts replicated
@@ -310,13 +316,16 @@ def train_loop(cfg, lengths: np.ndarray, workdir: str, place: Placement, trainab
                  best.score, best.step, "; it had stopped early" if stopped_early else "")
 
     progress = TrainProgress(writer, total_steps, step, desc, cfg.log_every_steps,
-                             steps_per_epoch, cfg.progress)
-    stream = () if stopped_early else train_stream(lengths, cfg, step, total_steps)
-    for at, idx in stream:
-        batch = place.put_batch(batch_of(idx))
+                             per_epoch, cfg.progress and is_main_process())
+    stream = () if stopped_early else train_stream(lengths, cfg, step, total_steps, shards)
+    part_size = cfg.batch_size // shards.count
+    for at, parts in stream:
+        step_rows = np.concatenate(parts)
+        batch = place.put_batch(concat_batches(
+            [batch_of(idx, part_size, step_rows) for idx in shards.local_parts(parts)]))
         trainable, opt_state, m = train_step(trainable, opt_state, at, frozen, batch)
         step = at + 1
-        progress.step(step, len(idx), m)
+        progress.step(step, len(step_rows), m)
         t0 = time.perf_counter()
         if step % eval_every == 0 or step == total_steps:
             scores = select(trainable)
@@ -373,12 +382,15 @@ class Experiment:
     meta: dict = dataclasses.field(default_factory=dict)
     desc: str = ""
     extra: Callable | None = None
+    shards: DataShards = dataclasses.field(default_factory=DataShards)  # rows per process
 
 
 def machine_description() -> str:
     dev = jax.devices()[0]
+    processes = (f", {jax.process_count()} processes" if jax.process_count() > 1 else "")
     return (f"{platform.machine()} {dev.platform.upper()} ({dev.device_kind}), "
-            f"{jax.device_count()} device(s), {os.cpu_count()} CPU cores, jax {jax.__version__}")
+            f"{jax.device_count()} device(s){processes}, {os.cpu_count()} CPU cores, "
+            f"jax {jax.__version__}")
 
 
 def git_commit() -> str:
@@ -449,14 +461,15 @@ def run_experiment(exp: Experiment, workdir: str, wall_start: float) -> dict[str
     frozen = place.put(lora_lib.frozen_in_dtype(exp.frozen, DTYPES[cfg.get("param_dtype",
                                                                             "float32")]))
     trainable = place.put(exp.trainable)
-    placement = {"mesh": dict(place.mesh.shape),
+    placement = {"mesh": dict(place.mesh.shape), "processes": jax.process_count(),
+                 "data_shards": exp.shards.count,
                  "memory_per_device": memory_report(trainable, frozen)}
     n_trainable = lora_lib.count_params(exp.trainable)
     n_total = n_trainable + lora_lib.count_params(exp.frozen)
     log.info("%s on %s: %d trainable of %d parameters (%.4f%%)", exp.name, task.name,
              n_trainable, n_total, 100 * n_trainable / max(n_total, 1))
     resume_step = checkpoint_manager(workdir).latest_step() if cfg.resume else None
-    writer = MetricWriter(workdir, resume_step=resume_step)
+    writer = MetricWriter(workdir, resume_step=resume_step) if is_main_process() else NullWriter()
     best = Best(-np.inf, 0, trainable)
     stats = {"seconds": 0.0, "examples": 0, "last_step": 0, "total_steps": 0,
              "stopped_early": False, "interrupted": False}
@@ -466,7 +479,7 @@ def run_experiment(exp: Experiment, workdir: str, wall_start: float) -> dict[str
             loss_fn=exp.loss_fn, batch_of=exp.batch_of,
             select=lambda params: exp.evaluate(params, frozen, exp.selection_split, None),
             selection_name=exp.selection_split, main_metric=task.main_metric,
-            desc=exp.desc or f"{exp.name} {task.name}", meta=exp.meta)
+            desc=exp.desc or f"{exp.name} {task.name}", meta=exp.meta, shards=exp.shards)
         if stats["interrupted"]:
             writer.close()
             log.info("stopped at step %d of %d as asked (stop_after_steps); continue with "
@@ -483,5 +496,6 @@ def run_experiment(exp: Experiment, workdir: str, wall_start: float) -> dict[str
     writer.write(stats["last_step"], {f"{main_split}/{task.main_metric}":
                                       metrics[main_split][task.main_metric]})
     writer.close()
-    write_json_atomic(os.path.join(workdir, "results.json"), results)
+    if is_main_process():
+        write_json_atomic(os.path.join(workdir, "results.json"), results)
     return results

@@ -36,6 +36,17 @@ class MetricWriter:
         self._tb.close()
 
 
+class NullWriter:
+    """A `MetricWriter` that writes nothing: every process but the first of a multi-process
+    run (their metrics are the same)."""
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        del step, scalars
+
+    def close(self) -> None:
+        pass
+
+
 def write_json_atomic(path: str, obj) -> None:
     """Write JSON to a temp file in the same folder, then rename: never a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
