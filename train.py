@@ -2,7 +2,8 @@
 
     python train.py --config configs/ft_lora.py --workdir runs/x [--config.task=rte ...]
 
-Writes <workdir>/metrics.jsonl, TensorBoard events, Orbax checkpoints and results.json. Bad
+Writes <workdir>/metrics.jsonl, TensorBoard events, Orbax checkpoints and results.json. Several
+processes: ``python -m lora_jax.launch --processes 2 -- train.py ...`` (lora_jax/distributed.py). Bad
 input (a flag, a config key, a path, the data) ends with one line ``error: ...`` on stderr and
 exit status 2, before anything is written.
 """
@@ -53,6 +54,7 @@ def main(argv):
         fail(f"unexpected arguments: {' '.join(argv[1:])}; options look like --config.task=rte")
     logging.getLogger().setLevel(logging.WARNING)  # Orbax and JAX log every step at INFO
     from lora_jax.config_check import validate_config
+    from lora_jax.distributed import initialize, is_main_process
     from lora_jax.experiments import log_packages_at_info, run
     from lora_jax.report import print_results
     from lora_jax.trainer import check_workdir
@@ -60,9 +62,12 @@ def main(argv):
     log_packages_at_info()
 
     def body():
+        initialize()  # a no-op unless started by lora_jax.launch or on a cluster
         validate_config(FLAGS.config)  # the shared keys, before the experiment's heavy imports
         check_workdir(FLAGS.workdir, FLAGS.config.get("resume", False))  # before any data or weights load
         results = run(FLAGS.config, FLAGS.workdir)
+        if not is_main_process():
+            return
         if "stopped_at_step" in results:
             print(f"stopped at step {results['stopped_at_step']} of {results['total_steps']}; "
                   "continue with --config.resume=True")

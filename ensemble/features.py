@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import data as data_lib
-from lora_jax.distributed import DataShards, map_encoded
+from lora_jax.distributed import DataShards, is_main_process, map_encoded
 from lora_jax.models import Encoder
 from lora_jax.models.encoder import pool
 
@@ -149,14 +149,20 @@ class FeatureStore:
     slices and overlapping samples all reuse the rows they share.
     """
 
-    def __init__(self, cache_dir: str, settings: dict):
+    def __init__(self, cache_dir: str, settings: dict, writer: bool = True):
+        """writer: this process writes (only the first process of a multi-process run does;
+        every process reads)."""
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
         self.dir = os.path.join(cache_dir, digest)
-        os.makedirs(self.dir, exist_ok=True)
-        with open(os.path.join(self.dir, "settings.json"), "w") as f:
-            json.dump(settings, f, indent=1)
+        self.writer = writer
+        if writer:
+            os.makedirs(self.dir, exist_ok=True)
+            with open(os.path.join(self.dir, "settings.json"), "w") as f:
+                json.dump(settings, f, indent=1)
 
     def _shards(self):
+        if not os.path.isdir(self.dir):
+            return []
         return sorted(p for p in os.listdir(self.dir) if p.startswith("part-") and
                       p.endswith(".npz"))
 
@@ -181,6 +187,8 @@ class FeatureStore:
         return found, modules, base
 
     def add(self, keys: np.ndarray, modules: np.ndarray, base: np.ndarray) -> None:
+        if not self.writer:
+            return
         name = f"part-{len(self._shards()):05d}-{os.getpid()}.npz"
         tmp = os.path.join(self.dir, name + ".tmp.npz")
         np.savez(tmp, keys=keys, modules=modules, base=base)
@@ -191,19 +199,26 @@ def cached_features(cache_dir: str, settings: dict, texts, compute: Callable):
     """(modules, base, seconds, n_computed) for every row of `texts`.
 
     `compute(idx)` returns (modules, base) for the rows `idx` only; with a cache_dir, rows that
-    were computed before (same settings and text) are read back instead.
+    were computed before (same settings and text) are read back instead. Every process of a
+    multi-process run gets all rows; only the first writes the cache.
     """
     t0 = time.perf_counter()
     if not cache_dir:
         modules, base = compute(np.arange(len(texts)))
         return modules, base, time.perf_counter() - t0, len(texts)
-    store = FeatureStore(cache_dir, settings)
+    store = FeatureStore(cache_dir, settings, writer=is_main_process())
     keys = row_keys(texts)
-    unique, first = np.unique(keys, return_index=True)
+    unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     found, modules, base = store.lookup(keys)
     missing = np.sort(first[~np.isin(unique, keys[found])])
     if len(missing):
         new_m, new_b = compute(missing)
         store.add(keys[missing], new_m, new_b)
-        found, modules, base = store.lookup(keys)
+        if modules is None:
+            modules = np.zeros((len(keys), *new_m.shape[1:]), np.float32)
+            base = np.zeros((len(keys), *new_b.shape[1:]), np.float32)
+        modules[missing], base[missing] = new_m, new_b
+        repeats = ~found  # rows whose text came earlier: copy their first row
+        same = first[inverse.reshape(-1)][repeats]
+        modules[repeats], base[repeats] = modules[same], base[same]
     return modules, base, time.perf_counter() - t0 if len(missing) else 0.0, len(missing)

@@ -15,7 +15,7 @@ from ensemble.train import (
     FeatureSplit,
     build_combiner,
     build_feature_extractor,
-    combiner_batches,
+    map_combiner,
 )
 from lora_jax import data as data_lib
 from lora_jax.errors import UserError
@@ -42,10 +42,7 @@ class AttensRun(ClassificationRun):
         split = FeatureSplit(modules[:, : fx.k], base, enc.labels, 0.0, False)
         apply = jax.jit(lambda p, b: self.combiner.apply(p, b["modules"], b["base"],
                                                          row_mask=b["weights"] > 0))
-        out = np.zeros((len(texts), self.task.num_labels), np.float32)
-        for idx, batch in combiner_batches(split, self.batch_size):
-            out[idx] = np.asarray(apply(self.params, batch))[: len(idx)]
-        return out
+        return map_combiner(lambda b: apply(self.params, b), split, self.batch_size)
 
     def export(self, out_dir: str, fmt: str) -> str:
         raise UserError("an AttEns run is a combiner over a module set, not an adapter; export "

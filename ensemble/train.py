@@ -18,6 +18,7 @@ training features are recomputed from tokens with dropout at every step: no cach
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -52,6 +53,7 @@ from lora_jax.config_check import (
     register_rules,
     validate_config,
 )
+from lora_jax.distributed import DataShards, map_batches
 from lora_jax.errors import UserError
 from lora_jax.models import Encoder
 from lora_jax.models.encoder import POOLINGS
@@ -95,6 +97,7 @@ class AttensSetup:
     pad_id: int
     feature_buckets: tuple[int, ...]
     sources: dict[str, str]
+    shards: DataShards  # the rows this process tokenizes and feeds
 
 
 def _check(config) -> None:
@@ -143,11 +146,14 @@ class FeatureExtractor:
     hidden_size: int  # d of the base features
 
     def features(self, enc: data_lib.Encoded, batch_size: int, put=lambda b: b,
-                 desc: str = "features", progress: bool = False):
-        """(modules (N, k_all, D), base (N, d)) float32 numpy of every row of `enc`."""
+                 desc: str = "features", progress: bool = False, rows=None,
+                 shards: DataShards | None = None, out_sharding=None):
+        """(modules (N, k_all, D), base (N, d)) float32 numpy of `rows` (default all) of
+        `enc`; each process computes its data shards' rows, every process gets them all."""
         return compute_split_features(self.feature_fn, self.base_params, self.stacked,
                                       self.heads, enc, batch_size=batch_size, buckets=self.pad_to,
-                                      pad_id=self.pad_id, put=put, desc=desc, progress=progress)
+                                      pad_id=self.pad_id, put=put, desc=desc, progress=progress,
+                                      rows=rows, shards=shards, out_sharding=out_sharding)
 
 
 def build_feature_extractor(config) -> FeatureExtractor:
@@ -207,7 +213,8 @@ def prepare_attens(config) -> AttensSetup:
     task = resolve_task(config)
     fx = build_feature_extractor(config)
     examples, sources = data_lib.load_examples(config, task)
-    encoded = {name: data_lib.encode(ex, fx.tokenizer, fx.max_length)
+    shards = DataShards.from_config(config)
+    encoded = {name: data_lib.encode(ex, fx.tokenizer, fx.max_length, shards.rows_to_read(len(ex)))
                for name, ex in examples.items()}
     settings = feature_settings(config, fx.base_params, fx.tokenizer, fx.stacked, fx.heads,
                                 fx.module_set.tasks, fx.max_length, fx.pad_to)
@@ -216,8 +223,8 @@ def prepare_attens(config) -> AttensSetup:
     k = fx.k
     for name, enc in encoded.items():
         compute = lambda idx, enc=enc, name=name: fx.features(
-            enc.subset(idx), config.feature_batch_size, place.put_batch,
-            f"features {task.name}/{name}", config.progress)
+            enc, config.feature_batch_size, place.put_batch, f"features {task.name}/{name}",
+            config.progress, rows=idx, shards=shards, out_sharding=place.batch)
         modules, base, seconds, n_new = cached_features(config.feature_cache, settings,
                                                         examples[name].texts, compute)
         log.info("features %s/%s: %d rows, %d computed (%.1f s), %d from the cache", task.name,
@@ -229,7 +236,7 @@ def prepare_attens(config) -> AttensSetup:
               "heads": jax.tree_util.tree_map(lambda x: x[:k], fx.heads)
               } if config.quirks.encoder_dropout else {}
     return AttensSetup(config, task, fx.module_set, k, splits, encoded, fx.feature_fn, frozen,
-                       fx.pad_id, fx.pad_to, sources)
+                       fx.pad_id, fx.pad_to, sources, shards)
 
 
 def build_combiner(config, task: Task, hidden: int) -> AttEnsCombiner:
@@ -254,27 +261,23 @@ def feature_batch(split: FeatureSplit, idx: np.ndarray, size: int) -> dict:
             "labels": _pad_rows(split.labels[idx], size), "weights": weights}
 
 
-def combiner_batches(split: FeatureSplit, batch_size: int):
-    """(row indices, zero-padded feature batch) in split order: the batches every evaluation
-    (and prediction) sees, so the batch-axis quirk attends to the same neighbours."""
-    for start in range(0, len(split), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(split)))
-        yield idx, feature_batch(split, idx, batch_size)
+def map_combiner(fn, split: FeatureSplit, batch_size: int, put=lambda b: b,
+                 shards: DataShards | None = None):
+    """``fn(feature batch)`` over a split, outputs gathered back in row order. Batches hold
+    consecutive rows (of each data shard), the same for every evaluation and prediction, so the
+    batch-axis quirk always attends to the same neighbours."""
+    return map_batches(fn, len(split), np.zeros(len(split), np.int64), batch_size,
+                       lambda idx, size, _rows: feature_batch(split, idx, size), put=put,
+                       shards=shards)
 
 
 def evaluate_combiner(predict, params, split: FeatureSplit, task: Task, batch_size: int,
-                      put=lambda b: b):
-    """(metrics, mean attention (k, k) over examples and heads, or None with the batch quirk)."""
-    preds = np.zeros(len(split), np.float32 if task.is_regression else np.int32)
-    att_sum, att_n = None, 0
-    for idx, batch in combiner_batches(split, batch_size):
-        pred, att = predict(params, put(batch))
-        preds[idx] = np.asarray(pred)[: len(idx)]
-        if att is not None:  # (B, heads, k, k) over modules
-            att = np.asarray(att)[: len(idx)].mean(1).sum(0)  # mean over heads, sum examples
-            att_sum = att if att_sum is None else att_sum + att
-            att_n += len(idx)
-    mean_att = None if att_sum is None else att_sum / max(att_n, 1)
+                      put=lambda b: b, shards: DataShards | None = None):
+    """(metrics, mean attention (k, k) over examples and heads, or None with the batch
+    quirk)."""
+    preds, att = map_combiner(lambda batch: predict(params, batch), split, batch_size, put,
+                              shards)
+    mean_att = None if att is None else att.mean(0)
     return metrics_lib.compute(task.metrics, preds, split.labels), mean_att
 
 
@@ -307,27 +310,28 @@ def experiment(setup: AttensSetup) -> trainer.Experiment:
                                     sample["base"])
     place = trainer.Placement.from_config(cfg)
 
-    @jax.jit
-    def predict(p, batch):
+    @functools.partial(jax.jit, out_shardings=place.batch)
+    def predict(p, batch):  # predictions (B,), attention over modules (B, k, k) head-averaged
         logits, att = combiner.apply(p, batch["modules"], batch["base"],
                                      row_mask=batch["weights"] > 0, return_attention=True)
         pred = trainer.weighted_loss_and_predictions(logits, batch["labels"], batch["weights"],
                                                      task.is_regression)[1]
-        return pred, None if cfg.quirks.attend_across_batch else att
+        return pred, None if cfg.quirks.attend_across_batch else att.mean(1)
 
     if cfg.quirks.encoder_dropout:
         tokens = setup.encoded["train"]
 
-        def batch_of(idx):  # token ids, labels and weights: features are made in the step
-            return data_lib.make_batch(tokens, idx, bs, setup.feature_buckets, setup.pad_id)
+        def batch_of(idx, size, step_rows):  # tokens, labels, weights: features made in the step
+            return data_lib.make_batch(tokens, idx, size, setup.feature_buckets, setup.pad_id,
+                                       step_rows)
     else:
-        batch_of = lambda idx: feature_batch(train, idx, bs)
+        batch_of = lambda idx, size, _rows: feature_batch(train, idx, size)
 
     reported_attention: dict[str, np.ndarray] = {}
 
     def evaluate(p, _frozen, split, workdir):
         scores, att = evaluate_combiner(predict, p, setup.splits[split], task,
-                                        cfg.eval_batch_size, place.put_batch)
+                                        cfg.eval_batch_size, place.put_batch, setup.shards)
         if workdir is not None and att is not None:
             reported_attention.setdefault(split, att)
         return scores
@@ -354,7 +358,7 @@ def experiment(setup: AttensSetup) -> trainer.Experiment:
         sizes=sizes, sources=setup.sources, protocol=trainer.selection_protocol(sizes, task.eval_splits),
         meta={"task": task.name, "experiment": "attens", "modules": modules,
               "config": cfg.to_dict()},
-        desc=f"attens {task.name} k={setup.k}", extra=extra)
+        desc=f"attens {task.name} k={setup.k}", extra=extra, shards=setup.shards)
 
 
 def train_attens(config, workdir: str) -> dict[str, Any]:

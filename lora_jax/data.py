@@ -329,7 +329,7 @@ def encode(examples: Examples, tokenizer, max_length: int,
     from lora_jax.distributed import spread_rows
 
     (ids, types), lengths = spread_rows([ids, types], rows, len(examples))
-    return Encoded(ids, types, examples.labels, lengths)
+    return Encoded(ids, types, examples.labels, lengths[:, 0])
 
 
 def bucket_lengths(max_length: int, buckets: Sequence[int]) -> tuple[int, ...]:

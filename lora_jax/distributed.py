@@ -195,25 +195,35 @@ def gather_rows(values, rows: np.ndarray, n: int):
     return jax.tree_util.tree_map(lambda s: np.asarray(s)[owner, np.arange(n)], stacked)
 
 
-def local_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in order (all of it when
-    single-process)."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-    seen, out = set(), []
-    for s in shards:  # a row block held by several local devices (fsdp) counts once
-        key = (s.index[0].start, s.index[0].stop)
-        if key not in seen:
-            seen.add(key)
-            out.append(np.asarray(s.data))
-    return np.concatenate(out)
+def process_row_range(x) -> tuple[int, int] | None:
+    """(start, stop) of this process's rows of a batch-split global array; None when the array
+    is all here (one process)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return None
+    starts = [s.index[0].start or 0 for s in x.addressable_shards]
+    stops = [s.index[0].stop if s.index[0].stop is not None else x.shape[0]
+             for s in x.addressable_shards]
+    return min(starts), max(stops)
+
+
+def local_rows(x, rows: tuple[int, int] | None) -> np.ndarray:
+    """This process's rows `rows` (from `process_row_range` of the input batch) of an output:
+    a host array, a batch-split global array or a replicated one."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        x = np.asarray(x)
+        return x if rows is None else x[rows[0]:rows[1]]
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_shards[0].data)[rows[0]:rows[1]]
+    blocks = {}
+    for s in x.addressable_shards:  # a row block held by several local devices counts once
+        blocks.setdefault(s.index[0].start or 0, np.asarray(s.data))
+    return np.concatenate([blocks[k] for k in sorted(blocks)])
 
 
 def spread_rows(columns: list[list[np.ndarray]], rows: np.ndarray, n: int):
-    """Per-row arrays of this process's `rows` -> length-n lists (empty arrays for the rows of
-    other processes), and the (n,) token lengths of every row (from the first column), shared
-    by all processes."""
+    """Columns of per-row arrays of this process's `rows` -> length-n lists (empty arrays for
+    the rows of other processes), and the (n, columns) lengths of every row's arrays, shared by
+    all processes."""
     empty = np.zeros((0,), np.int32)
     spread = []
     for column in columns:
@@ -221,8 +231,9 @@ def spread_rows(columns: list[list[np.ndarray]], rows: np.ndarray, n: int):
         for i, x in zip(rows, column, strict=True):
             full[i] = x
         spread.append(full)
-    lengths = np.zeros(n, np.int64)
-    lengths[rows] = [len(x) for x in columns[0]]
+    lengths = np.zeros((n, len(columns)), np.int64)
+    for j, column in enumerate(columns):
+        lengths[rows, j] = [len(x) for x in column]
     return spread, sum_over_processes(lengths)
 
 
@@ -256,9 +267,10 @@ def map_batches(fn, num_rows: int, lengths: np.ndarray, batch_size: int, batch_o
     for parts in tqdm(shards.eval_batches(lengths, batch_size, rows), desc=desc, leave=False,
                       disable=not (progress and is_main_process())):
         mine, step_rows = shards.local_parts(parts), np.concatenate(parts)
-        result = fn(put(concat_batches([batch_of(p, part_size, step_rows) for p in mine])))
-        leaves, treedef = jax.tree_util.tree_flatten(result)
-        leaves = [local_rows(x) if isinstance(x, jax.Array) else np.asarray(x) for x in leaves]
+        batch = put(concat_batches([batch_of(p, part_size, step_rows) for p in mine]))
+        rows_here = process_row_range(jax.tree_util.tree_leaves(batch)[0])
+        leaves, treedef = jax.tree_util.tree_flatten(fn(batch))
+        leaves = [local_rows(x, rows_here) for x in leaves]
         if out is None:
             out = [np.zeros((len(rows), *x.shape[1:]), x.dtype) for x in leaves]
         for j, part in enumerate(mine):

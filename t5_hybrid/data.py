@@ -25,23 +25,44 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Pairs:
-    """A tokenized split: texts and their ids (ragged int32, EOS-terminated)."""
+    """A split's (source, target) texts and, once tokenized, their ids (ragged int32,
+    EOS-terminated). A process of a multi-process run tokenizes only its rows (`encode_pairs`
+    with `rows`): the others hold empty arrays and `row_lengths` ((N, 2): source and target
+    tokens of every row, shared by all processes) stands in for their lengths."""
 
     sources: list[str]
     targets: list[str]
     source_ids: list[np.ndarray]
     target_ids: list[np.ndarray]
+    row_lengths: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.sources)
 
+    def _lengths(self, column: int, ids: list[np.ndarray]) -> np.ndarray:
+        if self.row_lengths is not None:
+            return self.row_lengths[:, column]
+        return np.fromiter((len(x) for x in ids), np.int64, len(self))
+
     @property
     def lengths(self) -> np.ndarray:
-        return np.fromiter((len(x) for x in self.source_ids), np.int64, len(self))
+        """(N,) source tokens per row (what batches are sorted and grouped by)."""
+        return self._lengths(0, self.source_ids)
+
+    @property
+    def target_lengths(self) -> np.ndarray:
+        return self._lengths(1, self.target_ids)
 
     def subset(self, idx: Sequence[int]) -> Pairs:
-        return Pairs(*([field[i] for i in idx] for field in (
-            self.sources, self.targets, self.source_ids, self.target_ids)))
+        idx = np.asarray(idx, np.int64)
+        pick = lambda field: [field[i] for i in idx] if field else []  # [] when untokenized
+        return Pairs(*map(pick, (self.sources, self.targets, self.source_ids, self.target_ids)),
+                     None if self.row_lengths is None else self.row_lengths[idx])
+
+
+def text_pairs(sources: list[str], targets: list[str]) -> Pairs:
+    """Untokenized pairs (held-out slices and caps are cut before tokenizing)."""
+    return Pairs(sources, targets, [], [])
 
 
 def _truncate(ids: list[int], max_length: int) -> np.ndarray:
@@ -51,29 +72,43 @@ def _truncate(ids: list[int], max_length: int) -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
-def encode_pairs(sources: list[str], targets: list[str], tokenizer, max_source: int,
-                 max_target: int, where: str = "") -> Pairs:
-    """Tokenize (T5 tokenizers end every sequence with EOS) and truncate; a warning counts the
-    targets that did not fit, since a truncated target can never be generated exactly."""
-    src = tokenizer(sources)["input_ids"]
-    tgt = tokenizer(targets)["input_ids"]
+def encode_pairs(pairs: Pairs, tokenizer, max_source: int, max_target: int, where: str = "",
+                 rows: np.ndarray | None = None) -> Pairs:
+    """Tokenize (T5 tokenizers end every sequence with EOS) and truncate `rows` (default all);
+    a warning counts the targets that did not fit, since a truncated target can never be
+    generated exactly."""
+    picked = range(len(pairs)) if rows is None else rows
+    src = tokenizer([pairs.sources[i] for i in picked])["input_ids"] if len(picked) else []
+    tgt = tokenizer([pairs.targets[i] for i in picked])["input_ids"] if len(picked) else []
     cut = sum(len(x) > max_target for x in tgt)
     if cut:
         log.warning("%s: %d of %d targets are longer than max_target_length=%d tokens (longest "
                     "%d) and are truncated; raise --config.max_target_length", where or "data",
                     cut, len(tgt), max_target, max(len(x) for x in tgt))
-    return Pairs(sources, targets, [_truncate(x, max_source) for x in src],
-                 [_truncate(x, max_target) for x in tgt])
+    src = [_truncate(x, max_source) for x in src]
+    tgt = [_truncate(x, max_target) for x in tgt]
+    if rows is None:
+        return Pairs(pairs.sources, pairs.targets, src, tgt)
+    from lora_jax.distributed import spread_rows
+
+    (src, tgt), lengths = spread_rows([src, tgt], rows, len(pairs))
+    return Pairs(pairs.sources, pairs.targets, src, tgt, lengths)
 
 
 def make_batch(pairs: Pairs, idx: np.ndarray, batch_size: int, source_buckets: Sequence[int],
-               target_buckets: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
+               target_buckets: Sequence[int], pad_id: int,
+               pad_for: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """input_ids/attention_mask (B, S) and labels/label_mask (B, T) padded to bucket lengths;
-    rows past len(idx) are padding (all-zero masks)."""
+    rows past len(idx) are padding (all-zero masks). pad_for: the rows of the whole global
+    batch `idx` is a part of (their longest source and target set S and T; default `idx`)."""
+    longest = (0, 0)
+    if pad_for is not None and len(pad_for):
+        longest = (int(pairs.lengths[pad_for].max()), int(pairs.target_lengths[pad_for].max()))
     input_ids, attention_mask = data_lib.pad_to_bucket([pairs.source_ids[i] for i in idx],
-                                                       batch_size, source_buckets, pad_id)
+                                                       batch_size, source_buckets, pad_id,
+                                                       longest[0])
     labels, label_mask = data_lib.pad_to_bucket([pairs.target_ids[i] for i in idx], batch_size,
-                                                target_buckets, pad_id)
+                                                target_buckets, pad_id, longest[1])
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                 label_mask=label_mask)
 

@@ -9,19 +9,37 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
-from tqdm.auto import tqdm
 
 from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
 from lora_jax import metrics as metrics_lib
+from lora_jax.distributed import DataShards, map_batches
 from lora_jax.errors import UserError
 from lora_jax.inference import best_variables, run_config
 from lora_jax.tasks import Task
 from t5_hybrid import adapters
-from t5_hybrid.data import encode_pairs, make_batch
+from t5_hybrid.data import Pairs, encode_pairs, make_batch, text_pairs
 from t5_hybrid.generate import make_generate, strip_after_eos
 from t5_hybrid.tasks import pairs_from_rows
+
+
+def generate_texts(generate, pairs: Pairs, batch_size: int, source_buckets, target_buckets,
+                   model_config, tokenizer, *, put=lambda b: b,
+                   shards: DataShards | None = None, desc: str = "generate",
+                   progress: bool = False) -> list[str]:
+    """Decoded ``generate(input_ids, attention_mask) -> (B, T) tokens`` of every row of
+    `pairs`, in row order; each process generates for its data shards' rows
+    (`lora_jax.distributed.map_batches`) and every process gets all the texts."""
+    pad, eos = model_config.pad_token_id, model_config.eos_token_id
+    tokens = map_batches(
+        lambda batch: generate(batch["input_ids"], batch["attention_mask"]), len(pairs),
+        pairs.lengths, batch_size,
+        lambda idx, size, step_rows: make_batch(pairs, idx, size, source_buckets,
+                                                target_buckets, pad, step_rows),
+        put=put, shards=shards, desc=desc, progress=progress)
+    if tokens is None:
+        return []
+    return tokenizer.batch_decode(strip_after_eos(tokens, eos, pad), skip_special_tokens=True)
 
 
 @dataclasses.dataclass
@@ -44,24 +62,14 @@ class T5Run:
 
     def generate(self, sources: list[str], progress: bool = False) -> list[str]:
         """The generated text of every source (already prefixed), in input order."""
-        mcfg = self.model.config
-        pairs = encode_pairs(sources, [""] * len(sources), self.tokenizer, self.max_source,
-                             self.max_target, "input")
+        pairs = encode_pairs(text_pairs(sources, [""] * len(sources)), self.tokenizer,
+                             self.max_source, self.max_target, "input")
         generate = make_generate(self.model, self.max_target, num_beams=self.config.num_beams)
-        src_buckets = data_lib.bucket_lengths(self.max_source, self.config.buckets)
-        tgt_buckets = data_lib.bucket_lengths(self.max_target, self.config.buckets)
-        texts = [""] * len(sources)
-        order = data_lib.eval_order(pairs.lengths, self.batch_size)
-        for idx in tqdm(order, desc="generate", leave=False, disable=not progress):
-            batch = make_batch(pairs, idx, self.batch_size, src_buckets, tgt_buckets,
-                               mcfg.pad_token_id)
-            tokens = generate(self.variables, batch["input_ids"], batch["attention_mask"])
-            decoded = self.tokenizer.batch_decode(
-                strip_after_eos(np.asarray(tokens)[: len(idx)], mcfg.eos_token_id,
-                                mcfg.pad_token_id), skip_special_tokens=True)
-            for i, text in zip(idx, decoded, strict=True):
-                texts[i] = text
-        return texts
+        return generate_texts(
+            lambda ids, mask: generate(self.variables, ids, mask), pairs, self.batch_size,
+            data_lib.bucket_lengths(self.max_source, self.config.buckets),
+            data_lib.bucket_lengths(self.max_target, self.config.buckets), self.model.config,
+            self.tokenizer, desc="generate", progress=progress)
 
     def sources_of(self, rows: list[dict], where: str) -> list[str]:
         if not rows:

@@ -23,22 +23,22 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
 from lora_jax import trainer
 from lora_jax.config_check import NON_NEGATIVE, POSITIVE, boolean, register_rules, validate_config
+from lora_jax.distributed import DataShards, is_main_process
 from lora_jax.errors import UserError
 from lora_jax.tasks import Task
 from t5_hybrid import adapters
 from t5_hybrid import metrics as metrics_lib
 from t5_hybrid.config import T5Config
-from t5_hybrid.data import Pairs, cap, encode_pairs, load_pairs, make_batch
-from t5_hybrid.generate import make_generate, strip_after_eos
+from t5_hybrid.data import Pairs, cap, encode_pairs, load_pairs, make_batch, text_pairs
+from t5_hybrid.generate import make_generate
 from t5_hybrid.hf_import import load_pretrained
+from t5_hybrid.inference import generate_texts
 from t5_hybrid.model import T5ForConditionalGeneration, shift_right
 from t5_hybrid.tasks import get_seq2seq_task
 
@@ -74,6 +74,7 @@ class Setup:
     source_buckets: tuple[int, ...]
     target_buckets: tuple[int, ...]
     sources: dict[str, str]
+    shards: DataShards  # the rows this process tokenizes and feeds
 
 
 def load_model(config) -> tuple[T5Config, dict, object]:
@@ -116,8 +117,9 @@ def prepare(config, with_data: bool = True) -> Setup:
                                     else ({}, {}, "selection"))
     max_src = config.max_source_length or task.max_source_length
     max_tgt = config.max_target_length or task.max_target_length
-    splits = {k: encode_pairs(*v, tokenizer, max_src, max_tgt, sources.get(k, k))
-              for k, v in raw.items()}
+    # held-out slice and caps first (seeded over whole splits), then each process tokenizes
+    # only its data shards' rows
+    splits = {k: text_pairs(*v) for k, v in raw.items()}
     if "train" in splits:
         if selection_name == "selection":
             splits["train"], splits["selection"] = data_lib.hold_out(
@@ -126,6 +128,9 @@ def prepare(config, with_data: bool = True) -> Setup:
     for name in list(splits):
         if name != "train":
             splits[name] = cap(splits[name], config.max_eval_examples, data_lib.EVAL_SUBSET_SEED)
+    shards = DataShards.from_config(config)
+    splits = {k: encode_pairs(v, tokenizer, max_src, max_tgt, sources.get(k, k),
+                              shards.rows_to_read(len(v))) for k, v in splits.items()}
     model = T5ForConditionalGeneration(t5_config, lora_dropout=config.lora.dropout,
                                        dtype=trainer.DTYPES[config.dtype])
     spec = lora_lib.LoRASpec(r=config.lora.r, alpha=config.lora.alpha,
@@ -137,7 +142,7 @@ def prepare(config, with_data: bool = True) -> Setup:
     return Setup(config, task, model, tokenizer, frozen, trainable, splits,
                  selection_name if selection_name in splits else task.eval_splits[0],
                  data_lib.bucket_lengths(max_src, config.buckets),
-                 data_lib.bucket_lengths(max_tgt, config.buckets), sources)
+                 data_lib.bucket_lengths(max_tgt, config.buckets), sources, shards)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -166,21 +171,14 @@ def make_loss_fn(model: T5ForConditionalGeneration) -> trainer.LossFn:
 
 def evaluate(setup: Setup, generate, trainable, frozen, pairs: Pairs,
              place: trainer.Placement, desc: str) -> tuple[dict[str, float], list[str]]:
-    """(metrics, predictions in example order) of greedy/beam generation on one split."""
-    cfg, mcfg = setup.config, setup.model.config
+    """(metrics, predictions in example order) of greedy/beam generation on one split (each
+    process generates for its rows; every process gets all predictions)."""
+    cfg = setup.config
     variables = lora_lib.combine(trainable, frozen)
-    predictions = [""] * len(pairs)
-    for idx in tqdm(data_lib.eval_order(pairs.lengths, cfg.eval_batch_size), desc=desc,
-                    leave=False, disable=not cfg.progress):
-        batch = make_batch(pairs, idx, cfg.eval_batch_size, setup.source_buckets,
-                           setup.target_buckets, mcfg.pad_token_id)
-        tokens = generate(variables, *place.put_batch(
-            (batch["input_ids"], batch["attention_mask"])))
-        texts = setup.tokenizer.batch_decode(
-            strip_after_eos(np.asarray(tokens)[: len(idx)], mcfg.eos_token_id,
-                            mcfg.pad_token_id), skip_special_tokens=True)
-        for i, text in zip(idx, texts, strict=True):
-            predictions[i] = text
+    predictions = generate_texts(
+        lambda ids, mask: generate(variables, ids, mask), pairs, cfg.eval_batch_size,
+        setup.source_buckets, setup.target_buckets, setup.model.config, setup.tokenizer,
+        put=place.put_batch, shards=setup.shards, desc=desc, progress=cfg.progress)
     return metrics_lib.compute(setup.task.metrics, predictions, pairs.targets), predictions
 
 
@@ -207,7 +205,7 @@ def experiment(setup: Setup) -> trainer.Experiment:
     def score(params, frozen, split, workdir):
         scores, predictions = evaluate(setup, generate, params, frozen, setup.splits[split],
                                        place, f"eval {split}")
-        if workdir is not None:
+        if workdir is not None and is_main_process():
             write_samples(os.path.join(workdir, f"samples_{split}.jsonl"), setup.splits[split],
                           predictions)
         return scores
@@ -219,8 +217,8 @@ def experiment(setup: Setup) -> trainer.Experiment:
         trainable=setup.trainable, frozen=setup.frozen,
         train_lengths=None if train is None else train.lengths,
         loss_fn=make_loss_fn(setup.model),
-        batch_of=lambda idx: make_batch(train, idx, cfg.batch_size, setup.source_buckets,
-                                        setup.target_buckets, pad_id),
+        batch_of=lambda idx, size, step_rows: make_batch(
+            train, idx, size, setup.source_buckets, setup.target_buckets, pad_id, step_rows),
         evaluate=score, selection_split=setup.selection_name, sizes=sizes,
         sources=setup.sources,
         protocol=f"model selection by {task.main_metric} on {setup.selection_name} "
@@ -229,7 +227,8 @@ def experiment(setup: Setup) -> trainer.Experiment:
                  f"{', '.join(task.eval_splits)}; decoding {decoding}",
         meta={"task": task.name, "variant": cfg.variant, "model": cfg.model,
               "config": cfg.to_dict()},
-        desc=f"{cfg.variant} {task.name}", extra=lambda _best: {"variant": cfg.variant})
+        desc=f"{cfg.variant} {task.name}", extra=lambda _best: {"variant": cfg.variant},
+        shards=setup.shards)
 
 
 def train_t5(config, workdir: str) -> dict:
