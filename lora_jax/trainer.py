@@ -128,7 +128,8 @@ def checkpoint_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointMana
     return ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        item_names=("state", "meta"))
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
 
 @dataclasses.dataclass
@@ -175,13 +176,18 @@ def save_train_state(mngr: ocp.CheckpointManager, step: int, trainable, opt_stat
 
 
 def restore_trainable(workdir: str, which: str = "best_trainable", step: int | None = None):
-    """Trainable tree (`best_trainable` or `trainable`) and metadata from a run's checkpoints."""
+    """Trainable tree (`best_trainable` or `trainable`) and metadata from a run's checkpoints,
+    replicated on this process's devices whatever mesh or process count wrote them."""
     mngr = checkpoint_manager(workdir)
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise UserError(f"no checkpoint under {workdir}/checkpoints; train first")
+    here = Placement.all_devices().replicated
+    abstract = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+        mngr.item_metadata(step)["state"])
     restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return restored["state"][which], restored["meta"]
 
 

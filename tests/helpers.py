@@ -179,3 +179,77 @@ def torch_logits(model, inputs) -> np.ndarray:
     model.eval()
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask, **kw).logits.float().numpy()
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+def train_py(args: list[str], workdir, processes: int = 1, data_shards: int = 2,
+             timeout: int = 600, wait: bool = True):
+    """train.py with `args`: in one process holding all `data_shards` shards on as many CPU
+    devices, or in `processes` processes started by ``python -m lora_jax.launch`` (one CPU
+    device each). wait=False returns the Popen (output discarded)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    if processes == 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={data_shards}"
+        cmd = [sys.executable, str(root / "train.py"), *args,
+               f"--config.data_shards={data_shards}"]
+    else:
+        cmd = [sys.executable, "-m", "lora_jax.launch", "--processes", str(processes), "--",
+               str(root / "train.py"), *args]
+    cmd.append(f"--workdir={workdir}")
+    if not wait:
+        return subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def logged_metrics(workdir) -> list[dict]:
+    """metrics.jsonl lines without the wall-clock field."""
+    import pathlib
+
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k != "train/examples_per_s"}
+            for x in lines]
+
+
+def assert_same_run(one, two, atol: float = 0.0) -> None:
+    """Two finished train.py workdirs selected the same step, report the same metrics, logged
+    the same lines and hold the same trainable trees (within atol)."""
+    from lora_jax.trainer import restore_trainable
+
+    a = json.loads((one / "results.json").read_text())
+    b = json.loads((two / "results.json").read_text())
+    keys = ("metrics", "selection_metrics", "best_step", "last_step", "total_steps")
+    assert [a.get(k) for k in keys] == [b.get(k) for k in keys]
+    assert logged_metrics(one) == logged_metrics(two)
+    for which in ("trainable", "best_trainable"):
+        x, _ = restore_trainable(str(one), which)
+        y, _ = restore_trainable(str(two), which)
+        for u, v in zip(jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y), strict=True):
+            np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=atol)
+
+
+def assert_two_processes_equal_one(args: list[str], tmp_path, own_cache: bool = False) -> tuple:
+    """The same run (2 data shards) in two processes (``lora_jax.launch``) and in one: the
+    same selection, metrics, logged lines and trained trees, and the same files written.
+    own_cache: each run computes its AttEns features into its own cache. Returns the workdirs
+    (one process, two processes)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for workdir, processes in ((two, 2), (one, 1)):
+        cache = [f"--config.feature_cache={workdir}_cache"] if own_cache else []
+        proc = train_py([*args, *cache], workdir, processes)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert_same_run(one, two)
+    a = json.loads((one / "results.json").read_text())
+    b = json.loads((two / "results.json").read_text())
+    assert (a["processes"], b["processes"], a["data_shards"], b["data_shards"]) == (1, 2, 2, 2)
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    return one, two
