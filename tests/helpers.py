@@ -228,8 +228,9 @@ def assert_same_run(one, two, atol: float = 0.0) -> None:
     a = json.loads((one / "results.json").read_text())
     b = json.loads((two / "results.json").read_text())
     keys = ("metrics", "selection_metrics", "best_step", "last_step", "total_steps")
-    assert [a.get(k) for k in keys] == [b.get(k) for k in keys]
-    assert logged_metrics(one) == logged_metrics(two)
+    assert [a.get(k) for k in keys] == [b.get(k) for k in keys], (
+        f"{[a.get(k) for k in keys]} != {[b.get(k) for k in keys]}")
+    assert logged_metrics(one) == logged_metrics(two), "metrics.jsonl lines differ"
     for which in ("trainable", "best_trainable"):
         x, _ = restore_trainable(str(one), which)
         y, _ = restore_trainable(str(two), which)

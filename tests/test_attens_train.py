@@ -15,7 +15,13 @@ from lora_jax.errors import UserError
 from lora_jax.experiments import load_config
 from lora_jax.synthetic import make_quickstart_assets
 from lora_jax.trainer import restore_trainable
-from tests.helpers import assert_kill9_resume_is_exact, override
+from tests.helpers import (
+    assert_kill9_resume_is_exact,
+    assert_same_run,
+    assert_two_processes_equal_one,
+    override,
+    train_py,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -156,6 +162,22 @@ def test_kill_9_then_resume_equals_uninterrupted(module_set, tmp_path):
     root, model, data = module_set
     args = attens_args(root, model, data)
     assert_kill9_resume_is_exact(args, tmp_path)
+
+
+def test_two_processes_equal_one(module_set, tmp_path):
+    """lora_jax.launch --processes 2 and one process with the same two data shards, each
+    computing the features into its own cache: the same selection, metrics, logged lines and
+    combiner; then a two-process run on the cached features ends the same again."""
+    root, model, data = module_set
+    args = [*attens_args(root, model, data), "--config.num_epochs=2"]
+    one, two = assert_two_processes_equal_one(args, tmp_path, own_cache=True)
+    results = json.loads((two / "results.json").read_text())
+    assert not any(results["feature_cache_hits"].values())
+    cached = tmp_path / "cached"
+    proc = train_py([*args, f"--config.feature_cache={two}_cache"], cached, processes=2)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert all(json.loads((cached / "results.json").read_text())["feature_cache_hits"].values())
+    assert_same_run(two, cached)
 
 
 def attens_args(root, model, data) -> list[str]:

@@ -17,7 +17,7 @@ from lora_jax.experiments import load_config
 from lora_jax.trainer import restore_trainable
 from t5_hybrid.synthetic import make_keyword_task
 from t5_hybrid.train import train_t5
-from tests.helpers import assert_kill9_resume_is_exact, override
+from tests.helpers import assert_kill9_resume_is_exact, assert_two_processes_equal_one, override
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "t5_hybrid_cpu.py")
@@ -164,6 +164,21 @@ def test_stopped_early_survives_a_resume(synth_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_equal_one(synth_dir, tmp_path):
+    """lora_jax.launch --processes 2 and one process with the same two data shards: the same
+    selection, metrics, logged lines, trees and samples files."""
+    one, two = assert_two_processes_equal_one(
+        ["--config", f"{CONFIG}:prompt_lora", f"--config.data_dir={synth_dir}",
+         "--config.task=synth_keyword", "--config.progress=False", "--config.num_epochs=1",
+         "--config.batch_size=32", "--config.selection_size=64",
+         "--config.max_train_examples=192", "--config.max_eval_examples=48",
+         "--config.eval_batch_size=16", "--config.eval_every_steps=3",
+         "--config.optimizer.learning_rate=0.01", "--config.optimizer.warmup_steps=2"], tmp_path)
+    assert ((one / "samples_validation.jsonl").read_text()
+            == (two / "samples_validation.jsonl").read_text())
+    assert len((two / "samples_validation.jsonl").read_text().splitlines()) == 48
+
+
 def test_kill_9_then_resume_equals_uninterrupted(synth_dir, tmp_path):
     assert_kill9_resume_is_exact(
         ["--config", f"{CONFIG}:prompt_lora", f"--config.data_dir={synth_dir}",
