@@ -53,12 +53,18 @@ def adamw(learning_rate: float, **kw) -> optax.GradientTransformation:
 
 def dot_dtypes(fn, *args) -> list[str]:
     """The result dtypes of every matmul (dot_general) in fn's jaxpr, nested calls included."""
+    return [out for _, out in primitive_dtypes(fn, ("dot_general",), *args)]
+
+
+def primitive_dtypes(fn, names: tuple[str, ...], *args) -> list[tuple[str, str]]:
+    """(operand dtype, result dtype) of every equation of the primitives `names` in fn's
+    jaxpr, nested calls included."""
     found = []
 
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                found.append(str(eqn.outvars[0].aval.dtype))
+            if eqn.primitive.name in names:
+                found.append((str(eqn.invars[0].aval.dtype), str(eqn.outvars[0].aval.dtype)))
             for param in eqn.params.values():
                 for sub in (param if isinstance(param, (list, tuple)) else [param]):
                     if hasattr(sub, "jaxpr"):

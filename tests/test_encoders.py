@@ -165,3 +165,38 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
     with pytest.raises(UserError,
                        match=r"intermediate\.dense\.(weight|bias) has shape .* does not match"):
         load_pretrained(str(tmp_path))
+
+
+def test_bf16_compute_keeps_layernorm_statistics_and_logits_in_fp32():
+    """dtype=bfloat16: the matmuls run in bf16 and the logits come out fp32 (encoder classifier
+    and T5); LayerNorm statistics are fp32: on inputs near 1000 that differ by a few bf16 steps
+    (where a bf16 E[x^2] - E[x]^2 cancels to garbage) the normalised output matches an fp32
+    LayerNorm of the same inputs."""
+    from lora_jax.models.encoder import Embeddings
+    from t5_hybrid.model import T5ForConditionalGeneration
+    from tests.helpers import primitive_dtypes, tiny_batch, tiny_model
+    from tests.test_t5_hybrid import TINY as T5_TINY
+
+    ids, mask, types = tiny_batch()
+    model = tiny_model(dtype=jnp.bfloat16)
+    params = model.init(jax.random.PRNGKey(0), ids, mask, types)
+    t5 = T5ForConditionalGeneration(T5_TINY, dtype=jnp.bfloat16)
+    t5_params = t5.init(jax.random.PRNGKey(0), ids, mask, ids)
+    for fn, args in ((lambda p: model.apply(p, ids, mask, types), (params,)),
+                     (lambda p: t5.apply(p, ids, mask, ids), (t5_params,))):
+        assert jax.eval_shape(fn, *args).dtype == jnp.float32
+        dots = primitive_dtypes(fn, ("dot_general",), *args)
+        assert sum(out == "bfloat16" for _, out in dots) > len(dots) // 2
+
+    cfg = model.config
+    emb = Embeddings(cfg, dtype=jnp.bfloat16)
+    variables = emb.init(jax.random.PRNGKey(0), ids, types, True)
+    zero = jax.tree_util.tree_map(jnp.zeros_like, variables)  # no positions / token types
+    zero["params"]["LayerNorm"] = variables["params"]["LayerNorm"]  # scale 1, bias 0
+    steps = np.random.default_rng(0).integers(-3, 4, (4, 9, cfg.embedding_size))
+    x = jnp.asarray(1000.0 + 4.0 * steps, jnp.bfloat16)  # exact in bf16 (spacing 4 at 1000)
+    out = emb.apply(zero, ids, types, True, inputs_embeds=x)
+    x32 = np.asarray(x, np.float32)
+    ref = (x32 - x32.mean(-1, keepdims=True)) / np.sqrt(x32.var(-1, keepdims=True)
+                                                        + cfg.layer_norm_eps)
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.05)
