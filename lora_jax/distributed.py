@@ -1,8 +1,10 @@
 """Several processes, one run: JAX's multi-process runtime and how a split's rows are dealt.
 
-    initialize()                       # from the flags or environment, before any JAX work
+    initialize()                       # from the environment, before any JAX work
     shards = DataShards.from_config(config)
-    steps = shards.batches(lengths, batch_size, ...)   # every process computes the same plan
+    enc = data.encode(examples, tokenizer, max_length, shards.rows_to_read(len(examples)))
+    plan = shards.train_batches(enc.lengths, batch_size, seed, epoch, grouping)  # the same
+                                                                     # on every process
 
 Rows. A split of N rows is cut into ``S = config.data_shards`` shards (0: one per process): row
 i belongs to shard ``i % S``, and process p reads, tokenizes and feeds only shards
@@ -187,7 +189,6 @@ def gather_rows(values, rows: np.ndarray, n: int):
     from jax.experimental import multihost_utils
 
     stacked = multihost_utils.process_allgather(full)  # (processes, n, ...)
-    owner = np.zeros(n, np.int64)
     mine = np.zeros(n, np.int64)
     mine[rows] = 1
     owner_of = np.asarray(multihost_utils.process_allgather(mine))  # (processes, n)
