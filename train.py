@@ -21,6 +21,12 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and results.json.")
+flags.DEFINE_string("coordinator_address", "", "Several processes: host:port of process 0 "
+                    "(default: $LORA_JAX_COORDINATOR, set by python -m lora_jax.launch).")
+flags.DEFINE_integer("num_processes", 0, "Several processes: how many (default: "
+                     "$LORA_JAX_NUM_PROCESSES; 0 or 1: a single-process run).")
+flags.DEFINE_integer("process_id", -1, "Several processes: this one's rank, 0..num_processes-1 "
+                     "(default: $LORA_JAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -62,7 +68,8 @@ def main(argv):
     log_packages_at_info()
 
     def body():
-        initialize()  # a no-op unless started by lora_jax.launch or on a cluster
+        # a no-op unless started by lora_jax.launch, on a cluster or with the flags above
+        initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         validate_config(FLAGS.config)  # the shared keys, before the experiment's heavy imports
         check_workdir(FLAGS.workdir, FLAGS.config.get("resume", False))  # before any data or weights load
         results = run(FLAGS.config, FLAGS.workdir)

@@ -136,6 +136,19 @@ def test_initialize_refuses_a_half_described_run(monkeypatch):
         distributed.initialize()
 
 
+def test_train_py_with_half_the_process_flags_is_a_one_line_error(tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config",
+                           str(ROOT / "configs" / "quickstart.py"), f"--workdir={tmp_path / 'w'}",
+                           "--num_processes=2", "--process_id=0"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: a 2-process run needs a coordinator address")
+    assert not (tmp_path / "w").exists()
+
+
 # ----------------------------------------------------------------------------- writers
 
 
