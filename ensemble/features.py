@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import data as data_lib
-from lora_jax.distributed import DataShards, is_main_process, map_encoded
+from lora_jax.distributed import DataShards, barrier, is_main_process, map_encoded
 from lora_jax.models import Encoder
 from lora_jax.models.encoder import pool
 
@@ -164,7 +164,7 @@ class FeatureStore:
         if not os.path.isdir(self.dir):
             return []
         return sorted(p for p in os.listdir(self.dir) if p.startswith("part-") and
-                      p.endswith(".npz"))
+                      p.endswith(".npz") and ".tmp" not in p)
 
     def lookup(self, keys: np.ndarray):
         """(found (N,) bool, modules, base): arrays hold zeros where not found."""
@@ -214,6 +214,7 @@ def cached_features(cache_dir: str, settings: dict, texts, compute: Callable):
     if len(missing):
         new_m, new_b = compute(missing)
         store.add(keys[missing], new_m, new_b)
+        barrier("feature cache written")  # no process looks up the next split before this
         if modules is None:
             modules = np.zeros((len(keys), *new_m.shape[1:]), np.float32)
             base = np.zeros((len(keys), *new_b.shape[1:]), np.float32)

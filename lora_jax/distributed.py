@@ -165,6 +165,14 @@ def steps_per_epoch(n: int, batch_size: int, count: int = 1) -> int:
 # ----------------------------------------------------------------------------- across processes
 
 
+def barrier(name: str) -> None:
+    """Wait until every process gets here (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def sum_over_processes(x: np.ndarray) -> np.ndarray:
     """Element-wise sum of a host array over the processes (each contributes its rows, zeros
     elsewhere); the array itself when there is one process."""

@@ -217,6 +217,19 @@ def train_py(args: list[str], workdir, processes: int = 1, data_shards: int = 2,
                           timeout=timeout)
 
 
+def failure_excerpt(output: str, limit: int = 4000) -> str:
+    """The part of a failed command's output that says why: from the first traceback or fatal
+    error on (a crash's list of loaded extension modules cut), else the end."""
+    marks = [i for i in (output.find("Traceback"), output.find("Fatal Python error"),
+                         output.find("error:")) if i >= 0]
+    start = min(marks) if marks else max(len(output) - limit, 0)
+    text = output[start:]
+    cut = text.find("Extension modules:")
+    if cut >= 0:
+        text = text[:cut] + text[text.find("\n", cut) + 1:]
+    return text[:limit]
+
+
 def logged_metrics(workdir) -> list[dict]:
     """metrics.jsonl lines without the wall-clock field."""
     import pathlib
@@ -253,7 +266,7 @@ def assert_two_processes_equal_one(args: list[str], tmp_path, own_cache: bool = 
     for workdir, processes in ((two, 2), (one, 1)):
         cache = [f"--config.feature_cache={workdir}_cache"] if own_cache else []
         proc = train_py([*args, *cache], workdir, processes)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        assert proc.returncode == 0, failure_excerpt(proc.stdout + proc.stderr)
     assert_same_run(one, two)
     a = json.loads((one / "results.json").read_text())
     b = json.loads((two / "results.json").read_text())

@@ -187,7 +187,9 @@ def test_dropout_only_when_training():
 
 
 def test_row_cache_computes_each_example_once(tmp_path):
-    from ensemble.features import cached_features
+    import os
+
+    from ensemble.features import FeatureStore, cached_features
 
     calls = []
 
@@ -212,6 +214,13 @@ def test_row_cache_computes_each_example_once(tmp_path):
     assert n_new == 0 and seconds == 0.0 and len(calls) == 2
     cached_features(str(tmp_path), {**settings, "agg1": "max"}, second, make_compute(second))
     assert calls[-1] == ["bbb", "cccc"]  # other settings: another store
+    # a part another process is still writing (its temporary file) is not read
+    store_dir = FeatureStore(str(tmp_path), settings).dir
+    with open(os.path.join(store_dir, "part-00009-123.npz.tmp.npz"), "wb") as f:
+        f.write(b"half a file")
+    m, _, _, n_new = cached_features(str(tmp_path), settings, second, make_compute(second))
+    assert n_new == 0
+    np.testing.assert_array_equal(m[:, 0, 0], [3, 4])
 
 
 def test_all_padding_rows_aggregate_to_zero_not_infinity():

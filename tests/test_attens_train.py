@@ -19,6 +19,7 @@ from tests.helpers import (
     assert_kill9_resume_is_exact,
     assert_same_run,
     assert_two_processes_equal_one,
+    failure_excerpt,
     override,
     train_py,
 )
@@ -169,13 +170,13 @@ def test_two_processes_equal_one(module_set, tmp_path):
     computing the features into its own cache: the same selection, metrics, logged lines and
     combiner; then a two-process run on the cached features ends the same again."""
     root, model, data = module_set
-    args = [*attens_args(root, model, data), "--config.num_epochs=2"]
+    args = [*attens_args(root, model, data), "--config.num_epochs=1"]
     one, two = assert_two_processes_equal_one(args, tmp_path, own_cache=True)
     results = json.loads((two / "results.json").read_text())
     assert not any(results["feature_cache_hits"].values())
     cached = tmp_path / "cached"
     proc = train_py([*args, f"--config.feature_cache={two}_cache"], cached, processes=2)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert proc.returncode == 0, failure_excerpt(proc.stdout + proc.stderr)
     assert all(json.loads((cached / "results.json").read_text())["feature_cache_hits"].values())
     assert_same_run(two, cached)
 

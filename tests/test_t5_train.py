@@ -171,12 +171,12 @@ def test_two_processes_equal_one(synth_dir, tmp_path):
         ["--config", f"{CONFIG}:prompt_lora", f"--config.data_dir={synth_dir}",
          "--config.task=synth_keyword", "--config.progress=False", "--config.num_epochs=1",
          "--config.batch_size=32", "--config.selection_size=64",
-         "--config.max_train_examples=192", "--config.max_eval_examples=48",
-         "--config.eval_batch_size=16", "--config.eval_every_steps=3",
+         "--config.max_train_examples=128", "--config.max_eval_examples=32",
+         "--config.eval_batch_size=16", "--config.eval_every_steps=2",
          "--config.optimizer.learning_rate=0.01", "--config.optimizer.warmup_steps=2"], tmp_path)
     assert ((one / "samples_validation.jsonl").read_text()
             == (two / "samples_validation.jsonl").read_text())
-    assert len((two / "samples_validation.jsonl").read_text().splitlines()) == 48
+    assert len((two / "samples_validation.jsonl").read_text().splitlines()) == 32
 
 
 def test_kill_9_then_resume_equals_uninterrupted(synth_dir, tmp_path):
