@@ -281,32 +281,34 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 @dataclasses.dataclass
 class Encoded:
-    """Token ids of a split: ragged lists of int32 arrays, plus labels (N,).
+    """Token ids of a split: ragged lists of int32 arrays, labels (N,), and every row's token
+    count `row_lengths` (N,), computed once (batches are padded and ordered by it).
 
     A process of a multi-process run tokenizes only its rows (`encode` with `rows`): the other
-    rows hold empty arrays, and `row_lengths` (every row's token count, shared by all
-    processes) stands in for their lengths.
+    rows hold empty arrays, and `row_lengths` (shared by all processes) gives their lengths.
     """
 
     input_ids: list[np.ndarray]
     token_type_ids: list[np.ndarray]
     labels: np.ndarray
-    row_lengths: np.ndarray | None = None
+    row_lengths: np.ndarray | None = None  # None: counted from input_ids
+
+    def __post_init__(self):
+        if self.row_lengths is None:
+            self.row_lengths = np.fromiter((len(x) for x in self.input_ids), np.int64,
+                                           len(self.input_ids))
 
     def __len__(self) -> int:
         return len(self.labels)
 
     @property
     def lengths(self) -> np.ndarray:
-        if self.row_lengths is not None:
-            return self.row_lengths
-        return np.fromiter((len(x) for x in self.input_ids), np.int64, len(self.input_ids))
+        return self.row_lengths
 
     def subset(self, idx) -> Encoded:
         idx = np.asarray(idx, np.int64)
         return Encoded([self.input_ids[i] for i in idx], [self.token_type_ids[i] for i in idx],
-                       self.labels[idx],
-                       None if self.row_lengths is None else self.row_lengths[idx])
+                       self.labels[idx], self.row_lengths[idx])
 
 
 def encode(examples: Examples, tokenizer, max_length: int,

@@ -26,32 +26,33 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class Pairs:
     """A split's (source, target) texts and, once tokenized, their ids (ragged int32,
-    EOS-terminated). A process of a multi-process run tokenizes only its rows (`encode_pairs`
-    with `rows`): the others hold empty arrays and `row_lengths` ((N, 2): source and target
-    tokens of every row, shared by all processes) stands in for their lengths."""
+    EOS-terminated) and `row_lengths` ((N, 2): source and target tokens of every row, computed
+    once). A process of a multi-process run tokenizes only its rows (`encode_pairs` with
+    `rows`): the others hold empty arrays and `row_lengths` (shared by all processes) gives
+    their lengths."""
 
     sources: list[str]
     targets: list[str]
     source_ids: list[np.ndarray]
     target_ids: list[np.ndarray]
-    row_lengths: np.ndarray | None = None
+    row_lengths: np.ndarray | None = None  # None: counted from the ids once tokenized
+
+    def __post_init__(self):
+        if self.row_lengths is None and len(self.source_ids) == len(self.sources):
+            self.row_lengths = np.array([[len(s), len(t)] for s, t in zip(
+                self.source_ids, self.target_ids, strict=True)], np.int64).reshape(-1, 2)
 
     def __len__(self) -> int:
         return len(self.sources)
 
-    def _lengths(self, column: int, ids: list[np.ndarray]) -> np.ndarray:
-        if self.row_lengths is not None:
-            return self.row_lengths[:, column]
-        return np.fromiter((len(x) for x in ids), np.int64, len(self))
-
     @property
     def lengths(self) -> np.ndarray:
         """(N,) source tokens per row (what batches are sorted and grouped by)."""
-        return self._lengths(0, self.source_ids)
+        return self.row_lengths[:, 0]
 
     @property
     def target_lengths(self) -> np.ndarray:
-        return self._lengths(1, self.target_ids)
+        return self.row_lengths[:, 1]
 
     def subset(self, idx: Sequence[int]) -> Pairs:
         idx = np.asarray(idx, np.int64)
