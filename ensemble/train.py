@@ -211,9 +211,9 @@ def prepare_attens(config) -> AttensSetup:
     trainer.check_divisible_by_devices(config, ("batch_size", "eval_batch_size",
                                                 "feature_batch_size"))
     task = resolve_task(config)
+    shards = DataShards.from_config(config)
     fx = build_feature_extractor(config)
     examples, sources = data_lib.load_examples(config, task)
-    shards = DataShards.from_config(config)
     encoded = {name: data_lib.encode(ex, fx.tokenizer, fx.max_length, shards.rows_to_read(len(ex)))
                for name, ex in examples.items()}
     settings = feature_settings(config, fx.base_params, fx.tokenizer, fx.stacked, fx.heads,

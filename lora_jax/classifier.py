@@ -149,12 +149,13 @@ def prepare(config, with_data: bool = True) -> Setup:
     if config.experiment == "zero_shot":
         config.num_epochs = 0
     patterns = trainable_patterns(config)
+    shards = DataShards.from_config(config)
+    # the data before the model: a bad row is reported before seconds of model loading
+    examples, sources = data_lib.load_examples(config, task) if with_data else ({}, {})
     pretrained = load_pretrained(config.model)
     model_dir, enc_cfg = pretrained.model_dir, pretrained.config
     model = build_model(config, enc_cfg, task)
     tokenizer = data_lib.load_tokenizer(model_dir, config.tokenizer)
-    shards = DataShards.from_config(config)
-    examples, sources = data_lib.load_examples(config, task) if with_data else ({}, {})
     max_len = min(config.max_length, enc_cfg.max_position_embeddings)
     splits = {k: data_lib.encode(v, tokenizer, max_len, shards.rows_to_read(len(v)))
               for k, v in examples.items()}

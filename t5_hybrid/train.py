@@ -111,10 +111,12 @@ def prepare(config, with_data: bool = True) -> Setup:
     if config.variant == "base":
         config.num_epochs = 0
     trainer.check_divisible_by_devices(config, ("batch_size", "eval_batch_size"))
-    t5_config, params, tokenizer = load_model(config)
+    shards = DataShards.from_config(config)
     prefix = task.prefix if adapters.uses_prefix(config.variant) else ""
+    # the data before the model: a bad row is reported before seconds of model loading
     raw, sources, selection_name = (load_pairs(config, task, prefix) if with_data
                                     else ({}, {}, "selection"))
+    t5_config, params, tokenizer = load_model(config)
     max_src = config.max_source_length or task.max_source_length
     max_tgt = config.max_target_length or task.max_target_length
     # held-out slice and caps first (seeded over whole splits), then each process tokenizes
@@ -128,7 +130,6 @@ def prepare(config, with_data: bool = True) -> Setup:
     for name in list(splits):
         if name != "train":
             splits[name] = cap(splits[name], config.max_eval_examples, data_lib.EVAL_SUBSET_SEED)
-    shards = DataShards.from_config(config)
     splits = {k: encode_pairs(v, tokenizer, max_src, max_tgt, sources.get(k, k),
                               shards.rows_to_read(len(v))) for k, v in splits.items()}
     model = T5ForConditionalGeneration(t5_config, lora_dropout=config.lora.dropout,

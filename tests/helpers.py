@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -257,15 +259,16 @@ def assert_same_run(one, two, atol: float = 0.0) -> None:
             np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=atol)
 
 
-def assert_two_processes_equal_one(args: list[str], tmp_path, own_cache: bool = False) -> tuple:
-    """The same run (2 data shards) in two processes (``lora_jax.launch``) and in one: the
+def assert_two_processes_equal_one(args: list[str], tmp_path, one_args: Sequence[str] = (),
+                                   two_args: Callable[[Any], list[str]] | None = None) -> tuple:
+    """The same run (2 data shards) in one process, then in two (``lora_jax.launch``): the
     same selection, metrics, logged lines and trained trees, and the same files written.
-    own_cache: each run computes its AttEns features into its own cache. Returns the workdirs
-    (one process, two processes)."""
+    one_args: more arguments of the one-process run; two_args(one-process workdir): more
+    arguments of the two-process run. Returns the workdirs (one process, two processes)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    for workdir, processes in ((two, 2), (one, 1)):
-        cache = [f"--config.feature_cache={workdir}_cache"] if own_cache else []
-        proc = train_py([*args, *cache], workdir, processes)
+    for workdir, processes, extra in ((one, 1, lambda: list(one_args)),
+                                      (two, 2, lambda: two_args(one) if two_args else [])):
+        proc = train_py([*args, *extra()], workdir, processes)
         assert proc.returncode == 0, failure_excerpt(proc.stdout + proc.stderr)
     assert_same_run(one, two)
     a = json.loads((one / "results.json").read_text())

@@ -144,8 +144,15 @@ def test_encode_pairs_with_token_types(minilm_l3):
 
 
 def test_hub_dataset_offline_is_a_one_line_error(monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    # the libraries read these variables once, at import (an earlier test may have imported
+    # them); without the attributes too, the call would wait on network timeouts
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="from the Hugging Face Hub .*--config.data_dir"):
         data.load_split(get_task("rte"), "train", "hub")
 

@@ -205,12 +205,14 @@ def test_kill_9_of_one_process_stops_the_run_and_resume_equals_uninterrupted(cla
                                                                              tmp_path):
     _, two = classifier_runs
     killed = tmp_path / "killed"
+    at = int(np.random.default_rng(int(time.time())).integers(2, 7))  # a checkpoint of 2..6 (of 10 steps)
+    print(f"killing process 1 once the checkpoint of step {at} or later exists")
     launcher = train_py(CLASSIFIER_ARGS, killed, processes=2, wait=False)
     ckpts, deadline, victim = killed / "checkpoints", time.time() + 600, None
     while time.time() < deadline and launcher.poll() is None:
         steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if (
             ckpts.is_dir()) else []
-        if steps and max(steps) >= 4:
+        if steps and max(steps) >= at:
             children = _children(launcher.pid)
             victim, survivor = children[1], children[0]
             os.kill(victim, signal.SIGKILL)

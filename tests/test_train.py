@@ -25,7 +25,7 @@ from lora_jax.errors import UserError
 from lora_jax.experiments import load_config
 from lora_jax.synthetic import make_quickstart_assets
 from lora_jax.trainer import Placement, restore_trainable
-from tests.helpers import assert_kill9_resume_is_exact, dot_dtypes, override
+from tests.helpers import dot_dtypes, override
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "quickstart.py")
@@ -95,14 +95,7 @@ def test_ffn_and_zero_shot_train_only_the_head(assets, tmp_path):
     assert ffn["metrics"]["validation"]["accuracy"] > zs["metrics"]["validation"]["accuracy"]
 
 
-@pytest.mark.slow
-def test_kill_9_then_resume_equals_uninterrupted(assets, tmp_path):
-    model, data = assets
-    assert_kill9_resume_is_exact(
-        ["--config", CONFIG, f"--config.model={model}", f"--config.data_dir={data}",
-         "--config.progress=False", "--config.num_epochs=2", "--config.max_train_examples=192",
-         "--config.checkpoint_every_steps=2", "--config.eval_every_steps=5",
-         "--config.max_eval_examples=64"], tmp_path)
+# kill -9 then resume of the classifier: tests/test_multiprocess.py (two processes, one killed)
 
 
 DP_SCRIPT = """
