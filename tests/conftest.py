@@ -35,34 +35,6 @@ def pytest_configure(config):
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 
-SLOW_TEST_SECONDS, TEST_SECONDS = 60, 3  # rough costs, for ordering the files only
-
-
-def pytest_collection_modifyitems(config, items):
-    """Longest files first: with ``--dist loadfile --no-loadscope-reorder`` the two workers
-    take files in this order, so the few files with minute-long tests (marked ``slow``) start
-    first and the many short ones fill the end, instead of a slow file starting last.
-
-    A file's estimated cost: SLOW_TEST_SECONDS per slow test function (parametrized copies
-    share fixtures, so they count once) plus TEST_SECONDS per other test. Within a file the
-    order is unchanged.
-    """
-    cost: dict[str, float] = {}
-    slow_seen: set[tuple[str, str]] = set()
-    for item in items:
-        path = item.nodeid.split("::")[0]
-        key = (path, getattr(item, "originalname", item.name))
-        slow = item.get_closest_marker("slow") is not None
-        cost[path] = cost.get(path, 0.0) + (
-            (SLOW_TEST_SECONDS if key not in slow_seen else 0.0) if slow else TEST_SECONDS)
-        if slow:
-            slow_seen.add(key)
-    first = {path: i for i, path in enumerate(dict.fromkeys(i.nodeid.split("::")[0]
-                                                            for i in items))}
-    items.sort(key=lambda item: (-cost[item.nodeid.split("::")[0]],
-                                 first[item.nodeid.split("::")[0]]))
-
-
 def pytest_unconfigure(config):
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
     if (os.path.basename(cache).startswith("lora_jax_tests_jit_")

@@ -157,14 +157,12 @@ def test_early_stopping_works_for_attens(module_set, tmp_path):
     assert r["stopped_early"] and (r["best_step"], r["last_step"]) == (5, 15)
 
 
-@pytest.mark.slow
 def test_kill_9_then_resume_equals_uninterrupted(module_set, tmp_path):
     root, model, data = module_set
     args = attens_args(root, model, data)
     assert_kill9_resume_is_exact(args, tmp_path)
 
 
-@pytest.mark.slow
 def test_two_processes_equal_one(module_set, tmp_path):
     """One process computes every feature into its own cache; two processes (lora_jax.launch)
     then start from a copy of that cache holding only the train split's features: they read

@@ -181,7 +181,6 @@ def classifier_runs(tmp_path_factory):
 
 
 @needs_shared
-@pytest.mark.slow
 def test_classifier_in_two_processes_equals_one(classifier_runs):
     one, two = classifier_runs  # compared in the fixture: selection, metrics, lines, trees
     results = json.loads((two / "results.json").read_text())
@@ -202,7 +201,6 @@ def _children(pid: int) -> dict[int, int]:
 
 @needs_shared
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.slow
 def test_kill_9_of_one_process_stops_the_run_and_resume_equals_uninterrupted(classifier_runs,
                                                                              tmp_path):
     _, two = classifier_runs

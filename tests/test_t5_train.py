@@ -179,7 +179,6 @@ def test_two_processes_equal_one(synth_dir, tmp_path):
     assert len((two / "samples_validation.jsonl").read_text().splitlines()) == 32
 
 
-@pytest.mark.slow
 def test_kill_9_then_resume_equals_uninterrupted(synth_dir, tmp_path):
     assert_kill9_resume_is_exact(
         ["--config", f"{CONFIG}:prompt_lora", f"--config.data_dir={synth_dir}",
