@@ -146,9 +146,10 @@ def test_data_parallel_and_fsdp_on_8_devices_match_1(assets, tmp_path):
         assert infos[name]["devices"] == n
         outs[name] = np.load(tmp_path / f"{name}.npz")
     assert infos["fsdp"]["mesh"] == {"data": 2, "fsdp": 4}
-    for name in ("data8", "fsdp"):
-        for key in outs["one"].files:
-            np.testing.assert_allclose(outs[name][key], outs["one"][key], atol=2e-5, rtol=1e-4)
+    # the bound, 1e-5 absolute (measured: at most 9.1e-8 from one device)
+    for name, ref in (("data8", "one"), ("fsdp", "one"), ("fsdp", "data8")):
+        for key in outs[ref].files:
+            np.testing.assert_allclose(outs[name][key], outs[ref][key], atol=1e-5, rtol=0)
         assert infos[name]["metrics"] == infos["one"]["metrics"]
     for path, (full, shard) in infos["fsdp"]["kernels"].items():
         assert infos["data8"]["kernels"][path] == [full, full], path  # replicated
