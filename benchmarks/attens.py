@@ -102,7 +102,7 @@ def attens_config(model_dir: str, data_dir: str, module_dir: str, modules: list[
 
 
 def measure_features(model_dir: str, module_dir: str, config, batch: int, length: int,
-                     rounds: int) -> dict:
+                     rounds: int, gemm_size: int = 2048) -> dict:
     """Stacked k-adapter features against k + 1 sequential single-adapter passes."""
     import jax
     import jax.numpy as jnp
@@ -132,9 +132,9 @@ def measure_features(model_dir: str, module_dir: str, config, batch: int, length
     one_by_one = runs["sequential"]()
     np.testing.assert_allclose(np.asarray(modules), np.stack(one_by_one[:-1], 1), atol=1e-4)
     np.testing.assert_allclose(np.asarray(base), np.asarray(one_by_one[-1]), atol=1e-4)
-    gemm = [gemm_rates()]
+    gemm = [gemm_rates(size=gemm_size)]
     seconds = alternating_rounds(runs, rounds)
-    gemm.append(gemm_rates())
+    gemm.append(gemm_rates(size=gemm_size))
     cfg = load_cfg(model_dir)
     flops = (fx.k + 1) * encoder_forward_flops(batch, length, cfg.hidden_size,
                                                cfg.intermediate_size, cfg.num_layers)
@@ -344,8 +344,10 @@ def measure_end_to_end(model_dir: str, data_dir: str, module_dir: str, names: li
 
 
 def measure(model_dir: str, k: int, n_train: int, n_validation: int, epochs: int,
-            max_length: int, feature_batch: int, feature_length: int, rounds: int) -> list[dict]:
-    """[features benchmark, end-to-end benchmark] on one random module set."""
+            max_length: int, feature_batch: int, feature_length: int, rounds: int,
+            gemm_size: int = 2048) -> list[dict]:
+    """[features benchmark, end-to-end benchmark] on one random module set (`gemm_size`: the
+    side of the roofline's square matmul)."""
     from lora_jax.synthetic import make_sentiment_task
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -356,7 +358,7 @@ def measure(model_dir: str, k: int, n_train: int, n_validation: int, epochs: int
         config = attens_config(model_dir, data_dir, module_dir, names, n_train, n_validation,
                                epochs, max_length, os.path.join(scratch, "unused_cache"))
         features = measure_features(model_dir, module_dir, config, feature_batch,
-                                    feature_length, rounds)
+                                    feature_length, rounds, gemm_size)
         end_to_end = measure_end_to_end(model_dir, data_dir, module_dir, names, n_train,
                                         n_validation, epochs, max_length, scratch)
     return [features, end_to_end]

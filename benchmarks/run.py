@@ -40,14 +40,14 @@ from lora_jax.cli import ArgumentParser, fail
 
 # train (steps per round, rounds, shapes); t5 train (batch, source, target, steps);
 # t5 generation (batch, source, new); attens (k, train rows, validation rows, epochs, length,
-# feature batch, feature length)
+# feature batch, feature length); gemm: the side of the roofline's square matmul
 SCALES = {
     "full": dict(steps=20, rounds=3, shapes=((32, 64), (32, 128)), t5_train=(16, 64, 16, 10),
-                 t5_generate=(16, 64, 64), attens=(6, 512, 256, 20, 64, 32, 128)),
+                 t5_generate=(16, 64, 64), attens=(6, 512, 256, 20, 64, 32, 128), gemm=2048),
     "quick": dict(steps=8, rounds=3, shapes=((32, 64), (32, 128)), t5_train=(16, 64, 16, 4),
-                  t5_generate=(16, 64, 64), attens=(6, 192, 96, 20, 64, 32, 128)),
+                  t5_generate=(16, 64, 64), attens=(6, 192, 96, 20, 64, 32, 128), gemm=2048),
     "smoke": dict(steps=2, rounds=2, shapes=((4, 16),), t5_train=(2, 8, 4, 2),
-                  t5_generate=(2, 8, 4), attens=(2, 32, 16, 2, 16, 4, 16)),
+                  t5_generate=(2, 8, 4), attens=(2, 32, 16, 2, 16, 4, 16), gemm=256),
 }
 
 
@@ -117,7 +117,7 @@ def main() -> int:
     if not os.path.isdir(a.out_dir):
         fail(f"--out-dir {a.out_dir!r} is not a folder")
     scale = SCALES["smoke" if a.smoke else "quick" if a.quick else "full"]
-    steps, rounds = scale["steps"], scale["rounds"]
+    steps, rounds, gemm = scale["steps"], scale["rounds"], scale["gemm"]
     start = time.perf_counter()
     benchmarks = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,18 +125,18 @@ def main() -> int:
         for batch, length in scale["shapes"]:
             print(f"train step, batch {batch}, length {length} ...", file=sys.stderr)
             benchmarks[f"train_l{length}"] = train_throughput.measure(
-                model, batch, length, steps, rounds, a.dtype)
+                model, batch, length, steps, rounds, a.dtype, gemm)
         print("T5 train step ...", file=sys.stderr)
         batch, source, target, t5_steps = scale["t5_train"]
         benchmarks["t5_train"] = t5_train.measure(batch, source, target, t5_steps, rounds,
-                                                  a.dtype)
+                                                  a.dtype, gemm)
         print("T5 generation ...", file=sys.stderr)
         benchmarks["t5_generate"] = t5_generate.measure(*scale["t5_generate"], rounds,
-                                                        dtype=a.dtype)
+                                                        dtype=a.dtype, gemm_size=gemm)
         print("AttEns features and end to end ...", file=sys.stderr)
         k, n_train, n_val, epochs, length, f_batch, f_length = scale["attens"]
         benchmarks["attens_features"], benchmarks["attens_end_to_end"] = attens.measure(
-            model, k, n_train, n_val, epochs, length, f_batch, f_length, rounds)
+            model, k, n_train, n_val, epochs, length, f_batch, f_length, rounds, gemm)
     results = {"benchmarks": benchmarks, "model": a.model, "dtype": a.dtype, "scale": scale,
                "wall_s": round(time.perf_counter() - start), "environment": environment()}
     stem = os.path.join(a.out_dir, f"bench_{machine_slug()}")

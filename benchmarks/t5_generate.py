@@ -49,10 +49,11 @@ def random_t5(config: dict = CONFIG, **model_kwargs):
 
 
 def measure(batch: int, source: int, new: int, rounds: int, beams: int = 4,
-            dtype: str = "float32") -> dict:
+            dtype: str = "float32", gemm_size: int = 2048) -> dict:
     """The benchmark's figures (see the module docstring): one comparison for greedy decoding
     and one for beam search with `beams` beams. PyTorch runs on CUDA when there is one, its
-    model cast to bf16 when `dtype` is bfloat16."""
+    model cast to bf16 when `dtype` is bfloat16; `gemm_size` is the side of the roofline's
+    square matmul."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -60,7 +61,7 @@ def measure(batch: int, source: int, new: int, rounds: int, beams: int = 4,
     from lora_jax.trainer import DTYPES
     from t5_hybrid.generate import make_generate
 
-    gemm = [gemm_rates(dtype)]
+    gemm = [gemm_rates(dtype, gemm_size)]
     tm, cfg, model, variables = random_t5(dtype=DTYPES[dtype])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tm = tm.to(device, getattr(torch, dtype))
@@ -86,7 +87,7 @@ def measure(batch: int, source: int, new: int, rounds: int, beams: int = 4,
         uncached = make_generate(model, new, use_cache=False)(variables, jids, jmask)
         np.testing.assert_array_equal(first["jax_1"], np.asarray(uncached))
         seconds = alternating_rounds(runs, rounds)
-    gemm.append(gemm_rates(dtype))
+    gemm.append(gemm_rates(dtype, gemm_size))
     rows = []
     for n in (1, beams):
         flops = t5_decode_flops(batch, source, new, cfg.d_model, cfg.num_heads * cfg.d_kv,

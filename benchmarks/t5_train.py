@@ -94,13 +94,14 @@ def make_runners(batch: int, source: int, target: int, dtype: str = "float32"):
 
 
 def measure(batch: int, source: int, target: int, steps: int, rounds: int,
-            dtype: str = "float32") -> dict:
-    """The benchmark's figures (see the module docstring) as a dict with one comparison."""
-    gemm = [gemm_rates(dtype)]
+            dtype: str = "float32", gemm_size: int = 2048) -> dict:
+    """The benchmark's figures (see the module docstring) as a dict with one comparison;
+    `gemm_size` is the side of the roofline's square matmul."""
+    gemm = [gemm_rates(dtype, gemm_size)]
     jax_run, torch_run, cfg = make_runners(batch, source, target, dtype)
     seconds = alternating_rounds({"jax": lambda: jax_run(steps),
                                   "torch": lambda: torch_run(steps)}, rounds)
-    gemm.append(gemm_rates(dtype))
+    gemm.append(gemm_rates(dtype, gemm_size))
     flops = t5_train_step_flops(batch, PROMPT_TOKENS + source, target, cfg.d_model,
                                 cfg.num_heads * cfg.d_kv, cfg.d_ff, cfg.num_layers,
                                 cfg.num_decoder_layers, cfg.vocab_size, RANK)

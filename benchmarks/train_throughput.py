@@ -99,14 +99,15 @@ def make_torch_runner(model_dir: str, batch: int, length: int, dtype: str = "flo
 
 
 def measure(model: str, batch: int, length: int, steps: int, rounds: int,
-            dtype: str = "float32") -> dict:
-    """The benchmark's figures (see the module docstring) as a dict with one comparison."""
-    gemm = [gemm_rates(dtype)]
+            dtype: str = "float32", gemm_size: int = 2048) -> dict:
+    """The benchmark's figures (see the module docstring) as a dict with one comparison;
+    `gemm_size` is the side of the roofline's square matmul."""
+    gemm = [gemm_rates(dtype, gemm_size)]
     jax_run, cfg = make_jax_runner(model, batch, length, dtype)
     torch_run = make_torch_runner(model, batch, length, dtype)
     seconds = alternating_rounds({"jax": lambda: jax_run(steps),
                                   "torch": lambda: torch_run(steps)}, rounds)
-    gemm.append(gemm_rates(dtype))
+    gemm.append(gemm_rates(dtype, gemm_size))
     flops = lora_encoder_step_flops(batch, length, cfg.hidden_size, cfg.intermediate_size,
                                     cfg.num_layers, RANK, len(ADAPTED))
     row = comparison(f"LoRA train step, batch {batch}, length {length}", "examples/s",

@@ -33,6 +33,11 @@ def pytest_configure(config):
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+    # PyTorch (the reference side of the parity tests and the benchmark peers) runs one
+    # intra-op thread: the suite runs one worker per core, and a pool of one thread per core
+    # spins against the other worker (measured: the benchmark smoke run took 98 s, 50 s with
+    # one thread, on 2 busy cores). Results do not depend on it; XLA's pool ignores it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_unconfigure(config):
