@@ -10,6 +10,19 @@ import time
 from collections.abc import Callable
 
 
+def cpu_model() -> str:
+    """The host CPU's model name (Linux /proc/cpuinfo, else `platform.processor()`): machines of
+    the same kind and core count differ from one session to the next."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment() -> dict:
     """Library versions, the machine the figures were measured on, the code (git commit), the
     date and the exact command."""
@@ -23,6 +36,7 @@ def environment() -> dict:
             "torch_threads": torch.get_num_threads(),
             "machine": f"{platform.machine()} {dev.platform.upper()} ({dev.device_kind}), "
                        f"{os.cpu_count()} CPU cores",
+            "cpu": cpu_model(),
             "git_commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
             "command": command_line()}
 

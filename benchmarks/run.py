@@ -94,7 +94,7 @@ def markdown(results: dict) -> str:
                  f"features equal to {e2e['max_feature_difference']:.1e}."]
     env = results["environment"]
     return "\n".join([
-        f"# Benchmarks on {env['machine']}", "",
+        f"# Benchmarks on {env['machine']}" + (f" ({env['cpu']})" if env.get('cpu') else ""), "",
         f"`{env['command']}` at commit {env['git_commit']}, {env['date']}, "
         f"{results['wall_s']} s; peer = PyTorch {env['torch']} (+ PEFT), ours = JAX {env['jax']}, "
         f"{results['dtype']}. Medians of alternating rounds [slowest-fastest round]; % of GEMM = "

@@ -109,7 +109,7 @@ def test_benchmark_run_smoke_writes_json_and_table(minilm_l3, tmp_path):
                             "attens_end_to_end"}
     env = results["environment"]
     assert env["command"].startswith("python -m benchmarks.run --smoke")
-    assert env["git_commit"] and env["machine"] and env["date"]
+    assert env["git_commit"] and env["machine"] and env["cpu"] and env["date"]
     table = json_file.with_suffix(".md").read_text()
     for name, bench in benches.items():
         for row in bench["comparisons"]:
