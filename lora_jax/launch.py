@@ -65,6 +65,14 @@ def describe_exit(code: int) -> str:
     return f"exited with status {code}"
 
 
+def first_failure(codes: list[int | None]) -> tuple[int, int] | None:
+    """(process id, exit code) of the failure to report among `codes` (``Popen.poll()`` of each
+    process), or None. A process killed by a signal comes first: its peers then fail in their
+    collectives, and may exit before the launcher looks."""
+    failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+    return min(failed, key=lambda ic: (ic[1] >= 0, ic[0])) if failed else None
+
+
 def stop(procs: list[subprocess.Popen]) -> None:
     """SIGTERM every process still running, SIGKILL what is left after GRACE_SECONDS."""
     for p in procs:
@@ -99,9 +107,9 @@ def launch(command: list[str], processes: int, platform: str = "cpu",
     try:
         while True:
             codes = [p.poll() for p in procs]
-            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            failed = first_failure(codes)
             if failed:
-                i, code = failed[0]
+                i, code = failed
                 running = sum(c is None for c in codes)
                 print(f"error: process {i} of {processes} {describe_exit(code)}"
                       + (f"; stopping the other {running}" if running else ""),

@@ -145,21 +145,29 @@ def _state_dict(trainable, opt_state, best_trainable) -> dict:
     return {"trainable": trainable, "opt_state": opt_state, "best_trainable": best_trainable}
 
 
-def restore_train_state(mngr: ocp.CheckpointManager, trainable, opt_state):
-    """(step, trainable, opt_state, best, stopped_early) from the latest checkpoint."""
+def restore_train_state(mngr: ocp.CheckpointManager, trainable, opt_state,
+                        data_shards: int = 1):
+    """(step, trainable, opt_state, best, stopped_early) from the latest checkpoint, which must
+    have been written with the same `data_shards` (the batches depend on it)."""
     step = mngr.latest_step()
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
                                       _state_dict(trainable, opt_state, trainable))
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     state, loop = restored["state"], restored["meta"]["loop"]
+    saved = loop.get("data_shards", data_shards)  # absent in checkpoints of older versions
+    if saved != data_shards:
+        raise UserError(
+            f"the checkpoints in {mngr.directory} were written with data_shards={saved} and "
+            f"this run has data_shards={data_shards}: the batches depend on it, so resume with "
+            f"--config.data_shards={saved} (and a process count that divides it)")
     score = -np.inf if loop["best_score"] is None else loop["best_score"]
     best = Best(score, loop["best_step"], state["best_trainable"])
     return step, state["trainable"], state["opt_state"], best, loop["stopped_early"]
 
 
 def save_train_state(mngr: ocp.CheckpointManager, step: int, trainable, opt_state, best: Best,
-                     stopped_early: bool, meta: dict) -> None:
+                     stopped_early: bool, meta: dict, data_shards: int = 1) -> None:
     """Write the state of `step` and wait until it is on disk.
 
     The best score travels in the JSON metadata as the exact Python float: stored as float32 it
@@ -168,7 +176,8 @@ def save_train_state(mngr: ocp.CheckpointManager, step: int, trainable, opt_stat
     `opt_state`, which an asynchronous write might still be reading.
     """
     loop = {"best_score": None if not np.isfinite(best.score) else float(best.score),
-            "best_step": int(best.step), "stopped_early": bool(stopped_early)}
+            "best_step": int(best.step), "stopped_early": bool(stopped_early),
+            "data_shards": int(data_shards)}
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_state_dict(trainable, opt_state, best.trainable)),
         meta=ocp.args.JsonSave({**meta, "loop": loop})), force=True)
@@ -317,7 +326,7 @@ def train_loop(cfg, lengths: np.ndarray, workdir: str, place: Placement, trainab
     step, stopped_early = 0, False
     if cfg.resume and mngr.latest_step() is not None:
         step, trainable, opt_state, best, stopped_early = restore_train_state(
-            mngr, trainable, opt_state)
+            mngr, trainable, opt_state, shards.count)
         log.info("resumed from step %d (best %s %.4f at step %d%s)", step, main_metric,
                  best.score, best.step, "; it had stopped early" if stopped_early else "")
 
@@ -344,7 +353,8 @@ def train_loop(cfg, lengths: np.ndarray, workdir: str, place: Placement, trainab
             stopped_early = bool(patience) and step - best.step >= patience * eval_every
         stopping = stopped_early or step == cfg.stop_after_steps
         if step % cfg.checkpoint_every_steps == 0 or step == total_steps or stopping:
-            save_train_state(mngr, step, trainable, opt_state, best, stopped_early, meta)
+            save_train_state(mngr, step, trainable, opt_state, best, stopped_early, meta,
+                             shards.count)
         progress.pause(time.perf_counter() - t0)
         if stopping:
             if stopped_early:

@@ -113,6 +113,42 @@ def test_the_launcher_stops_the_others_when_one_process_fails(capsys):
         capsys.readouterr().err)
 
 
+def test_the_launcher_names_the_killed_process_not_the_peer_that_failed_after_it():
+    """Process 1 was killed and process 0 has already failed in a collective when the launcher
+    looks: the killed one is reported."""
+    assert launch.first_failure([1, -signal.SIGKILL]) == (1, -signal.SIGKILL)
+    assert launch.first_failure([None, 3, 2]) == (1, 3)
+    assert launch.first_failure([0, None]) is None
+
+
+def test_a_lost_peer_is_one_line_and_exit_1_other_runtime_errors_raise(monkeypatch, capsys):
+    """What XLA's gloo collective raises in process 0 when process 1 is killed (copied from a
+    real run) ends as one error line; the same error in a one-process run, or another runtime
+    error, keeps its traceback."""
+    import jax
+
+    from lora_jax.cli import run_main
+
+    gone = jax.errors.JaxRuntimeError(
+        "UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:538] Read "
+        "error [127.0.0.1]:54501: Connection reset by peer")
+
+    def body(error):
+        def run():
+            raise error
+        return run
+
+    with pytest.raises(jax.errors.JaxRuntimeError):
+        run_main(body(gone))  # one process: not a lost peer
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert run_main(body(gone)) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: process 0 of 2: another process of the run is gone (")
+    assert "Connection reset by peer" in line and "--config.resume=True" in line
+    with pytest.raises(jax.errors.JaxRuntimeError):
+        run_main(body(jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")))
+
+
 def test_the_launcher_gives_each_process_its_coordinates():
     env = launch.process_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --x=1"},
                              1, 4, 1234, "cpu", 2)
