@@ -37,6 +37,95 @@ def _next_logits(model, variables, tokens, i, states, mask, cache, use_cache):
     return jax.lax.dynamic_index_in_dim(logits, i, 1, keepdims=False), cache
 
 
+def _chunk_width(vocab: int) -> int | None:
+    """The divisor of `vocab` nearest 128 within [64, 512] (chunks never straddle two beams and
+    need no padding), or None."""
+    widths = [w for w in range(64, 513) if vocab % w == 0]
+    return min(widths, key=lambda w: abs(w - 128)) if widths else None
+
+
+def reduce_by_halving(x: jax.Array, op=jnp.maximum) -> jax.Array:
+    """``x.max(-1)`` (or ``x.min(-1)`` with ``op=jnp.minimum``) as a chain of elementwise ops
+    on two (possibly overlapping) halves, which XLA fuses into one pass. XLA:CPU splits such a
+    reduction into a reduce-window and a reduce that run at a third of the speed: over
+    (16, 1004, 128) 0.76 ms against 0.22 ms on 2 cores. Meant for short axes (a few hundred
+    elements); equal to the reduction, NaN included."""
+    while x.shape[-1] > 1:
+        half = (x.shape[-1] + 1) // 2
+        x = op(x[..., :half], x[..., x.shape[-1] - half:])
+    return x[..., 0]
+
+
+def _chunked(x: jax.Array) -> jax.Array:
+    """(..., n) -> (..., n / w, w) for the divisor w of n nearest 128 (see `_chunk_width`), or
+    (..., 1, n) when there is none."""
+    width = _chunk_width(x.shape[-1]) or x.shape[-1]
+    return x.reshape(*x.shape[:-1], x.shape[-1] // width, width)
+
+
+def argmax_last(x: jax.Array) -> jax.Array:
+    """`jnp.argmax(x, -1)` (first index of the maximum; a NaN counts as the maximum) as a max and
+    a min over chunks (`reduce_by_halving`). XLA:CPU lowers argmax to one variadic (value,
+    index) reduction that does not vectorise: over (16, 32128) logits it took 1.16 ms against
+    0.4 ms for this on 2 cores, a fifth of a greedy decoding step."""
+    top = reduce_by_halving(_chunked(x)).max(-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    first = jnp.where((x == top) | jnp.isnan(x), iota, x.shape[-1])
+    return reduce_by_halving(_chunked(first), jnp.minimum).min(-1)
+
+
+def top_candidates(logits: jax.Array, beam_logp: jax.Array, n: int
+                   ) -> tuple[jax.Array, jax.Array]:
+    """The n best continuations of k beams: ``jax.lax.top_k`` of
+    ``beam_logp[..., None] + log_softmax(logits)`` flattened to (B, k * vocab), ties to the lower
+    index, without materialising that array.
+
+    The scores of a beam are a non-decreasing function of its logits, so the maximum score of a
+    chunk of a beam's vocabulary is that function of the chunk's largest logit; the n chunks
+    with the best maxima hold the n best candidates (a candidate outside them has n chunk
+    maxima at least as large, each ahead of it in the tie order). Only those n chunks are
+    scored. On 2 cores this replaced, per 4-beam step over (16, 4, 32128) logits, log_softmax,
+    the candidate sum and XLA:CPU's TopK over (16, 128512) (3 ms of a 16 ms step) with two passes
+    over the logits.
+
+    Args:
+      logits: (B, k, vocab) float32.
+      beam_logp: (B, k) running log-probabilities (-inf for an empty beam).
+      n: candidates to keep, at most k * vocab.
+    Returns:
+      (scores (B, n), indices (B, n) into the flattened (k, vocab) axis), best first.
+    """
+    batch, k, vocab = logits.shape
+
+    def log_normaliser(top):  # log_softmax(x) = (x - top) - this, as jax.nn.log_softmax has it
+        return jnp.log(jnp.sum(jnp.exp(logits - top), -1, keepdims=True))
+
+    def score(x, beam_logp, top, log_norm):
+        return beam_logp[..., None] + ((x - top) - log_norm)
+
+    width = _chunk_width(vocab)
+    if width is None or k * vocab // width <= n:
+        top = jnp.max(logits, -1, keepdims=True)
+        flat = score(logits, beam_logp, top, log_normaliser(top)).reshape(batch, k * vocab)
+        return jax.lax.top_k(flat, n)
+    per_beam = vocab // width
+    chunks = logits.reshape(batch, k * per_beam, width)
+    chunk_max = reduce_by_halving(chunks).reshape(batch, k, per_beam)
+    top = chunk_max.max(-1, keepdims=True)  # each beam's largest logit, without another pass
+    log_norm = log_normaliser(top)
+    _, best = jax.lax.top_k(score(chunk_max, beam_logp, top, log_norm).reshape(batch, -1), n)
+    best = jnp.sort(best, -1)  # chunk order keeps the tie order of the flat indices
+    beam = best // per_beam
+
+    def of_beam(x):  # (B, k, ...) -> the rows of each chosen chunk's beam, (B, n, ...)
+        return jnp.take_along_axis(x, beam.reshape(batch, n, *[1] * (x.ndim - 2)), 1)
+
+    picked = jnp.take_along_axis(chunks, best[..., None], 1)  # (B, n, width)
+    scores = score(picked, of_beam(beam_logp), of_beam(top), of_beam(log_norm))
+    values, at = jax.lax.top_k(scores.reshape(batch, n * width), n)
+    return values, jnp.take_along_axis(best, at // width, 1) * width + at % width
+
+
 def greedy_search(model: T5ForConditionalGeneration, variables, input_ids, attention_mask,
                   max_new_tokens: int, use_cache: bool = True) -> jax.Array:
     """Argmax decoding. input_ids/attention_mask (B, L) -> tokens (B, max_new_tokens)."""
@@ -55,7 +144,7 @@ def greedy_search(model: T5ForConditionalGeneration, variables, input_ids, atten
     def body(carry):
         i, tokens, cache, done = carry
         logits, cache = _next_logits(model, variables, tokens, i, states, mask, cache, use_cache)
-        token = jnp.where(done, cfg.pad_token_id, jnp.argmax(logits, -1).astype(jnp.int32))
+        token = jnp.where(done, cfg.pad_token_id, argmax_last(logits))
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], i + 1, axis=1)
         return i + 1, tokens, cache, done | (token == cfg.eos_token_id)
 
@@ -73,7 +162,10 @@ def beam_search(model: T5ForConditionalGeneration, variables, input_ids, attenti
     batch, k = input_ids.shape[0], num_beams
     states, mask = _encode(model, variables, input_ids, attention_mask)
     cache = None
-    if use_cache:  # cross K/V projected once per example, then copied to its k beams
+    if use_cache:
+        # cross K/V projected once per example, then copied to its k beams: on 2 cores the
+        # attention over copied K/V ran 2.5x faster than one that groups each example's beams
+        # as query rows of its shared K/V (XLA:CPU's small batched dots)
         cache = model.apply(variables, states, max_new_tokens, method=model.init_cache)
         cache = jax.tree_util.tree_map(lambda c: jnp.repeat(c, k, 0), cache)
     states, mask = jnp.repeat(states, k, 0), jnp.repeat(mask, k, 0)
@@ -100,10 +192,9 @@ def beam_search(model: T5ForConditionalGeneration, variables, input_ids, attenti
         i, seqs, alive_logp, finished, finished_score, cache = carry
         flat = seqs.reshape(batch * k, -1)
         logits, cache = _next_logits(model, variables, flat, i, states, mask, cache, use_cache)
-        logp = jax.nn.log_softmax(logits, -1).reshape(batch, k, -1)
-        vocab = logp.shape[-1]
-        cand = (alive_logp[..., None] + logp).reshape(batch, k * vocab)
-        top_logp, top_idx = jax.lax.top_k(cand, 2 * k)
+        logits = logits.reshape(batch, k, -1)
+        vocab = logits.shape[-1]
+        top_logp, top_idx = top_candidates(logits, alive_logp, 2 * k)
         src, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
         cand_seqs = jnp.take_along_axis(seqs, src[..., None], 1)
         cand_seqs = jax.lax.dynamic_update_slice_in_dim(cand_seqs, token[..., None], i + 1, 2)

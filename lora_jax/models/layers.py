@@ -80,9 +80,12 @@ def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> ja
     `flax.linen.Dropout` took a fifth of the train step: `jax.random.bernoulli` spends one
     Threefry-2x32 block (64 bits) on every element. Here one block gives four 16-bit lanes, so a
     mask costs a quarter of the hashing. The drop probability is ``round(rate * 2**16) / 2**16``
-    (within 8e-6 of `rate`). The counter of each block is its position in the (..., ceil(n/4))
-    block array, so the mask is the same however the array is sharded (like JAX's partitionable
-    Threefry) and two shapes never share blocks only by accident of layout.
+    (within 8e-6 of `rate`). The counter of each block is its position in the (..., m) block
+    array, m = ceil(n/4), so the mask is the same however the array is sharded (like JAX's
+    partitionable Threefry) and two shapes never share blocks only by accident of layout.
+    Element j of the last axis takes lane j // m of block j % m: each lane fills a contiguous
+    quarter of the row. (Interleaving the lanes, element j from lane j % 4, took twice as long
+    on CPU: a (32, 12, 128, 128) mask drawn and applied in 19.4 ms against 9.3 ms on 2 cores.)
 
     Args:
       key: a Threefry key (typed or raw uint32[2]).
@@ -108,8 +111,8 @@ def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> ja
     hi, lo = threefry2x32(key[0], key[1], jnp.zeros(blocks, jnp.uint32), counter)
     low16, threshold = jnp.uint32(0xFFFF), jnp.uint32(round(rate * 2**DROPOUT_BITS))
     keep = [lane >= threshold for lane in (lo & low16, lo >> 16, hi & low16, hi >> 16)]
-    # compare before interleaving: the interleaved array is bool (1 byte), not uint32
-    return jnp.stack(keep, axis=-1).reshape(*lead, 4 * blocks[-1])[..., :n]
+    # compare before joining: the joined array is bool (1 byte), not uint32
+    return jnp.concatenate(keep, axis=-1)[..., :n]
 
 
 class Dropout(nn.Module):
