@@ -45,10 +45,16 @@ def quick_config(assets, **overrides):
     return override(c, **overrides)
 
 
+def above_chance(accuracy: float, rows: int) -> bool:
+    """Binary accuracy more than 3 standard errors above chance (0.5) on `rows` examples."""
+    return accuracy > 0.5 + 3 * 0.5 / np.sqrt(rows)
+
+
 def test_end_to_end_writes_everything_and_learns(assets, tmp_path):
-    results = train_and_evaluate(quick_config(assets, num_epochs=4), str(tmp_path))
-    assert results["metrics"]["validation"]["accuracy"] > 0.62  # zero-shot is 0.5
-    assert results["selection_metrics"]["accuracy"] > 0.6
+    results = train_and_evaluate(quick_config(assets, num_epochs=8), str(tmp_path))
+    sizes = results["sizes"]  # zero-shot is 0.5 on both splits
+    assert above_chance(results["metrics"]["validation"]["accuracy"], sizes["validation"])
+    assert above_chance(results["selection_metrics"]["accuracy"], sizes["selection"])
     assert results["trainable_params"] == 2 * 2 * 3 * 64 * 4 + 64 * 2 + 2
     assert json.loads((tmp_path / "results.json").read_text())["task"] == "synth_sentiment"
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
