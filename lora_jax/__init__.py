@@ -1,8 +1,10 @@
 """lora_jax: pure-functional LoRA fine-tuning of frozen Flax encoders."""
 
+from lora_jax.host_malloc import keep_heap_memory
 from lora_jax.xla_flags import apply_default_flags
 
 apply_default_flags()  # before any JAX backend exists; see lora_jax/xla_flags.py
+keep_heap_memory()  # XLA:CPU's per-step buffers reused, not remapped; see lora_jax/host_malloc.py
 
 
 from lora_jax.errors import UserError  # noqa: E402
