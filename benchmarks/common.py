@@ -24,11 +24,15 @@ def cpu_model() -> str:
 
 
 def environment() -> dict:
-    """Library versions, the machine the figures were measured on, the code (git commit), the
-    date and the exact command."""
+    """Library versions, the machine the figures were measured on, the process settings that
+    change speed (XLA_FLAGS, lora_jax's malloc settings), the process's peak resident memory so
+    far, the code (git commit), the date and the exact command."""
+    import resource
+
     import jax
     import torch
 
+    import lora_jax
     from lora_jax.trainer import git_commit
 
     dev = jax.devices()[0]
@@ -37,6 +41,9 @@ def environment() -> dict:
             "machine": f"{platform.machine()} {dev.platform.upper()} ({dev.device_kind}), "
                        f"{os.cpu_count()} CPU cores",
             "cpu": cpu_model(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "malloc_keeps_heap": lora_jax.MALLOC_KEEPS_HEAP,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "git_commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
             "command": command_line()}
 

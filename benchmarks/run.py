@@ -99,7 +99,16 @@ def markdown(results: dict) -> str:
         f"{results['wall_s']} s; peer = PyTorch {env['torch']} (+ PEFT), ours = JAX {env['jax']}, "
         f"{results['dtype']}. Medians of alternating rounds [slowest-fastest round]; % of GEMM = "
         "achieved matmul FLOP/s over a large GEMM's rate measured in the same run "
-        "(benchmarks/roofline.py).", "", *rows, *notes, ""])
+        "(benchmarks/roofline.py).", "", *rows, *notes, "", settings(env), ""])
+
+
+def settings(env: dict) -> str:
+    """The process settings both sides ran under, and the process's peak memory."""
+    malloc = ("glibc malloc keeps freed heap memory (lora_jax/host_malloc.py)"
+              if env.get("malloc_keeps_heap") else "glibc malloc defaults")
+    return (f"Process settings for both sides: XLA_FLAGS `{env.get('xla_flags') or '(none)'}`; "
+            f"{malloc}. Peak resident memory of the benchmark process (both sides, every "
+            f"model): {env.get('peak_rss_mb', '?')} MB.")
 
 
 def main() -> int:
