@@ -4,7 +4,8 @@ from lora_jax.host_malloc import keep_heap_memory
 from lora_jax.xla_flags import apply_default_flags
 
 apply_default_flags()  # before any JAX backend exists; see lora_jax/xla_flags.py
-keep_heap_memory()  # XLA:CPU's per-step buffers reused, not remapped; see lora_jax/host_malloc.py
+# XLA:CPU's per-step buffers reused, not remapped; see lora_jax/host_malloc.py
+MALLOC_KEEPS_HEAP = keep_heap_memory()
 
 
 from lora_jax.errors import UserError  # noqa: E402
