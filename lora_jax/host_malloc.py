@@ -16,8 +16,14 @@ first steps there are no page faults at all: the T5 step ran in 212 ms, the Mini
   M_TRIM_THRESHOLD = -1  never give the top of the heap back to the kernel (mallopt(3): -1
                          turns trimming off).
 
-The cost is memory: freed blocks stay in the process, so its resident size stays at its peak
-(about 1 GB more in the MiniLM length-128 benchmark, whose process also holds PyTorch's copy).
+The costs:
+- memory: freed blocks stay in the process and small allocations fragment the heap, so the
+  resident size settles above its old peak (a 64 MiB temporary grew the heap by 4-6 blocks
+  before the calls stopped faulting; about 1 GB more in the MiniLM length-128 benchmark);
+- decoding: greedy and beam search, thousands of small ops per sequence, ran 8-10% slower in
+  A/B runs of `benchmarks.t5_generate` (greedy 3.2x against 3.5x `generate`, beam 2.0x
+  against 2.1x, medians of three runs each), most likely from one heap lock for all threads.
+Training is the library's main work, so the settings are on by default.
 ``LORA_JAX_MALLOC=0`` in the environment leaves malloc as it is. On anything but Linux with
 glibc (macOS, musl) nothing is changed; GPU runs are unaffected apart from host memory.
 """
