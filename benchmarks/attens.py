@@ -24,11 +24,17 @@ N(0, 0.02^2) so that every module differs from the base) on the given encoder, w
               selection slice evaluated every epoch, the best epoch's combiner evaluated on
               validation. Same rows (`lora_jax.data.load_examples`), same adapters (exported with
               `lora_jax.peft_io.export_peft`, features checked equal), same batch sizes, same
-              optimiser (AdamW, constant lr 1e-3, no weight decay, no clipping). Wall time of
-              each, once each (ours first, JAX compilation included), and both validation
-              accuracies (the masked token mean on both sides, so padding changes only their
-              cost). No roofline: the two sides do different amounts of
-              encoder work (that is the point), so a FLOP rate would not compare them.
+              optimiser (AdamW, constant lr 1e-3, no weight decay, no clipping), same seed:
+              the torch combiner starts from our run's initial weights (checked to give our
+              logits, 1e-4) and sees our run's batches in our order (`train_order`); only the
+              dropout masks differ. Wall time of each, once each (ours first, JAX compilation
+              included), and both validation accuracies (the masked token mean on both sides,
+              so padding changes only their cost) with a paired comparison of the two
+              combiners' validation predictions (our best combiner restored from its checkpoint,
+              `ensemble.inference.attens_run`): the rows each gets right alone and McNemar's
+              exact test, p >= 0.05 reading as equal accuracy. No roofline: the two sides do
+              different amounts of encoder work (that is the point), so a FLOP rate would not
+              compare them.
 """
 
 from __future__ import annotations
@@ -174,15 +180,16 @@ def torch_features(encoder, adapters: list[str], peft_model, ids, mask):
 
 
 def torch_combiner(d: int, num_classes: int, heads: int = 4, dropout: float = 0.1):
-    """The combiner of ../shared/DESIGN.md in torch.nn (attention across the k modules)."""
-    import torch
+    """The combiner of ../shared/DESIGN.md in torch.nn (attention across the k modules), with
+    flax's LayerNorm epsilon (1e-6) so that it computes what ours does; its weights come from
+    `load_flax_combiner`."""
     from torch import nn
 
     class Combiner(nn.Module):
         def __init__(self):
             super().__init__()
             self.ln_modules, self.ln_attention, self.ln_base, self.ln_out = (
-                nn.LayerNorm(d) for _ in range(4))
+                nn.LayerNorm(d, eps=1e-6) for _ in range(4))
             self.attention = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
             self.ffn, self.drop, self.classifier = (nn.Linear(d, d), nn.Dropout(dropout),
                                                     nn.Linear(d, num_classes))
@@ -194,13 +201,87 @@ def torch_combiner(d: int, num_classes: int, heads: int = 4, dropout: float = 0.
             f = self.ffn(self.ln_base(base))
             return self.classifier(self.drop(self.ln_out(a + f)))
 
-    torch.manual_seed(0)
     return Combiner()
 
 
-def authors_structure(config, model_dir: str, adapter_dirs: list[str], epochs: int) -> dict:
-    """The authors' training structure in PyTorch + PEFT (see the module docstring); returns
-    wall seconds, the best selection accuracy and the validation accuracy at that epoch."""
+def load_flax_combiner(combiner, variables) -> None:
+    """Copy our `AttEnsCombiner` variables into the `torch_combiner` in place (kernels
+    transposed; the fused q/k/v ``in_proj`` already has torch's [q; k; v] row order)."""
+    import jax
+    import torch
+
+    params = jax.device_get(variables["params"])
+
+    def copy(weight, bias, tree, weight_name="kernel"):
+        w = np.asarray(tree[weight_name])
+        weight.copy_(torch.tensor(w.T if weight_name == "kernel" else w))
+        bias.copy_(torch.tensor(np.asarray(tree["bias"])))
+
+    with torch.no_grad():
+        for name in ("ln_modules", "ln_attention", "ln_base", "ln_out"):
+            module = getattr(combiner, name)
+            copy(module.weight, module.bias, params[name], "scale")
+        for name in ("ffn", "classifier"):
+            module = getattr(combiner, name)
+            copy(module.weight, module.bias, params[name])
+        mha, attention = combiner.attention, params["attention"]
+        copy(mha.in_proj_weight, mha.in_proj_bias, attention["in_proj"])
+        copy(mha.out_proj.weight, mha.out_proj.bias, attention["out_proj"])
+
+
+def initial_combiner(config, k: int, d: int) -> dict:
+    """Our run's initial combiner variables (`ensemble.train.init_combiner` with the run's
+    seed and batch shapes)."""
+    import jax.numpy as jnp
+
+    from ensemble.train import build_combiner, init_combiner
+    from lora_jax.tasks import get_task
+
+    combiner = build_combiner(config, get_task(TASK), d)
+    return init_combiner(combiner, config.seed, jnp.zeros((BATCH, k, d)), jnp.zeros((BATCH, d)))
+
+
+def check_same_combiner(config, variables, torch_model, k: int, d: int) -> float:
+    """Max |difference| of our combiner's and the torch one's logits (deterministic) on random
+    inputs: the weight copy and the two definitions agree."""
+    import torch
+
+    from ensemble.train import build_combiner
+    from lora_jax.tasks import get_task
+
+    rng = np.random.default_rng(1)
+    modules = rng.standard_normal((8, k, d)).astype(np.float32)
+    base = rng.standard_normal((8, d)).astype(np.float32)
+    ours = build_combiner(config, get_task(TASK), d).apply(variables, modules, base)
+    torch_model.eval()
+    with torch.no_grad():
+        theirs = torch_model(torch.tensor(modules), torch.tensor(base)).numpy()
+    return float(np.abs(np.asarray(ours) - theirs).max())
+
+
+def paired_accuracy(ours: np.ndarray, theirs: np.ndarray, labels: np.ndarray) -> dict:
+    """Whether two classifiers' accuracies on the same rows differ: the rows each gets right
+    alone and McNemar's exact test (two-sided binomial test on those discordant rows; p = 1
+    when there are none)."""
+    import scipy.stats
+
+    ours_right, theirs_right = ours == labels, theirs == labels
+    only_ours = int(np.sum(ours_right & ~theirs_right))
+    only_theirs = int(np.sum(~ours_right & theirs_right))
+    n = only_ours + only_theirs
+    p = 1.0 if n == 0 else float(scipy.stats.binomtest(only_ours, n, 0.5).pvalue)
+    return {"same_predictions": round(float(np.mean(ours == theirs)), 4),
+            "only_ours_right": only_ours, "only_theirs_right": only_theirs,
+            "mcnemar_p": round(p, 4)}
+
+
+def authors_structure(config, model_dir: str, adapter_dirs: list[str], epochs: int,
+                      initial: dict) -> dict:
+    """The authors' training structure in PyTorch + PEFT (see the module docstring), starting
+    from our run's initial combiner `initial` and drawing our run's batches (the same
+    `lora_jax.data.train_order` of every epoch); returns wall seconds, the best selection
+    accuracy, the validation accuracy at that epoch and its predictions, and the logit
+    difference of the two combiners at the start."""
     import peft
     import torch
     import transformers
@@ -227,31 +308,39 @@ def authors_structure(config, model_dir: str, adapter_dirs: list[str], epochs: i
         pm.load_adapter(path, adapter_name=name)
     pm.to(device).eval()
     encoder = pm.get_base_model().base_model  # the BertModel inside, LoRA layers injected
-    combiner = torch_combiner(model.config.hidden_size, 2).to(device)
+    d, k = model.config.hidden_size, len(adapter_dirs)
+    combiner = torch_combiner(d, 2, config.combiner.num_heads, config.combiner.dropout)
+    load_flax_combiner(combiner, initial)
+    start_difference = check_same_combiner(config, initial, combiner, k, d)
+    combiner.to(device)
+    lengths = data_lib.encode(examples["train"], data_lib.load_tokenizer(
+        model_dir, config.tokenizer), config.max_length).lengths
     opt = torch.optim.AdamW(combiner.parameters(), lr=LR, weight_decay=0.0,
                             betas=(config.optimizer.b1, config.optimizer.b2),
                             eps=config.optimizer.eps)
-    gen = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # dropout
 
-    def accuracy(split):
+    def predictions(split):
         ids, mask, labels = splits[split]
         combiner.eval()
-        correct = 0
+        preds = []
         for s in range(0, len(labels), EVAL_BATCH):
             modules, base = torch_features(encoder, names, pm, ids[s:s + EVAL_BATCH],
                                            mask[s:s + EVAL_BATCH])
             with torch.no_grad():
-                pred = combiner(modules, base).argmax(-1)
-            correct += int((pred == labels[s:s + EVAL_BATCH]).sum())
-        return correct / len(labels)
+                preds.append(combiner(modules, base).argmax(-1))
+        return torch.cat(preds).cpu().numpy()
+
+    def accuracy(split):
+        return float(np.mean(predictions(split) == splits[split][2].cpu().numpy()))
 
     ids, mask, labels = splits["train"]
     best, best_state = -1.0, None
-    for _ in range(epochs):
+    for epoch in range(epochs):
         combiner.train()
-        order = torch.randperm(len(labels), generator=gen).to(device)
-        for s in range(0, len(labels), BATCH):
-            idx = order[s:s + BATCH]
+        for rows in data_lib.train_order(lengths, BATCH, config.seed, epoch,
+                                         config.length_grouping):
+            idx = torch.tensor(rows, device=device)
             modules, base = torch_features(encoder, names, pm, ids[idx], mask[idx])
             loss = torch.nn.functional.cross_entropy(combiner(modules, base), labels[idx])
             opt.zero_grad()
@@ -261,9 +350,11 @@ def authors_structure(config, model_dir: str, adapter_dirs: list[str], epochs: i
         if acc > best:
             best, best_state = acc, copy.deepcopy(combiner.state_dict())
     combiner.load_state_dict(best_state)
-    validation = accuracy("validation")  # a Python number: the GPU has finished
+    validation = predictions("validation")  # on the host: the GPU has finished
     return {"seconds": time.perf_counter() - start, "selection_accuracy": best,
-            "validation_accuracy": validation}
+            "validation_accuracy": float(np.mean(validation == splits["validation"][2].cpu()
+                                                 .numpy())),
+            "validation_predictions": validation, "start_logit_difference": start_difference}
 
 
 def export_adapters(model_dir: str, module_dir: str, names: list[str], out_dir: str) -> list[str]:
@@ -311,15 +402,21 @@ def check_same_features(config, model_dir: str, adapter_dirs: list[str], texts: 
 
 def measure_end_to_end(model_dir: str, data_dir: str, module_dir: str, names: list[str],
                        n_train: int, n_validation: int, epochs: int, max_length: int,
-                       scratch: str) -> dict:
-    """Our whole AttEns run against the authors' structure (see the module docstring)."""
+                       scratch: str, combiner_dropout: float | None = None) -> dict:
+    """Our whole AttEns run against the authors' structure (see the module docstring);
+    `combiner_dropout` replaces the config's (0: both sides train the same combiner)."""
     import logging
 
+    from ensemble.inference import attens_run
     from ensemble.train import train_attens
+    from lora_jax.data import load_examples
+    from lora_jax.tasks import get_task
 
     logging.getLogger("lora_jax").setLevel(logging.WARNING)
     config = attens_config(model_dir, data_dir, module_dir, names, n_train, n_validation,
                            epochs, max_length, os.path.join(scratch, "cache"))
+    if combiner_dropout is not None:
+        config.combiner.dropout = combiner_dropout
     adapter_dirs = export_adapters(model_dir, module_dir, names, os.path.join(scratch, "peft"))
     difference = check_same_features(config, model_dir, adapter_dirs,
                                      ["the plot was not good", "a film was clever and warm"])
@@ -328,16 +425,32 @@ def measure_end_to_end(model_dir: str, data_dir: str, module_dir: str, names: li
     t0 = time.perf_counter()
     ours = train_attens(config, os.path.join(scratch, "run"))
     ours_s = time.perf_counter() - t0
-    theirs = authors_structure(config, model_dir, adapter_dirs, epochs)
+    initial = initial_combiner(config, len(names), load_cfg(model_dir).hidden_size)
+    theirs = authors_structure(config, model_dir, adapter_dirs, epochs, initial)
+    if theirs["start_logit_difference"] > 1e-4:
+        raise RuntimeError("the PyTorch combiner does not compute ours at the start (logits "
+                           f"differ by {theirs['start_logit_difference']})")
+    validation = load_examples(config, get_task(TASK))[0]["validation"]
+    ours_predictions = attens_run(os.path.join(scratch, "run"), ours).logits(
+        validation.texts).argmax(-1)
+    ours_accuracy = ours["metrics"]["validation"]["accuracy"]
+    if not np.isclose(np.mean(ours_predictions == validation.labels), ours_accuracy):
+        raise RuntimeError("the restored best combiner does not reproduce the run's validation "
+                           "accuracy")
     row = comparison(f"AttEns end to end, k = {len(names)}, {n_train} train rows, {epochs} "
                      "epochs", "runs/hour", 3600.0, [ours_s], [theirs["seconds"]],
                      ours_label="features once, combiner on the cache (train_attens)",
                      peer_label="authors' structure, PyTorch + PEFT")
     return {"benchmark": "attens_end_to_end", "k": len(names), "train_rows": n_train,
             "validation_rows": n_validation, "epochs": epochs, "max_length": max_length,
+            "combiner_dropout": config.combiner.dropout,
             "seconds": {"ours": round(ours_s, 1), "authors_structure": round(theirs["seconds"], 1)},
-            "validation_accuracy": {"ours": round(ours["metrics"]["validation"]["accuracy"], 4),
+            "validation_accuracy": {"ours": round(ours_accuracy, 4),
                                     "authors_structure": round(theirs["validation_accuracy"], 4)},
+            "validation_paired": paired_accuracy(ours_predictions,
+                                                 theirs["validation_predictions"],
+                                                 np.asarray(validation.labels)),
+            "start_logit_difference": theirs["start_logit_difference"],
             "selection_accuracy": {"ours": round(ours["selection_metrics"]["accuracy"], 4),
                                    "authors_structure": round(theirs["selection_accuracy"], 4)},
             "max_feature_difference": difference, "comparisons": [row]}
@@ -345,9 +458,9 @@ def measure_end_to_end(model_dir: str, data_dir: str, module_dir: str, names: li
 
 def measure(model_dir: str, k: int, n_train: int, n_validation: int, epochs: int,
             max_length: int, feature_batch: int, feature_length: int, rounds: int,
-            gemm_size: int = 2048) -> list[dict]:
+            gemm_size: int = 2048, combiner_dropout: float | None = None) -> list[dict]:
     """[features benchmark, end-to-end benchmark] on one random module set (`gemm_size`: the
-    side of the roofline's square matmul)."""
+    side of the roofline's square matmul; `combiner_dropout`: see `measure_end_to_end`)."""
     from lora_jax.synthetic import make_sentiment_task
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -360,7 +473,8 @@ def measure(model_dir: str, k: int, n_train: int, n_validation: int, epochs: int
         features = measure_features(model_dir, module_dir, config, feature_batch,
                                     feature_length, rounds, gemm_size)
         end_to_end = measure_end_to_end(model_dir, data_dir, module_dir, names, n_train,
-                                        n_validation, epochs, max_length, scratch)
+                                        n_validation, epochs, max_length, scratch,
+                                        combiner_dropout)
     return [features, end_to_end]
 
 
@@ -375,14 +489,20 @@ def main() -> int:
     p.add_argument("--feature-batch", type=int, default=32)
     p.add_argument("--feature-length", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (features)")
+    p.add_argument("--combiner-dropout", type=float, default=None,
+                   help="the combiner's dropout on both sides (default: the config's, 0.1); "
+                        "0 makes the two sides train the same combiner")
     p.add_argument("--out", default="")
     a = p.parse_args()
+    if a.combiner_dropout is not None and not 0 <= a.combiner_dropout < 1:
+        fail(f"--combiner-dropout must be in [0, 1), got {a.combiner_dropout}")
     if not os.path.isdir(a.model):
         fail(f"model folder {a.model!r} does not exist; pass --model")
     require_positive(a, "k", "train", "validation", "epochs", "max_length", "feature_batch",
                      "feature_length", "rounds")
     features, end_to_end = measure(a.model, a.k, a.train, a.validation, a.epochs, a.max_length,
-                                   a.feature_batch, a.feature_length, a.rounds)
+                                   a.feature_batch, a.feature_length, a.rounds,
+                                   combiner_dropout=a.combiner_dropout)
     emit({"benchmarks": {"attens_features": features, "attens_end_to_end": end_to_end},
           **environment()}, a.out)
     return 0

@@ -90,8 +90,13 @@ def markdown(results: dict) -> str:
         notes = ["", f"AttEns end to end: {e2e['seconds']['ours']} s against "
                  f"{e2e['seconds']['authors_structure']} s; validation accuracy "
                  f"{e2e['validation_accuracy']['ours']} (ours) and "
-                 f"{e2e['validation_accuracy']['authors_structure']} (authors' structure), "
-                 f"features equal to {e2e['max_feature_difference']:.1e}."]
+                 f"{e2e['validation_accuracy']['authors_structure']} (authors' structure, "
+                 "same initial combiner and batches); same prediction on "
+                 f"{e2e['validation_paired']['same_predictions']:.1%} of validation rows, "
+                 f"{e2e['validation_paired']['only_ours_right']} right only ours and "
+                 f"{e2e['validation_paired']['only_theirs_right']} only theirs, McNemar exact "
+                 f"p = {e2e['validation_paired']['mcnemar_p']}; features equal to "
+                 f"{e2e['max_feature_difference']:.1e}."]
     env = results["environment"]
     return "\n".join([
         f"# Benchmarks on {env['machine']}" + (f" ({env['cpu']})" if env.get('cpu') else ""), "",

@@ -247,6 +247,12 @@ def build_combiner(config, task: Task, hidden: int) -> AttEnsCombiner:
                           shared_layernorm=q.shared_layernorm)
 
 
+def init_combiner(combiner: AttEnsCombiner, seed: int, modules, base) -> dict:
+    """The combiner's initial variables: a function of the seed and of the shapes of a batch's
+    modules (B, k, D) and base (B, d) only, not of their values."""
+    return jax.jit(combiner.init)(jax.random.PRNGKey(seed), modules, base)
+
+
 def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
     if len(x) == size:
         return x
@@ -306,8 +312,7 @@ def experiment(setup: AttensSetup) -> trainer.Experiment:
     combiner = build_combiner(cfg, task, train.base.shape[-1])
     bs = cfg.batch_size
     sample = feature_batch(train, np.arange(min(bs, len(train))), bs)
-    params = jax.jit(combiner.init)(jax.random.PRNGKey(cfg.seed), sample["modules"],
-                                    sample["base"])
+    params = init_combiner(combiner, cfg.seed, sample["modules"], sample["base"])
     place = trainer.Placement.from_config(cfg)
 
     @functools.partial(jax.jit, out_shardings=place.batch)

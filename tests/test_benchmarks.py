@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -133,3 +134,43 @@ def test_benchmark_run_smoke_writes_json_and_table(minilm_l3, tmp_path):
     e2e = benches["attens_end_to_end"]
     assert e2e["max_feature_difference"] < 1e-3
     assert e2e["seconds"]["ours"] > 0 and e2e["seconds"]["authors_structure"] > 0
+    # both sides start from one combiner; the paired counts fit the accuracies
+    assert e2e["start_logit_difference"] < 1e-4
+    paired, acc = e2e["validation_paired"], e2e["validation_accuracy"]
+    rows = e2e["validation_rows"]
+    assert paired["only_ours_right"] - paired["only_theirs_right"] == round(
+        (acc["ours"] - acc["authors_structure"]) * rows)
+    assert f"McNemar exact p = {paired['mcnemar_p']}" in table
+
+
+def test_paired_accuracy_counts_discordant_rows_and_mcnemars_exact_p():
+    """3 rows right only on the PyTorch side, none only on ours: p = 2 * 0.5**3."""
+    from benchmarks.attens import paired_accuracy
+
+    labels = np.array([0, 1, 1, 0, 1, 0, 1, 1])
+    ours = np.array([0, 1, 0, 1, 0, 0, 0, 1])
+    theirs = np.array([0, 1, 1, 0, 1, 0, 0, 1])
+    assert paired_accuracy(ours, theirs, labels) == {
+        "same_predictions": 0.625, "only_ours_right": 0, "only_theirs_right": 3,
+        "mcnemar_p": 0.25}
+    assert paired_accuracy(ours, ours, labels)["mcnemar_p"] == 1.0
+
+
+@pytest.mark.slow
+def test_authors_structure_without_dropout_trains_our_combiner(minilm_l3, tmp_path):
+    """The end-to-end comparison's PyTorch side (torch.nn combiner, PEFT adapters, k + 1 passes
+    per step) started from our initial combiner on our batches: with dropout off it must end
+    with our best combiner's predictions, row for row."""
+    pytest.importorskip("peft")
+    from benchmarks import attens
+    from lora_jax.synthetic import make_sentiment_task
+
+    make_sentiment_task(tmp_path / "data", n_train=72, n_validation=48)
+    names = attens.random_module_set(str(minilm_l3), str(tmp_path / "modules"), 2, 32)
+    e2e = attens.measure_end_to_end(str(minilm_l3), str(tmp_path / "data"),
+                                    str(tmp_path / "modules"), names, 64, 48, 3, 32,
+                                    str(tmp_path), combiner_dropout=0.0)
+    assert e2e["start_logit_difference"] < 1e-5
+    assert e2e["validation_paired"]["same_predictions"] == 1.0, e2e
+    assert e2e["validation_accuracy"]["ours"] == e2e["validation_accuracy"]["authors_structure"]
+    assert e2e["selection_accuracy"]["ours"] == e2e["selection_accuracy"]["authors_structure"]
