@@ -90,10 +90,12 @@ def alternating_rounds(runs: dict[str, Callable[[], object]], rounds: int) -> di
 
 def comparison(what: str, unit: str, work: float, ours: list[float], peer: list[float], *,
                ours_label: str, peer_label: str, flops: float | None = None,
-               gemm_flops_per_s: float | None = None) -> dict:
+               gemm_flops_per_s: float | None = None, bytes_moved: float | None = None,
+               memory_bytes_per_s: float | None = None) -> dict:
     """One row of a benchmark: rates (`work` units per call over each round's seconds) of our
     side and its peer, their medians, ratio ours/peer, and, when `flops` (per call) and the
-    machine's GEMM rate are given, each side's achieved FLOP/s and its fraction of that rate."""
+    machine's GEMM rate are given, each side's achieved FLOP/s and its fraction of that rate;
+    the same for `bytes_moved` (per call) and the machine's memory rate."""
     import numpy as np
 
     rates = {"ours": [work / s for s in ours], "peer": [work / s for s in peer]}
@@ -109,6 +111,12 @@ def comparison(what: str, unit: str, work: float, ours: list[float], peer: list[
             achieved = flops * med[side] / work
             row[f"{side}_gflops"] = round(achieved / 1e9, 1)
             row[f"{side}_fraction_of_gemm"] = round(achieved / gemm_flops_per_s, 3)
+    if bytes_moved is not None and memory_bytes_per_s:
+        row["gbytes_per_call"] = round(bytes_moved / 1e9, 3)
+        for side in ("ours", "peer"):
+            achieved = bytes_moved * med[side] / work
+            row[f"{side}_gbytes_per_s"] = round(achieved / 1e9, 1)
+            row[f"{side}_fraction_of_memory"] = round(achieved / memory_bytes_per_s, 3)
     return row
 
 

@@ -1,7 +1,10 @@
-"""The machine's limit that every benchmark reports against: a large GEMM's rate, measured in the
-same run, and the FLOPs of the work being timed.
+"""The machine's limits that the benchmarks report against, measured in the same run: a large
+GEMM's rate for every benchmark, with the FLOPs of the work being timed, and (decoding, which
+moves far more bytes than it computes FLOPs) the rate of reading a large array from memory,
+with the least bytes the work must read.
 
     achieved FLOP/s = flops_per_step * steps / seconds;  fraction = achieved / gemm_rate
+    achieved B/s    = bytes_per_call * calls / seconds;  fraction = achieved / memory_rate
 """
 
 from __future__ import annotations
@@ -48,6 +51,27 @@ def gemm_rates(dtype: str = "float32", size: int = 2048, rounds: int = 5) -> dic
             torch.cuda.synchronize()
 
     rates["torch"] = 2.0 * size**3 / _median_seconds(torch_matmul, rounds)
+    return rates
+
+
+def memory_rates(megabytes: int = 256, rounds: int = 5) -> dict[str, float]:
+    """Bytes/s of reading a float32 array of `megabytes` (far larger than any cache) once: a
+    jitted sum in JAX and `torch.sum` in PyTorch, on the default device, medians of `rounds`
+    calls. The machine's rate is the larger, as in `gemm_rates`."""
+    import jax
+    import jax.numpy as jnp
+
+    n = megabytes * 2**20 // 4
+    x = jnp.ones((n,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    rates = {"jax": 4.0 * n / _median_seconds(lambda: total(x).block_until_ready(), rounds)}
+    try:
+        import torch
+    except ImportError:
+        return rates
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tx = torch.ones(n, dtype=torch.float32, device=device)
+    rates["torch"] = 4.0 * n / _median_seconds(lambda: float(tx.sum()), rounds)
     return rates
 
 
@@ -102,6 +126,40 @@ def t5_decode_flops(batch: int, source: int, new: int, d_model: int, inner: int,
                 for t in range(1, new + 1))
     dec = batch * beams * (dec_layers * steps + new * 2 * d_model * vocab)
     return float(enc + cross_kv + dec)
+
+
+def t5_decode_bytes(batch: int, source: int, new: int, d_model: int, inner: int, d_ff: int,
+                    dec_layers: int, vocab: int, beams: int = 1, gated: bool = True,
+                    itemsize: int = 4) -> float:
+    """The least bytes that decoding `new` tokens for each of `beams` hypotheses with a KV cache
+    must read from memory, when nothing stays in cache from one step to the next (the LM head
+    alone, d * vocab, is larger than these machines' caches). Per new token t = 1..new:
+
+      every decoder weight used at a step   dec_layers (6 d inner + m d ff)   (m as in
+                                                                               `t5_decode_flops`)
+      the LM head                           d vocab
+      cross K/V, once per example           dec_layers * 2 B S inner          (shared by beams)
+      self K/V of each hypothesis' prefix   dec_layers * 2 B beams t inner
+
+    times `itemsize` bytes. The encoder (run once, bound by arithmetic), activations, logits
+    and beam bookkeeping are not counted, so the true traffic is larger than this."""
+    m = 3 if gated else 2
+    weights = dec_layers * (6 * d_model * inner + m * d_model * d_ff) + d_model * vocab
+    cross = dec_layers * 2 * batch * source * inner
+    self_kv = sum(dec_layers * 2 * batch * beams * t * inner for t in range(1, new + 1))
+    return float(itemsize * (new * (weights + cross) + self_kv))
+
+
+def best_memory_rate(measured: list[dict[str, float]]) -> float:
+    """The machine's memory rate: the best of the `memory_rates` measurements of a run, B/s."""
+    return max(rate for rates in measured for rate in rates.values())
+
+
+def memory_fields(measured: list[dict[str, float]]) -> dict:
+    """The memory-rate measurements of a run as recorded in its JSON (GB/s)."""
+    return {"memory_gbytes_per_s": round(best_memory_rate(measured) / 1e9, 1),
+            "memory_gbytes_per_s_measured": [{k: round(v / 1e9, 1) for k, v in r.items()}
+                                             for r in measured]}
 
 
 def t5_train_step_flops(batch: int, source: int, target: int, d_model: int, inner: int,

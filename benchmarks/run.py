@@ -84,10 +84,21 @@ def markdown(results: dict) -> str:
                 f"{r['ours_label']} | {r['peer']:g} [{spread(r['peer_rounds'])}] "
                 f"{r['peer_label']} | **{r['ratio']}x** | {percent(r, 'ours')} "
                 f"| {percent(r, 'peer')} |")
-    e2e = results["benchmarks"].get("attens_end_to_end")
     notes = []
+    generation = results["benchmarks"].get("t5_generate")
+    if generation and "memory_gbytes_per_s" in generation:
+        parts = [f"{r['what'].split(',')[0]} {r['gbytes_per_call']} GB per call, ours "
+                 f"{100 * r['ours_fraction_of_memory']:.0f}% and the peer "
+                 f"{100 * r['peer_fraction_of_memory']:.0f}%"
+                 for r in generation["comparisons"]]
+        notes += ["", "Memory roofline of T5 decoding (every step reads each decoder weight and "
+                  "the LM head for a few rows): the least bytes a cached decode reads "
+                  "(benchmarks/roofline.py `t5_decode_bytes`) per second, as a share of reading "
+                  f"a large array ({generation['memory_gbytes_per_s']} GB/s in this run): "
+                  f"{'; '.join(parts)}."]
+    e2e = results["benchmarks"].get("attens_end_to_end")
     if e2e:
-        notes = ["", f"AttEns end to end: {e2e['seconds']['ours']} s against "
+        notes += ["", f"AttEns end to end: {e2e['seconds']['ours']} s against "
                  f"{e2e['seconds']['authors_structure']} s; validation accuracy "
                  f"{e2e['validation_accuracy']['ours']} (ours) and "
                  f"{e2e['validation_accuracy']['authors_structure']} (authors' structure, "
@@ -124,12 +135,13 @@ def main() -> int:
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--quick", action="store_true", help="fewer steps and rounds")
     scale.add_argument("--smoke", action="store_true", help="tiny shapes, to test the command")
-    p.add_argument("--out-dir", default="results")
+    p.add_argument("--out-dir", default="results", help="folder for the JSON and markdown "
+                   "(created if missing)")
     a = p.parse_args()
     if a.model != "random-bert-base" and not os.path.isdir(a.model):
         fail(f"model folder {a.model!r} does not exist; pass --model (or random-bert-base)")
-    if not os.path.isdir(a.out_dir):
-        fail(f"--out-dir {a.out_dir!r} is not a folder")
+    if os.path.exists(a.out_dir) and not os.path.isdir(a.out_dir):
+        fail(f"--out-dir {a.out_dir!r} is a file, not a folder")
     scale = SCALES["smoke" if a.smoke else "quick" if a.quick else "full"]
     steps, rounds, gemm = scale["steps"], scale["rounds"], scale["gemm"]
     start = time.perf_counter()
@@ -153,6 +165,7 @@ def main() -> int:
             model, k, n_train, n_val, epochs, length, f_batch, f_length, rounds, gemm)
     results = {"benchmarks": benchmarks, "model": a.model, "dtype": a.dtype, "scale": scale,
                "wall_s": round(time.perf_counter() - start), "environment": environment()}
+    os.makedirs(a.out_dir, exist_ok=True)
     stem = os.path.join(a.out_dir, f"bench_{machine_slug()}")
     emit(results, stem + ".json")
     with open(stem + ".md", "w") as f:

@@ -8,8 +8,11 @@ embedding size); EOS is disabled so every call decodes exactly `--new` tokens. T
 warm-up (JAX compilation excluded) in alternating rounds; medians of generated tokens/s (beam
 search: tokens of the returned sequences, batch * new), and each side's FLOP/s
 (`roofline.t5_decode_flops`) as a fraction of a large GEMM's rate measured in the same run.
-Decoding a batch of 16 is bound by memory, not arithmetic: expect small fractions. Greedy
-decoding without the KV cache is checked to give the same tokens (not timed).
+Decoding a batch of 16 is bound by memory, not arithmetic: expect small fractions of the GEMM
+rate. The memory roofline: the least bytes a cached decode must read
+(`roofline.t5_decode_bytes`: the decoder weights and LM head every step, the K/V caches) over
+the same calls, as a fraction of the rate of reading a large array measured in the same run.
+Greedy decoding without the KV cache is checked to give the same tokens (not timed).
 """
 
 from __future__ import annotations
@@ -19,7 +22,16 @@ import sys
 import numpy as np
 
 from benchmarks.common import alternating_rounds, comparison, emit, environment, require_positive
-from benchmarks.roofline import best_gemm_rate, gemm_fields, gemm_rates, t5_decode_flops
+from benchmarks.roofline import (
+    best_gemm_rate,
+    best_memory_rate,
+    gemm_fields,
+    gemm_rates,
+    memory_fields,
+    memory_rates,
+    t5_decode_bytes,
+    t5_decode_flops,
+)
 from lora_jax.cli import ArgumentParser, fail
 
 CONFIG = dict(vocab_size=32128, d_model=256, d_kv=32, d_ff=1024, num_layers=4,
@@ -61,7 +73,7 @@ def measure(batch: int, source: int, new: int, rounds: int, beams: int = 4,
     from lora_jax.trainer import DTYPES
     from t5_hybrid.generate import make_generate
 
-    gemm = [gemm_rates(dtype, gemm_size)]
+    gemm, memory = [gemm_rates(dtype, gemm_size)], [memory_rates()]
     tm, cfg, model, variables = random_t5(dtype=DTYPES[dtype])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tm = tm.to(device, getattr(torch, dtype))
@@ -88,6 +100,7 @@ def measure(batch: int, source: int, new: int, rounds: int, beams: int = 4,
         np.testing.assert_array_equal(first["jax_1"], np.asarray(uncached))
         seconds = alternating_rounds(runs, rounds)
     gemm.append(gemm_rates(dtype, gemm_size))
+    memory.append(memory_rates())
     rows = []
     for n in (1, beams):
         flops = t5_decode_flops(batch, source, new, cfg.d_model, cfg.num_heads * cfg.d_kv,
@@ -98,14 +111,19 @@ def measure(batch: int, source: int, new: int, rounds: int, beams: int = 4,
                          batch * new, seconds[f"jax_{n}"], seconds[f"torch_{n}"],
                          ours_label=f"JAX {dtype}, KV cache",
                          peer_label=f"transformers generate, {dtype}",
-                         flops=flops, gemm_flops_per_s=best_gemm_rate(gemm))
+                         flops=flops, gemm_flops_per_s=best_gemm_rate(gemm),
+                         bytes_moved=t5_decode_bytes(
+                             batch, source, new, cfg.d_model, cfg.num_heads * cfg.d_kv,
+                             cfg.d_ff, cfg.num_decoder_layers, cfg.vocab_size, beams=n,
+                             itemsize=jnp.dtype(DTYPES[dtype]).itemsize),
+                         memory_bytes_per_s=best_memory_rate(memory))
         # theirs starts with the decoder start token
         row["same_tokens_as_transformers"] = bool(np.array_equal(first[f"jax_{n}"],
                                                                  first[f"torch_{n}"][:, 1:]))
         rows.append(row)
     return {"benchmark": "t5_generation", "config": CONFIG, "dtype": dtype, "batch": batch,
             "source_tokens": source, "new_tokens": new, "beams": beams, "rounds": rounds,
-            "comparisons": rows, **gemm_fields(gemm)}
+            "comparisons": rows, **gemm_fields(gemm), **memory_fields(memory)}
 
 
 def main() -> int:

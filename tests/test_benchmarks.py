@@ -90,6 +90,39 @@ def test_t5_train_step_flops_formula_matches_xlas_count_of_the_matmuls():
     assert ours <= xla <= 1.25 * ours, (ours, xla)
 
 
+def test_t5_decode_bytes_formula_counts_the_models_own_arrays():
+    """`t5_decode_bytes` against the arrays a cached decoding step of a small random T5 v1.1
+    reads: every decoder kernel but the cross K/V projections (used once, at `init_cache`),
+    the LM head, the cross K/V cache, and each hypothesis' self K/V up to its position."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.roofline import t5_decode_bytes
+    from t5_hybrid.config import T5Config
+    from t5_hybrid.model import T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=512, d_model=64, d_kv=16, d_ff=256, num_layers=1,
+                   num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+                   tie_word_embeddings=False)
+    model = T5ForConditionalGeneration(cfg)
+    batch, source, new, beams = 3, 10, 7, 2
+    ids = jnp.ones((batch, source), jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), ids, ids, ids[:, :1])["params"]
+    states = jnp.zeros((batch, source, cfg.d_model))
+    cache = jax.eval_shape(lambda: model.apply({"params": params}, states, new,
+                                               method=model.init_cache))
+    kernels = {"/".join(str(getattr(k, "key", k)) for k in path): x.size
+               for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+               if getattr(path[-1], "key", None) == "kernel"}
+    per_step = sum(size for name, size in kernels.items() if name.startswith(("decoder", "lm_head"))
+                   and not name.endswith(("cross_attention/k/kernel", "cross_attention/v/kernel")))
+    cross = sum(x.size for x in jax.tree_util.tree_leaves(cache["cross"]))
+    self_full = sum(x.size for x in jax.tree_util.tree_leaves(cache["self"]))  # batch rows
+    expected = 4 * (new * (per_step + cross)
+                    + sum(beams * self_full * t // new for t in range(1, new + 1)))
+    assert t5_decode_bytes(batch, source, new, 64, 64, 256, 2, 512, beams=beams) == expected
+
+
 @pytest.mark.slow
 def test_benchmark_run_smoke_writes_json_and_table(minilm_l3, tmp_path):
     """Every benchmark of `python -m benchmarks.run` on tiny shapes: figures consistent with
@@ -98,11 +131,11 @@ def test_benchmark_run_smoke_writes_json_and_table(minilm_l3, tmp_path):
     pytest.importorskip("peft")
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--model",
-                           str(minilm_l3), "--out-dir", str(tmp_path)], capture_output=True,
-                          text=True, timeout=900, cwd=ROOT)
+                           str(minilm_l3), "--out-dir", str(tmp_path / "new")],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
     wall = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (json_file,) = tmp_path.glob("bench_*.json")
+    (json_file,) = (tmp_path / "new").glob("bench_*.json")  # the folder was created
     results = json.loads(json_file.read_text())
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == results
     benches = results["benchmarks"]
@@ -131,6 +164,13 @@ def test_benchmark_run_smoke_writes_json_and_table(minilm_l3, tmp_path):
     greedy, beam = benches["t5_generate"]["comparisons"]
     assert greedy["same_tokens_as_transformers"] is True, greedy
     assert "beam" in beam["what"] and beam["gflop_per_call"] > greedy["gflop_per_call"]
+    # the memory roofline: bytes per call * calls/s, as a share of the measured memory rate
+    memory = benches["t5_generate"]["memory_gbytes_per_s"]
+    assert greedy["ours_gbytes_per_s"] == pytest.approx(
+        greedy["gbytes_per_call"] * greedy["ours"] / (2 * 4), rel=0.02)  # batch 2, 4 new tokens
+    assert greedy["ours_fraction_of_memory"] == pytest.approx(
+        greedy["ours_gbytes_per_s"] / memory, abs=0.002)
+    assert f"({memory} GB/s in this run)" in table
     e2e = benches["attens_end_to_end"]
     assert e2e["max_feature_difference"] < 1e-3
     assert e2e["seconds"]["ours"] > 0 and e2e["seconds"]["authors_structure"] > 0
