@@ -1,7 +1,7 @@
 """The machine's limits that the benchmarks report against, measured in the same run: a large
 GEMM's rate for every benchmark, with the FLOPs of the work being timed, and (decoding, which
-moves far more bytes than it computes FLOPs) the rate of reading a large array from memory,
-with the least bytes the work must read.
+reads every weight once per token for only a few rows) the rate of reading a large array from
+memory, with the least bytes the work must read.
 
     achieved FLOP/s = flops_per_step * steps / seconds;  fraction = achieved / gemm_rate
     achieved B/s    = bytes_per_call * calls / seconds;  fraction = achieved / memory_rate
