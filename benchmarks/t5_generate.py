@@ -9,9 +9,10 @@ warm-up (JAX compilation excluded) in alternating rounds; medians of generated t
 search: tokens of the returned sequences, batch * new), and each side's FLOP/s
 (`roofline.t5_decode_flops`) as a fraction of a large GEMM's rate measured in the same run.
 Decoding a batch of 16 does about as few FLOPs per byte it reads as the machine's balance
-(GEMM rate over memory rate): expect small fractions of the GEMM rate. The memory roofline: the least bytes a cached decode must read
-(`roofline.t5_decode_bytes`: the decoder weights and LM head every step, the K/V caches) over
-the same calls, as a fraction of the rate of reading a large array measured in the same run.
+(GEMM rate over memory rate): expect small fractions of the GEMM rate. The memory roofline:
+the least bytes a cached decode must read (`roofline.t5_decode_bytes`: the decoder weights and
+LM head every step, the K/V caches) over the same calls, as a fraction of the rate of reading a
+large array measured in the same run.
 Greedy decoding without the KV cache is checked to give the same tokens (not timed).
 """
 

@@ -1,9 +1,11 @@
 """Jit-compiled greedy and beam-search decoding for `T5ForConditionalGeneration`.
 
-Both run the encoder once and then one decoder position per step inside a `lax.while_loop`,
-reading and writing the per-layer key/value cache (`use_cache=False` re-runs the decoder over the
-whole prefix each step instead; same tokens, for tests and debugging). Sequences stop at EOS and
-are padded with the pad id after it; the loop exits early when every sequence is finished.
+Both run the encoder once and then one decoder position per step inside `lax.while_loop`s,
+reading and writing the per-layer key/value cache; the loop runs in up to four segments whose
+self-attention cache grows to each segment's end (`segment_ends`). `use_cache=False` re-runs the
+decoder over the whole prefix each step instead (same tokens, for tests and debugging).
+Sequences stop at EOS and are padded with the pad id after it; the loop exits early when every
+sequence is finished.
 
     generate = make_generate(model, max_new_tokens=32, num_beams=4)
     tokens = generate(variables, input_ids, attention_mask)   # (B, max_new_tokens) int32
@@ -128,20 +130,60 @@ def top_candidates(logits: jax.Array, beam_logp: jax.Array, n: int
     return values, jnp.take_along_axis(best, at // width, 1) * width + at % width
 
 
+MIN_SEGMENT, MAX_SEGMENTS = 16, 4
+
+
+def segment_ends(max_new_tokens: int) -> list[int]:
+    """Ends of the decoding loop's segments: up to `MAX_SEGMENTS` equal ones of at least
+    `MIN_SEGMENT` positions; the last is `max_new_tokens`.
+
+    Each segment is one `lax.while_loop` whose self-attention cache holds only the positions
+    up to its end, and the cache grows (zero-padded) between segments: the steps of a segment
+    read, and beam search reorders, that prefix instead of all `max_new_tokens` positions. Four
+    segments of 64 tokens cut the self-attention K/V traffic to 62% (beam search reorders the
+    cache at every step): on 2 cores (benchmarks.t5_generate shapes, one process, 6
+    alternating rounds) greedy decoding ran 4% and 4-beam search 13% faster than with one
+    loop, and 8 segments gained 4% more on beam search for twice the compile time. The loop
+    body is compiled once per segment."""
+    n = max(1, min(MAX_SEGMENTS, max_new_tokens // MIN_SEGMENT))
+    return [-(-max_new_tokens * (j + 1) // n) for j in range(n)]
+
+
+def grow_self_cache(cache: dict, length: int) -> dict:
+    """The cache with its self-attention K/V (B, heads, positions, d_kv) zero-padded to
+    `length` positions (an unwritten position is masked out by the causal bias)."""
+    def pad(c):
+        return jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0)))
+
+    return {"cross": cache["cross"], "self": jax.tree_util.tree_map(pad, cache["self"])}
+
+
+def _segmented_loop(cond, body, carry, ends: list[int], cache_at: int | None):
+    """`lax.while_loop(cond(end, carry), body, carry)` for each segment end in turn; before
+    each segment the cache at carry[cache_at] (None: no cache) grows to the segment's end."""
+    for end in ends:
+        if cache_at is not None:
+            carry = (*carry[:cache_at], grow_self_cache(carry[cache_at], end),
+                     *carry[cache_at + 1:])
+        carry = jax.lax.while_loop(functools.partial(cond, end), body, carry)
+    return carry
+
+
 def greedy_search(model: T5ForConditionalGeneration, variables, input_ids, attention_mask,
                   max_new_tokens: int, use_cache: bool = True) -> jax.Array:
     """Argmax decoding. input_ids/attention_mask (B, L) -> tokens (B, max_new_tokens)."""
     cfg = model.config
     batch = input_ids.shape[0]
     states, mask = _encode(model, variables, input_ids, attention_mask)
-    cache = (model.apply(variables, states, max_new_tokens, method=model.init_cache)
+    ends = segment_ends(max_new_tokens) if use_cache else [max_new_tokens]
+    cache = (model.apply(variables, states, 0, method=model.init_cache)
              if use_cache else None)
     tokens = jnp.full((batch, max_new_tokens + 1), cfg.pad_token_id, jnp.int32)
     tokens = tokens.at[:, 0].set(cfg.decoder_start_token_id)
 
-    def cond(carry):
+    def cond(end, carry):
         i, _, _, done = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
+        return (i < end) & ~jnp.all(done)
 
     def body(carry):
         i, tokens, cache, done = carry
@@ -151,7 +193,7 @@ def greedy_search(model: T5ForConditionalGeneration, variables, input_ids, atten
         return i + 1, tokens, cache, done | (token == cfg.eos_token_id)
 
     carry = (jnp.int32(0), tokens, cache, jnp.zeros((batch,), bool))
-    return jax.lax.while_loop(cond, body, carry)[1][:, 1:]
+    return _segmented_loop(cond, body, carry, ends, 2 if use_cache else None)[1][:, 1:]
 
 
 def beam_search(model: T5ForConditionalGeneration, variables, input_ids, attention_mask,
@@ -163,12 +205,13 @@ def beam_search(model: T5ForConditionalGeneration, variables, input_ids, attenti
     cfg = model.config
     batch, k = input_ids.shape[0], num_beams
     states, mask = _encode(model, variables, input_ids, attention_mask)
+    ends = segment_ends(max_new_tokens) if use_cache else [max_new_tokens]
     cache = None
     if use_cache:
         # cross K/V projected once per example, then copied to its k beams: on 2 cores the
         # attention over copied K/V ran 2.5x faster than one that groups each example's beams
         # as query rows of its shared K/V (XLA:CPU's small batched dots)
-        cache = model.apply(variables, states, max_new_tokens, method=model.init_cache)
+        cache = model.apply(variables, states, 0, method=model.init_cache)
         cache = jax.tree_util.tree_map(lambda c: jnp.repeat(c, k, 0), cache)
     states, mask = jnp.repeat(states, k, 0), jnp.repeat(mask, k, 0)
     seqs = jnp.full((batch, k, max_new_tokens + 1), cfg.pad_token_id, jnp.int32)
@@ -180,7 +223,7 @@ def beam_search(model: T5ForConditionalGeneration, variables, input_ids, attenti
     def normalise(logp, length):
         return logp / jnp.power(length.astype(jnp.float32), length_penalty)
 
-    def cond(carry):
+    def cond(end, carry):
         i, _, alive_logp, _, finished_score, _ = carry
         # best reachable score of a live beam: its log-prob can only fall, its length is at
         # most max_new_tokens (the bound is exact for length_penalty >= 0).
@@ -188,7 +231,7 @@ def beam_search(model: T5ForConditionalGeneration, variables, input_ids, attenti
         best_alive = normalise(alive_logp.max(-1), bound_len)
         full = jnp.all(jnp.isfinite(finished_score), -1)
         done = full & (best_alive < finished_score.min(-1))
-        return (i < max_new_tokens) & ~jnp.all(done)
+        return (i < end) & ~jnp.all(done)
 
     def body(carry):
         i, seqs, alive_logp, finished, finished_score, cache = carry
@@ -217,7 +260,8 @@ def beam_search(model: T5ForConditionalGeneration, variables, input_ids, attenti
         return i + 1, seqs, alive_logp, finished, finished_score, cache
 
     carry = (jnp.int32(0), seqs, alive_logp, finished, finished_score, cache)
-    steps, seqs, alive_logp, finished, finished_score, _ = jax.lax.while_loop(cond, body, carry)
+    steps, seqs, alive_logp, finished, finished_score, _ = _segmented_loop(
+        cond, body, carry, ends, 5 if use_cache else None)
     # rows that ran out of steps: live beams compete with the finished ones
     alive_score = normalise(alive_logp, steps)
     pool_score = jnp.concatenate([finished_score, alive_score], 1)

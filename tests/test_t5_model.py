@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 
 from t5_hybrid.config import T5Config
-from t5_hybrid.generate import beam_search, greedy_search, make_generate, strip_after_eos
+from t5_hybrid.generate import (
+    beam_search,
+    greedy_search,
+    grow_self_cache,
+    make_generate,
+    segment_ends,
+    strip_after_eos,
+)
 from t5_hybrid.hf_import import convert_state_dict, hf_name_map, to_hf_state_dict
 from t5_hybrid.model import T5ForConditionalGeneration, relative_position_bucket
 
@@ -68,12 +75,39 @@ def test_encoder_and_teacher_forced_logits_match_torch(variant):
     np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_greedy_matches_transformers_generate_and_cache_matches_no_cache(variant):
+def test_segment_ends_split_the_decoding_loop_evenly():
+    assert segment_ends(64) == [16, 32, 48, 64]
+    assert segment_ends(50) == [17, 34, 50]
+    assert segment_ends(40) == [20, 40]
+    assert segment_ends(12) == [12] and segment_ends(1) == [1]
+    assert segment_ends(1000)[-1] == 1000 and len(segment_ends(1000)) == 4
+
+
+def test_decoding_through_a_growing_cache_matches_teacher_forcing():
+    """One position at a time with the self-attention cache grown from 4 to 10 positions after
+    step 3 (as the segmented loop does): every step's logits equal the uncached decoder's."""
+    model, variables = _flax(_torch_t5("v1.1", seed=11))
+    ids, mask = (jnp.asarray(a) for a in _inputs(seed=12))
+    states, enc_mask = model.apply(variables, ids, mask, method=model.encode)
+    dec = np.random.default_rng(13).integers(2, 97, (3, 10))
+    dec[:, 0] = 0
+    full, _ = model.apply(variables, jnp.asarray(dec), states, enc_mask, method=model.decode)
+    cache = model.apply(variables, states, 0, method=model.init_cache)
+    for i in range(10):
+        if i in (0, 4):
+            cache = grow_self_cache(cache, 4 if i == 0 else 10)
+        logits, cache = model.apply(variables, jnp.asarray(dec[:, i:i + 1]), states, enc_mask,
+                                    cache=cache, cache_index=i, method=model.decode)
+        np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(full[:, i]), atol=1e-5,
+                                   err_msg=f"position {i}")
+
+
+@pytest.mark.parametrize("variant,n", [("v1.0", 12), ("v1.1", 12), ("v1.1", 40)])
+def test_greedy_matches_transformers_generate_and_cache_matches_no_cache(variant, n):
+    """n = 40: two loop segments, the self-attention cache growing from 20 to 40 positions."""
     tm = _torch_t5(variant, seed=3)
     model, variables = _flax(tm)
     ids, mask = _inputs(seed=4)
-    n = 12
     with torch.no_grad():
         ref = tm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                           max_new_tokens=n, do_sample=False, num_beams=1,
@@ -84,6 +118,8 @@ def test_greedy_matches_transformers_generate_and_cache_matches_no_cache(variant
     np.testing.assert_array_equal(cached, uncached)
     ref = np.pad(ref, ((0, 0), (0, n - ref.shape[1])))  # HF stops when every row has ended
     np.testing.assert_array_equal(cached, ref)
+    first = segment_ends(n)[0]  # with two segments, a row must decode past the first
+    assert first == n or (cached[:, first:] != 0).any()
 
 
 def test_greedy_stops_at_eos_and_pads_after_it():
@@ -102,12 +138,12 @@ def test_greedy_stops_at_eos_and_pads_after_it():
     assert strip_after_eos(np.asarray([[5, 6, 1, 0], [7, 0, 0, 0]]), 1, 0) == [[5, 6], [7]]
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_beam_search_matches_transformers_and_cache(variant):
+@pytest.mark.parametrize("variant,n", [("v1.0", 8), ("v1.1", 8), ("v1.1", 40)])
+def test_beam_search_matches_transformers_and_cache(variant, n):
     tm = _torch_t5(variant, seed=7)
     model, variables = _flax(tm)
     ids, mask = _inputs(seed=8)
-    n, k = 8, 3
+    k = 3
     with torch.no_grad():
         ref = tm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                           max_new_tokens=n, num_beams=k, do_sample=False, length_penalty=1.0,
@@ -118,6 +154,8 @@ def test_beam_search_matches_transformers_and_cache(variant):
                                       k, use_cache=False))
     np.testing.assert_array_equal(ours, uncached)
     assert strip_after_eos(ours, 1, 0) == strip_after_eos(ref, 1, 0)
+    first = segment_ends(n)[0]  # with two segments, a hypothesis must run past the first
+    assert first == n or (ours[:, first:] != 0).any()
 
 
 def test_one_beam_is_greedy():
