@@ -105,19 +105,25 @@ def comparison(what: str, unit: str, work: float, ours: list[float], peer: list[
            "ratio": round(med["ours"] / med["peer"], 2),
            "ours_rounds": [round(r, 2) for r in rates["ours"]],
            "peer_rounds": [round(r, 2) for r in rates["peer"]]}
+    calls_per_s = {side: med[side] / work for side in ("ours", "peer")}
     if flops is not None and gemm_flops_per_s:
-        row["gflop_per_call"] = round(flops / 1e9, 3)
-        for side in ("ours", "peer"):
-            achieved = flops * med[side] / work
-            row[f"{side}_gflops"] = round(achieved / 1e9, 1)
-            row[f"{side}_fraction_of_gemm"] = round(achieved / gemm_flops_per_s, 3)
+        row.update(roofline_fields(flops, gemm_flops_per_s, calls_per_s, "gflop_per_call",
+                                   "gflops", "gemm"))
     if bytes_moved is not None and memory_bytes_per_s:
-        row["gbytes_per_call"] = round(bytes_moved / 1e9, 3)
-        for side in ("ours", "peer"):
-            achieved = bytes_moved * med[side] / work
-            row[f"{side}_gbytes_per_s"] = round(achieved / 1e9, 1)
-            row[f"{side}_fraction_of_memory"] = round(achieved / memory_bytes_per_s, 3)
+        row.update(roofline_fields(bytes_moved, memory_bytes_per_s, calls_per_s,
+                                   "gbytes_per_call", "gbytes_per_s", "memory"))
     return row
+
+
+def roofline_fields(per_call: float, machine_rate: float, calls_per_s: dict[str, float],
+                    per_call_key: str, rate_key: str, limit: str) -> dict:
+    """A row's fields for one roofline: the amount per call (FLOPs or bytes, in billions), each
+    side's achieved rate (billions per second) and its fraction of the machine's rate."""
+    fields = {per_call_key: round(per_call / 1e9, 3)}
+    for side, calls in calls_per_s.items():
+        fields[f"{side}_{rate_key}"] = round(per_call * calls / 1e9, 1)
+        fields[f"{side}_fraction_of_{limit}"] = round(per_call * calls / machine_rate, 3)
+    return fields
 
 
 def jax_step_runner(step: Callable, trainable, opt_state, frozen, batch) -> Callable[[int], None]:
