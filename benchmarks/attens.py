@@ -275,13 +275,26 @@ def paired_accuracy(ours: np.ndarray, theirs: np.ndarray, labels: np.ndarray) ->
             "mcnemar_p": round(p, 4)}
 
 
-def authors_structure(config, model_dir: str, adapter_dirs: list[str], epochs: int,
-                      initial: dict) -> dict:
-    """The authors' training structure in PyTorch + PEFT (see the module docstring), starting
-    from our run's initial combiner `initial` and drawing our run's batches (the same
-    `lora_jax.data.train_order` of every epoch); returns wall seconds, the best selection
-    accuracy, the validation accuracy at that epoch and its predictions, and the logit
-    difference of the two combiners at the start."""
+def our_batches(config, model_dir: str, epochs: int) -> list[list[np.ndarray]]:
+    """Per epoch, the train-row index batches our run draws (`lora_jax.data.train_order` of
+    the train split's token lengths, as the trainer calls it with one data shard)."""
+    from lora_jax import data as data_lib
+    from lora_jax.tasks import get_task
+
+    train = data_lib.load_examples(config, get_task(TASK))[0]["train"]
+    lengths = data_lib.encode(train, data_lib.load_tokenizer(model_dir, config.tokenizer),
+                              config.max_length).lengths
+    return [data_lib.train_order(lengths, BATCH, config.seed, epoch, config.length_grouping)
+            for epoch in range(epochs)]
+
+
+def authors_structure(config, model_dir: str, adapter_dirs: list[str], initial: dict,
+                      batches: list[list[np.ndarray]]) -> dict:
+    """The authors' training structure in PyTorch + PEFT (see the module docstring) for
+    len(batches) epochs, starting from our run's initial combiner `initial` and drawing our
+    run's `batches` (`our_batches`); returns wall seconds, the best selection accuracy, the
+    validation accuracy at that epoch and its predictions, and the logit difference of the two
+    combiners at the start."""
     import peft
     import torch
     import transformers
@@ -313,8 +326,6 @@ def authors_structure(config, model_dir: str, adapter_dirs: list[str], epochs: i
     load_flax_combiner(combiner, initial)
     start_difference = check_same_combiner(config, initial, combiner, k, d)
     combiner.to(device)
-    lengths = data_lib.encode(examples["train"], data_lib.load_tokenizer(
-        model_dir, config.tokenizer), config.max_length).lengths
     opt = torch.optim.AdamW(combiner.parameters(), lr=LR, weight_decay=0.0,
                             betas=(config.optimizer.b1, config.optimizer.b2),
                             eps=config.optimizer.eps)
@@ -336,10 +347,9 @@ def authors_structure(config, model_dir: str, adapter_dirs: list[str], epochs: i
 
     ids, mask, labels = splits["train"]
     best, best_state = -1.0, None
-    for epoch in range(epochs):
+    for epoch_batches in batches:
         combiner.train()
-        for rows in data_lib.train_order(lengths, BATCH, config.seed, epoch,
-                                         config.length_grouping):
+        for rows in epoch_batches:
             idx = torch.tensor(rows, device=device)
             modules, base = torch_features(encoder, names, pm, ids[idx], mask[idx])
             loss = torch.nn.functional.cross_entropy(combiner(modules, base), labels[idx])
@@ -426,7 +436,8 @@ def measure_end_to_end(model_dir: str, data_dir: str, module_dir: str, names: li
     ours = train_attens(config, os.path.join(scratch, "run"))
     ours_s = time.perf_counter() - t0
     initial = initial_combiner(config, len(names), load_cfg(model_dir).hidden_size)
-    theirs = authors_structure(config, model_dir, adapter_dirs, epochs, initial)
+    theirs = authors_structure(config, model_dir, adapter_dirs, initial,
+                               our_batches(config, model_dir, epochs))
     if theirs["start_logit_difference"] > 1e-4:
         raise RuntimeError("the PyTorch combiner does not compute ours at the start (logits "
                            f"differ by {theirs['start_logit_difference']})")
