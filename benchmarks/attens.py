@@ -275,13 +275,12 @@ def paired_accuracy(ours: np.ndarray, theirs: np.ndarray, labels: np.ndarray) ->
             "mcnemar_p": round(p, 4)}
 
 
-def our_batches(config, model_dir: str, epochs: int) -> list[list[np.ndarray]]:
-    """Per epoch, the train-row index batches our run draws (`lora_jax.data.train_order` of
-    the train split's token lengths, as the trainer calls it with one data shard)."""
+def our_batches(config, model_dir: str, train, epochs: int) -> list[list[np.ndarray]]:
+    """Per epoch, the index batches our run draws from the `train` examples
+    (`lora_jax.data.train_order` of their token lengths, as the trainer calls it with one data
+    shard)."""
     from lora_jax import data as data_lib
-    from lora_jax.tasks import get_task
 
-    train = data_lib.load_examples(config, get_task(TASK))[0]["train"]
     lengths = data_lib.encode(train, data_lib.load_tokenizer(model_dir, config.tokenizer),
                               config.max_length).lengths
     return [data_lib.train_order(lengths, BATCH, config.seed, epoch, config.length_grouping)
@@ -435,13 +434,14 @@ def measure_end_to_end(model_dir: str, data_dir: str, module_dir: str, names: li
     t0 = time.perf_counter()
     ours = train_attens(config, os.path.join(scratch, "run"))
     ours_s = time.perf_counter() - t0
+    examples = load_examples(config, get_task(TASK))[0]  # the rows both sides read
     initial = initial_combiner(config, len(names), load_cfg(model_dir).hidden_size)
     theirs = authors_structure(config, model_dir, adapter_dirs, initial,
-                               our_batches(config, model_dir, epochs))
+                               our_batches(config, model_dir, examples["train"], epochs))
     if theirs["start_logit_difference"] > 1e-4:
         raise RuntimeError("the PyTorch combiner does not compute ours at the start (logits "
                            f"differ by {theirs['start_logit_difference']})")
-    validation = load_examples(config, get_task(TASK))[0]["validation"]
+    validation = examples["validation"]
     ours_predictions = attens_run(os.path.join(scratch, "run"), ours).logits(
         validation.texts).argmax(-1)
     ours_accuracy = ours["metrics"]["validation"]["accuracy"]
