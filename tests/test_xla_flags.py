@@ -7,18 +7,23 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from lora_jax import xla_flags
 
 
 def test_flags_are_added_once_and_respect_the_user(monkeypatch):
     monkeypatch.setattr(xla_flags.importlib.metadata, "version", lambda _: "0.10.2")
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    assert xla_flags.apply_default_flags(env) == ["--xla_cpu_experimental_ynn_fusion_type="]
+    assert xla_flags.apply_default_flags(env) == [
+        "--xla_cpu_experimental_ynn_fusion_type=",
+        "--xla_disable_hlo_passes=tree_reduction_rewriter"]
     assert env["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 "
-                                "--xla_cpu_experimental_ynn_fusion_type=")
+                                "--xla_cpu_experimental_ynn_fusion_type= "
+                                "--xla_disable_hlo_passes=tree_reduction_rewriter")
     assert xla_flags.apply_default_flags(env) == []  # already there
-    user = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
-    assert xla_flags.apply_default_flags(user) == [] and user["XLA_FLAGS"].endswith("=dot")
+    user = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot --xla_disable_hlo_passes=cse"}
+    assert xla_flags.apply_default_flags(user) == [] and user["XLA_FLAGS"].endswith("=cse")
     off = {"LORA_JAX_XLA_FLAGS": "0"}
     assert xla_flags.apply_default_flags(off) == [] and "XLA_FLAGS" not in off
 
@@ -30,13 +35,31 @@ def test_other_jaxlib_versions_get_xlas_defaults(monkeypatch):
         assert xla_flags.apply_default_flags(env) == [] and env == {}, version
 
 
-def test_importing_lora_jax_sets_the_flag_before_the_backend_starts():
-    code = ("import os, json, lora_jax, jax, jax.numpy as jnp; jnp.ones(2).block_until_ready();"
-            "print(json.dumps(os.environ.get('XLA_FLAGS', '')))")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+def _fresh_process(env_changes: dict) -> dict:
+    """XLA_FLAGS and the number of reduce-windows in a compiled row reduction over 256 floats,
+    in a new process that imports lora_jax first."""
+    code = ("import os, json, lora_jax, jax, jax.numpy as jnp\n"
+            "text = jax.jit(lambda x: jnp.square(x).sum(-1)).lower(jnp.ones((16, 16, 256)))"
+            ".compile().as_text()\n"
+            "print(json.dumps({'flags': os.environ.get('XLA_FLAGS', ''),"
+            " 'reduce_windows': text.count('reduce-window(')}))")
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("XLA_FLAGS", "LORA_JAX_XLA_FLAGS")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, env=env)
+                         timeout=120, env={**env, **env_changes})
     assert out.returncode == 0, out.stderr[-2000:]
-    flags = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_importing_lora_jax_sets_the_flags_before_the_backend_starts():
     expected = xla_flags.apply_default_flags({})
-    assert all(flag in flags for flag in expected)
+    if not expected:
+        pytest.skip("no default flags for this jaxlib")
+    ours = _fresh_process({})
+    assert all(flag in ours["flags"] for flag in expected)
+    # The reduction is split by tree_reduction_rewriter under the first flag alone, and is one
+    # fused reduce with both.
+    first_only = _fresh_process({"LORA_JAX_XLA_FLAGS": "0",
+                                 "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="})
+    assert first_only["reduce_windows"] == 1
+    assert ours["reduce_windows"] == 0
