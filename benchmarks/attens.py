@@ -9,9 +9,11 @@ N(0, 0.02^2) so that every module differs from the base) on the given encoder, w
 (`lora_jax.synthetic`), so the benchmark needs no data folder.
 
   features    our stacked pass (one jitted vmap over the k adapters and the all-zero base slot,
-              `ensemble.features.make_feature_fn`) against k + 1 sequential jitted
-              single-adapter passes of the same encoder; same batch of random ids, masked-mean
-              pooling; checked equal (1e-4). Alternating rounds after warm-up; medians; FLOP/s
+              `ensemble.features.make_feature_fn`) against k + 1 sequential single-adapter
+              passes, two peers: PyTorch + PEFT (`set_adapter` per module, then the base with
+              adapters disabled; no gradient: the authors' way) and our own jitted encoder with
+              one adapter at a time; same batch of random ids, masked-mean pooling; all three
+              checked equal (1e-4). Alternating rounds after warm-up; medians; FLOP/s
               (k + 1 times `roofline.encoder_forward_flops`) as a fraction of a large GEMM's
               rate measured in the same run.
   end_to_end  our pipeline as a user runs it (`ensemble.train.train_attens`: tokenize, every
@@ -107,11 +109,14 @@ def attens_config(model_dir: str, data_dir: str, module_dir: str, modules: list[
     return c
 
 
-def measure_features(model_dir: str, module_dir: str, config, batch: int, length: int,
+def measure_features(model_dir: str, adapter_dirs: list[str], config, batch: int, length: int,
                      rounds: int, gemm_size: int = 2048) -> dict:
-    """Stacked k-adapter features against k + 1 sequential single-adapter passes."""
+    """Stacked k-adapter features against k + 1 sequential single-adapter passes, of our own
+    jitted encoder and of PyTorch + PEFT (`adapter_dirs`: the modules exported by
+    `export_adapters`)."""
     import jax
     import jax.numpy as jnp
+    import torch
 
     from ensemble.features import aggregate_tokens
     from ensemble.train import build_feature_extractor
@@ -131,32 +136,63 @@ def measure_features(model_dir: str, module_dir: str, config, batch: int, length
         return aggregate_tokens(hidden, batch["attention_mask"], "mean")
 
     slots = [jax.tree_util.tree_map(lambda x, i=i: x[i], fx.stacked) for i in range(fx.k + 1)]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pm, torch_encoder, names = load_peft_modules(model_dir, adapter_dirs)
+    pm.to(device)
+    torch_ids = torch.tensor(np.asarray(ids), device=device)
+    torch_mask = torch.ones_like(torch_ids)
+
+    def peft_passes():
+        features = torch_features(torch_encoder, names, pm, torch_ids, torch_mask)
+        return tuple(f.cpu() for f in features)  # waits for the GPU's work
+
     runs = {"stacked": lambda: jax.block_until_ready(stacked(fx.base_params, fx.stacked,
                                                              fx.heads, b)),
-            "sequential": lambda: jax.block_until_ready([single(s, b) for s in slots])}
+            "sequential": lambda: jax.block_until_ready([single(s, b) for s in slots]),
+            "peft": peft_passes}
     modules, base = runs["stacked"]()
     one_by_one = runs["sequential"]()
     np.testing.assert_allclose(np.asarray(modules), np.stack(one_by_one[:-1], 1), atol=1e-4)
     np.testing.assert_allclose(np.asarray(base), np.asarray(one_by_one[-1]), atol=1e-4)
+    peft_modules, peft_base = runs["peft"]()
+    np.testing.assert_allclose(np.asarray(modules), peft_modules.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(base), peft_base.numpy(), atol=1e-4)
     gemm = [gemm_rates(size=gemm_size)]
     seconds = alternating_rounds(runs, rounds)
     gemm.append(gemm_rates(size=gemm_size))
     cfg = load_cfg(model_dir)
     flops = (fx.k + 1) * encoder_forward_flops(batch, length, cfg.hidden_size,
                                                cfg.intermediate_size, cfg.num_layers)
-    row = comparison(f"stacked features, k = {fx.k} modules + base, batch {batch}, length "
-                     f"{length}", "examples/s", batch, seconds["stacked"], seconds["sequential"],
-                     ours_label="one stacked pass (vmap)",
-                     peer_label=f"{fx.k + 1} sequential single-adapter passes",
-                     flops=flops, gemm_flops_per_s=best_gemm_rate(gemm))
+    what = f"stacked features, k = {fx.k} modules + base, batch {batch}, length {length}"
+    rows = [comparison(f"{what}, against {peer}", "examples/s", batch, seconds["stacked"],
+                       seconds[side], ours_label="one stacked pass (vmap)",
+                       peer_label=f"{fx.k + 1} sequential single-adapter passes, {peer}",
+                       flops=flops, gemm_flops_per_s=best_gemm_rate(gemm))
+            for side, peer in (("peft", "PyTorch + PEFT"), ("sequential", "our encoder"))]
     return {"benchmark": "attens_features", "k": fx.k, "batch": batch, "length": length,
-            "rounds": rounds, "comparisons": [row], **gemm_fields(gemm)}
+            "rounds": rounds, "comparisons": rows, **gemm_fields(gemm)}
 
 
 def load_cfg(model_dir: str):
     from lora_jax.models.hf_import import load_hf_config
 
     return load_hf_config(model_dir)[0]
+
+
+def load_peft_modules(model_dir: str, adapter_dirs: list[str]):
+    """(PeftModel in eval mode with every adapter loaded as m0, m1, ..., the encoder inside it
+    with LoRA layers injected, the adapter names), for `torch_features`."""
+    import peft
+    import transformers
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir,
+                                                                            num_labels=2)
+    names = [f"m{i}" for i in range(len(adapter_dirs))]
+    pm = peft.PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name=names[0])
+    for name, path in zip(names[1:], adapter_dirs[1:], strict=True):
+        pm.load_adapter(path, adapter_name=name)
+    pm.eval()
+    return pm, pm.get_base_model().base_model, names
 
 
 def torch_features(encoder, adapters: list[str], peft_model, ids, mask):
@@ -294,7 +330,6 @@ def authors_structure(config, model_dir: str, adapter_dirs: list[str], initial: 
     run's `batches` (`our_batches`); returns wall seconds, the best selection accuracy, the
     validation accuracy at that epoch and its predictions, and the logit difference of the two
     combiners at the start."""
-    import peft
     import torch
     import transformers
 
@@ -312,15 +347,9 @@ def authors_structure(config, model_dir: str, adapter_dirs: list[str], initial: 
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     splits = {name: tuple(t.to(device) for t in tensors(ex)) for name, ex in examples.items()}
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir,
-                                                                            num_labels=2)
-    names = [f"m{i}" for i in range(len(adapter_dirs))]
-    pm = peft.PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name=names[0])
-    for name, path in zip(names[1:], adapter_dirs[1:], strict=True):
-        pm.load_adapter(path, adapter_name=name)
-    pm.to(device).eval()
-    encoder = pm.get_base_model().base_model  # the BertModel inside, LoRA layers injected
-    d, k = model.config.hidden_size, len(adapter_dirs)
+    pm, encoder, names = load_peft_modules(model_dir, adapter_dirs)
+    pm.to(device)
+    d, k = encoder.config.hidden_size, len(adapter_dirs)
     combiner = torch_combiner(d, 2, config.combiner.num_heads, config.combiner.dropout)
     load_flax_combiner(combiner, initial)
     start_difference = check_same_combiner(config, initial, combiner, k, d)
@@ -382,7 +411,6 @@ def export_adapters(model_dir: str, module_dir: str, names: list[str], out_dir: 
 
 def check_same_features(config, model_dir: str, adapter_dirs: list[str], texts: list[str]):
     """Our stacked features and the PyTorch side's of the same rows agree (max |difference|)."""
-    import peft
     import transformers
 
     from ensemble.train import build_feature_extractor
@@ -396,21 +424,14 @@ def check_same_features(config, model_dir: str, adapter_dirs: list[str], texts: 
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     enc = tok(texts, padding=True, truncation=True, max_length=config.max_length,
               return_tensors="pt")
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir,
-                                                                            num_labels=2)
-    pm = peft.PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name="m0")
-    for i, path in enumerate(adapter_dirs[1:], 1):
-        pm.load_adapter(path, adapter_name=f"m{i}")
-    pm.eval()
-    modules, base = torch_features(pm.get_base_model().base_model,
-                                   [f"m{i}" for i in range(len(adapter_dirs))], pm,
-                                   enc["input_ids"], enc["attention_mask"])
+    pm, encoder, names = load_peft_modules(model_dir, adapter_dirs)
+    modules, base = torch_features(encoder, names, pm, enc["input_ids"], enc["attention_mask"])
     return max(float(np.abs(ours_modules - modules.numpy()).max()),
                float(np.abs(ours_base - base.numpy()).max()))
 
 
 def measure_end_to_end(model_dir: str, data_dir: str, module_dir: str, names: list[str],
-                       n_train: int, n_validation: int, epochs: int, max_length: int,
+                       adapter_dirs: list[str], n_train: int, n_validation: int, epochs: int, max_length: int,
                        scratch: str, combiner_dropout: float | None = None) -> dict:
     """Our whole AttEns run against the authors' structure (see the module docstring);
     `combiner_dropout` replaces the config's (0: both sides train the same combiner)."""
@@ -426,7 +447,6 @@ def measure_end_to_end(model_dir: str, data_dir: str, module_dir: str, names: li
                            epochs, max_length, os.path.join(scratch, "cache"))
     if combiner_dropout is not None:
         config.combiner.dropout = combiner_dropout
-    adapter_dirs = export_adapters(model_dir, module_dir, names, os.path.join(scratch, "peft"))
     difference = check_same_features(config, model_dir, adapter_dirs,
                                      ["the plot was not good", "a film was clever and warm"])
     if difference > 1e-3:
@@ -479,12 +499,14 @@ def measure(model_dir: str, k: int, n_train: int, n_validation: int, epochs: int
         make_sentiment_task(data_dir, n_train=int(n_train / 0.9) + 1, n_validation=n_validation)
         module_dir = os.path.join(scratch, "modules")
         names = random_module_set(model_dir, module_dir, k, max_length)
+        adapter_dirs = export_adapters(model_dir, module_dir, names,
+                                       os.path.join(scratch, "peft"))
         config = attens_config(model_dir, data_dir, module_dir, names, n_train, n_validation,
                                epochs, max_length, os.path.join(scratch, "unused_cache"))
-        features = measure_features(model_dir, module_dir, config, feature_batch,
+        features = measure_features(model_dir, adapter_dirs, config, feature_batch,
                                     feature_length, rounds, gemm_size)
-        end_to_end = measure_end_to_end(model_dir, data_dir, module_dir, names, n_train,
-                                        n_validation, epochs, max_length, scratch,
+        end_to_end = measure_end_to_end(model_dir, data_dir, module_dir, names, adapter_dirs,
+                                        n_train, n_validation, epochs, max_length, scratch,
                                         combiner_dropout)
     return [features, end_to_end]
 

@@ -16,6 +16,7 @@ a fraction of a large GEMM's rate measured in the same run (see benchmarks/roofl
                           `generate` (random T5 v1.1, batch 16, 64 + 64 tokens),
                           benchmarks/t5_generate.py
   attens_features         stacked k = 6 adapter features vs 7 sequential single passes
+                          (PyTorch + PEFT, and our own encoder)
   attens_end_to_end       our AttEns run (features once, 20 combiner epochs) vs the authors'
                           structure in PyTorch + PEFT (k + 1 encoder passes every step),
                           one round each, benchmarks/attens.py

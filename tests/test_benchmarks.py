@@ -171,6 +171,10 @@ def test_benchmark_run_smoke_writes_json_and_table(minilm_l3, tmp_path):
     assert greedy["ours_fraction_of_memory"] == pytest.approx(
         greedy["ours_gbytes_per_s"] / memory, abs=0.002)
     assert f"({memory} GB/s in this run)" in table
+    features = benches["attens_features"]["comparisons"]
+    assert [r["peer_label"].rsplit(", ", 1)[1] for r in features] == ["PyTorch + PEFT",
+                                                                       "our encoder"]
+    assert features[0]["ours_rounds"] == features[1]["ours_rounds"]  # one stacked side
     e2e = benches["attens_end_to_end"]
     assert e2e["max_feature_difference"] < 1e-3
     assert e2e["seconds"]["ours"] > 0 and e2e["seconds"]["authors_structure"] > 0
@@ -207,9 +211,11 @@ def test_authors_structure_without_dropout_trains_our_combiner(minilm_l3, tmp_pa
 
     make_sentiment_task(tmp_path / "data", n_train=72, n_validation=48)
     names = attens.random_module_set(str(minilm_l3), str(tmp_path / "modules"), 2, 32)
+    adapter_dirs = attens.export_adapters(str(minilm_l3), str(tmp_path / "modules"), names,
+                                          str(tmp_path / "peft"))
     e2e = attens.measure_end_to_end(str(minilm_l3), str(tmp_path / "data"),
-                                    str(tmp_path / "modules"), names, 64, 48, 3, 32,
-                                    str(tmp_path), combiner_dropout=0.0)
+                                    str(tmp_path / "modules"), names, adapter_dirs, 64, 48, 3,
+                                    32, str(tmp_path), combiner_dropout=0.0)
     assert e2e["start_logit_difference"] < 1e-5
     assert e2e["validation_paired"]["same_predictions"] == 1.0, e2e
     assert e2e["validation_accuracy"]["ours"] == e2e["validation_accuracy"]["authors_structure"]
