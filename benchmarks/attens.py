@@ -8,14 +8,14 @@ N(0, 0.02^2) so that every module differs from the base) on the given encoder, w
 `ensemble.train_modules` writes one. The target: the embedded synthetic sentiment task
 (`lora_jax.synthetic`), so the benchmark needs no data folder.
 
-  features    our stacked pass (the k adapters and the all-zero base slot as k + 1 encoder
-              passes in one jitted program, `ensemble.features.make_feature_fn`) against k + 1
-              sequential single-adapter passes, two peers: PyTorch + PEFT (`set_adapter` per
-              module, then the base with adapters disabled; no gradient: the authors' way) and
-              our own jitted encoder with one adapter at a time; same batch of random ids,
-              masked-mean pooling; all three checked equal (1e-4). Alternating rounds after
-              warm-up; medians; FLOP/s (k + 1 times `roofline.encoder_forward_flops`) as a
-              fraction of a large GEMM's rate measured in the same run.
+  features    our stacked pass (one jitted vmap over the k adapters and the all-zero base slot,
+              `ensemble.features.make_feature_fn`) against k + 1 sequential single-adapter
+              passes, two peers: PyTorch + PEFT (`set_adapter` per module, then the base with
+              adapters disabled; no gradient: the authors' way) and our own jitted encoder with
+              one adapter at a time; same batch of random ids, masked-mean pooling; all three
+              checked equal (1e-4). Alternating rounds after warm-up; medians; FLOP/s
+              (k + 1 times `roofline.encoder_forward_flops`) as a fraction of a large GEMM's
+              rate measured in the same run.
   end_to_end  our pipeline as a user runs it (`ensemble.train.train_attens`: tokenize, every
               row's features once, then `--epochs` combiner epochs on them, selecting on the
               held-out slice of train, checkpoints, results) against the authors' structure in
@@ -165,7 +165,7 @@ def measure_features(model_dir: str, adapter_dirs: list[str], config, batch: int
                                                cfg.intermediate_size, cfg.num_layers)
     what = f"stacked features, k = {fx.k} modules + base, batch {batch}, length {length}"
     rows = [comparison(f"{what}, against {peer}", "examples/s", batch, seconds["stacked"],
-                       seconds[side], ours_label="one stacked program",
+                       seconds[side], ours_label="one stacked pass (vmap)",
                        peer_label=f"{fx.k + 1} sequential single-adapter passes, {peer}",
                        flops=flops, gemm_flops_per_s=best_gemm_rate(gemm))
             for side, peer in (("peft", "PyTorch + PEFT"), ("sequential", "our encoder"))]
