@@ -431,9 +431,11 @@ def check_same_features(config, model_dir: str, adapter_dirs: list[str], texts: 
 
 
 def measure_end_to_end(model_dir: str, data_dir: str, module_dir: str, names: list[str],
-                       adapter_dirs: list[str], n_train: int, n_validation: int, epochs: int, max_length: int,
-                       scratch: str, combiner_dropout: float | None = None) -> dict:
+                       adapter_dirs: list[str], n_train: int, n_validation: int, epochs: int,
+                       max_length: int, scratch: str, combiner_dropout: float | None = None
+                       ) -> dict:
     """Our whole AttEns run against the authors' structure (see the module docstring);
+    `adapter_dirs`: the modules `names` of `module_dir` as PEFT folders (`export_adapters`);
     `combiner_dropout` replaces the config's (0: both sides train the same combiner)."""
     import logging
 
