@@ -158,9 +158,11 @@ def grow_self_cache(cache: dict, length: int) -> dict:
     return {"cross": cache["cross"], "self": jax.tree_util.tree_map(pad, cache["self"])}
 
 
-def _segmented_loop(cond, body, carry, ends: list[int], cache_at: int | None):
-    """`lax.while_loop(cond(end, carry), body, carry)` for each segment end in turn; before
-    each segment the cache at carry[cache_at] (None: no cache) grows to the segment's end."""
+def _segmented_loop(cond, body, carry, max_new_tokens: int, cache_at: int | None):
+    """`lax.while_loop(cond(end, carry), body, carry)` for each segment end in turn
+    (`segment_ends`); before each segment the cache at carry[cache_at] grows to the segment's
+    end. Without a cache (`cache_at` None) one loop runs to `max_new_tokens`."""
+    ends = segment_ends(max_new_tokens) if cache_at is not None else [max_new_tokens]
     for end in ends:
         if cache_at is not None:
             carry = (*carry[:cache_at], grow_self_cache(carry[cache_at], end),
@@ -175,7 +177,6 @@ def greedy_search(model: T5ForConditionalGeneration, variables, input_ids, atten
     cfg = model.config
     batch = input_ids.shape[0]
     states, mask = _encode(model, variables, input_ids, attention_mask)
-    ends = segment_ends(max_new_tokens) if use_cache else [max_new_tokens]
     cache = (model.apply(variables, states, 0, method=model.init_cache)
              if use_cache else None)
     tokens = jnp.full((batch, max_new_tokens + 1), cfg.pad_token_id, jnp.int32)
@@ -193,7 +194,8 @@ def greedy_search(model: T5ForConditionalGeneration, variables, input_ids, atten
         return i + 1, tokens, cache, done | (token == cfg.eos_token_id)
 
     carry = (jnp.int32(0), tokens, cache, jnp.zeros((batch,), bool))
-    return _segmented_loop(cond, body, carry, ends, 2 if use_cache else None)[1][:, 1:]
+    return _segmented_loop(cond, body, carry, max_new_tokens,
+                           2 if use_cache else None)[1][:, 1:]
 
 
 def beam_search(model: T5ForConditionalGeneration, variables, input_ids, attention_mask,
@@ -205,7 +207,6 @@ def beam_search(model: T5ForConditionalGeneration, variables, input_ids, attenti
     cfg = model.config
     batch, k = input_ids.shape[0], num_beams
     states, mask = _encode(model, variables, input_ids, attention_mask)
-    ends = segment_ends(max_new_tokens) if use_cache else [max_new_tokens]
     cache = None
     if use_cache:
         # cross K/V projected once per example, then copied to its k beams: on 2 cores the
@@ -261,7 +262,7 @@ def beam_search(model: T5ForConditionalGeneration, variables, input_ids, attenti
 
     carry = (jnp.int32(0), seqs, alive_logp, finished, finished_score, cache)
     steps, seqs, alive_logp, finished, finished_score, _ = _segmented_loop(
-        cond, body, carry, ends, 5 if use_cache else None)
+        cond, body, carry, max_new_tokens, 5 if use_cache else None)
     # rows that ran out of steps: live beams compete with the finished ones
     alive_score = normalise(alive_logp, steps)
     pool_score = jnp.concatenate([finished_score, alive_score], 1)
