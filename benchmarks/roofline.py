@@ -77,7 +77,8 @@ def memory_rates(megabytes: int = 256, rounds: int = 5) -> dict[str, float]:
 
 def lora_encoder_step_flops(batch: int, length: int, hidden: int, intermediate: int,
                             layers: int, rank: int, adapted_per_layer: int) -> float:
-    """FLOPs of one train step of a frozen encoder with LoRA adapters (matmuls only).
+    """FLOPs of one train step of a frozen encoder with LoRA adapters on `adapted_per_layer` of
+    the q, k, v projections of every layer (matmuls only; the embeddings frozen).
 
     With N = batch * length tokens, d = hidden, f = intermediate, per layer:
       forward dense      2 N (4 d^2 + 2 d f)        q, k, v, attention output; FFN in and out
@@ -85,14 +86,19 @@ def lora_encoder_step_flops(batch: int, length: int, hidden: int, intermediate: 
       backward dense     2 N (4 d^2 + 2 d f)        activation gradients only: dX = dY W^T;
                                                      frozen kernels get no weight gradient
       backward attention 4 * 2 B T^2 d              dP, dV, dQ, dK
-      LoRA (each adapted d x d module)  3 * 2 N r (d + d)  forward x A B, dA/dB, dx
-    Elementwise work (softmax, LayerNorm, GELU, dropout) and the head are not counted.
+      LoRA (each adapted d x d module)  6 * 2 N r d  forward x A and (x A) B; backward dB,
+                                                     d(x A), dA and dx
+    The first layer's input (the frozen embeddings) needs no gradient: its backward has no
+    dX = dY W^T for q, k and v (-2 N 3 d^2) and its adapters no dx (-2 N r d each).
+    Elementwise work (softmax, LayerNorm, GELU, dropout) and the pooler and head are not
+    counted (tests/test_benchmarks.py checks the sum against the matmuls of the step's jaxpr).
     """
     n, d, f = batch * length, hidden, intermediate
     dense = 2 * n * (4 * d * d + 2 * d * f)
     attention = (2 + 4) * 2 * batch * length * length * d
-    lora = adapted_per_layer * 3 * 2 * n * rank * (d + d)
-    return float(layers * (2 * dense + attention + lora))
+    lora = adapted_per_layer * 6 * 2 * n * rank * d
+    first_layer_input_grad = 2 * n * 3 * d * d + adapted_per_layer * 2 * n * rank * d
+    return float(layers * (2 * dense + attention + lora) - first_layer_input_grad)
 
 
 def encoder_forward_flops(batch: int, length: int, hidden: int, intermediate: int,
@@ -176,6 +182,11 @@ def t5_train_step_flops(batch: int, source: int, target: int, d_model: int, inne
     Backward: activation gradients only (dX = dY W^T, as many FLOPs as the forward matmul; no
     weight gradient for frozen kernels), two for each attention matmul (dP and dV, dQ and dK).
     LoRA, per adapted (d -> inner) projection over N tokens: 3 * 2 N r (d + inner).
+    The first decoder layer's input (the frozen embeddings of the shifted labels) needs no
+    gradient: no dX for its self-attention q, k and v (-3 * 2 Nd d inner), no dK (its keys get
+    no adapter: -2 B T^2 inner) and no dx for its two adapters (-2 * 2 Nd r d). The encoder's
+    input does need one: the soft prompt is trained. tests/test_benchmarks.py checks the sum
+    against the matmuls of the step's jaxpr.
     """
     m = 3 if gated else 2
     ne, nd, b, s, t = batch * source, batch * target, batch, source, target
@@ -187,7 +198,9 @@ def t5_train_step_flops(batch: int, source: int, target: int, d_model: int, inne
                  + dec_layers * 4 * b * (t * t + t * s) * inner)
     adapted_tokens = enc_layers * 2 * ne + dec_layers * (2 * nd + nd + ne)  # self q,v; cross q,v
     lora = adapted_tokens * 3 * 2 * rank * (d_model + inner)
-    return float(2 * dense + 3 * attention + lora)
+    first_decoder_input_grad = (3 * 2 * nd * d_model * inner + 2 * b * t * t * inner
+                                + 2 * 2 * nd * rank * d_model)
+    return float(2 * dense + 3 * attention + lora - first_decoder_input_grad)
 
 
 def best_gemm_rate(gemm: list[dict[str, float]]) -> float:
