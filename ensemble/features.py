@@ -2,7 +2,9 @@
 
 The k adapters are stacked on a leading axis and a (k+1)-th all-zero adapter (B = 0, i.e.
 exactly the base model) is appended; one `jax.vmap` over that axis runs every encoder pass in a
-single jit-compiled program that shares the base weights. Per example it yields
+single jit-compiled program that shares the base weights. In eval mode the adapters of every
+module whose input differs per slot are folded into per-slot kernels first (`fold_adapters`).
+Per example it yields
 
   modules: (k, D)  Agg1 over tokens of the last hidden states (D = d, ``output="hidden"``), or of
                    each module's per-token task logits zero-padded to the widest head
@@ -26,8 +28,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from lora_jax import data as data_lib
+from lora_jax import lora as lora_lib
 from lora_jax.distributed import DataShards, barrier, is_main_process, map_encoded
 from lora_jax.models import Encoder
 from lora_jax.models.encoder import pool
@@ -78,6 +82,40 @@ def stack_heads(heads: list[dict]) -> tuple[jax.Array, jax.Array]:
     return kernels, biases
 
 
+# The encoder modules that read the embeddings' output, the same array in every slot of the
+# stacked pass: vmap leaves their frozen matmul unbatched (one GEMM for all k + 1 slots), so
+# their adapters stay as x A B. Every other module reads a per-slot input.
+SHARED_INPUT_MODULES = ("layer_0/attention/query", "layer_0/attention/key",
+                        "layer_0/attention/value")
+
+
+def fold_adapters(base_params: dict, stacked: dict,
+                  shared_input: tuple[str, ...] = SHARED_INPUT_MODULES) -> tuple[dict, dict, dict]:
+    """(params, params_axes, lora) for `jax.vmap(..., in_axes=(params_axes, 0))`: each adapter of
+    `stacked` (leading axis k + 1) outside `shared_input` folded into its module's kernel, one
+    kernel per slot (`lora.merge`: W + (alpha / r) A B), the others left in `lora`.
+
+    A module whose input differs per slot runs a batched GEMM either way; folded, its
+    x W + (x A) B becomes x W_i and the two thin matmuls (N = r, K = r) go. On 2 CPU cores
+    (MiniLM-L3, k = 6 + base, batch 32 x 128, alternating rounds in one process) the pass gained
+    2.6%: 28.2 against 27.5 examples/s. The features differ by float rounding (2e-7). Eval only:
+    LoRA dropout acts on an adapter's input, which a folded kernel no longer has.
+    """
+    adapters = traverse_util.flatten_dict(stacked)
+    folded = {path: leaf for path, leaf in adapters.items()
+              if "/".join(path[:-1]) not in shared_input}
+    kept = {path: leaf for path, leaf in adapters.items() if path not in folded}
+    flat = traverse_util.flatten_dict(base_params)
+    kernels = {path[:-1] + ("kernel",): flat[path[:-1] + ("kernel",)] for path in folded}
+    per_slot = jax.vmap(lora_lib.merge, in_axes=(None, 0))(
+        traverse_util.unflatten_dict(kernels), traverse_util.unflatten_dict(folded))
+    axes = {path: None for path in flat}
+    for path, kernel in traverse_util.flatten_dict(per_slot).items():
+        flat[path], axes[path] = kernel, 0
+    return (traverse_util.unflatten_dict(flat), traverse_util.unflatten_dict(axes),
+            traverse_util.unflatten_dict(kept))
+
+
 def make_feature_fn(encoder: Encoder, *, output: str = "hidden", agg1: str = "mean",
                     base_pooling: str = "mean", count_padding: bool = False) -> Callable:
     """features(base_params, stacked_lora_with_base, heads, batch, rng=None) -> (modules, base).
@@ -96,12 +134,17 @@ def make_feature_fn(encoder: Encoder, *, output: str = "hidden", agg1: str = "me
         k1 = jax.tree_util.tree_leaves(stacked)[0].shape[0]
         rngs = jax.random.split(rng, k1) if rng is not None else None
 
-        def one(lora, key):
+        def one(params, lora, key=None):
             kw = {"rngs": {"dropout": key}} if key is not None else {}
-            return encoder.apply({"params": base_params, "lora": lora}, ids, mask, types,
+            return encoder.apply({"params": params, "lora": lora}, ids, mask, types,
                                  deterministic=key is None, **kw)
 
-        hidden, pooled = jax.vmap(one)(stacked, rngs)  # (k+1, B, T, d), (k+1, B, d) | None
+        if rngs is None:
+            params, axes, unfolded = fold_adapters(base_params, stacked)
+            hidden, pooled = jax.vmap(one, in_axes=(axes, 0))(params, unfolded)
+        else:
+            hidden, pooled = jax.vmap(one, in_axes=(None, 0, 0))(base_params, stacked, rngs)
+        # hidden (k+1, B, T, d); pooled (k+1, B, d) or None
         base = pool(hidden[-1], None if pooled is None else pooled[-1], mask, base_pooling)
         per_module = hidden[:-1]
         if output == "logits":

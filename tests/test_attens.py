@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ensemble.combiner import AGGREGATIONS, AttEnsCombiner
-from ensemble.features import aggregate_tokens, make_feature_fn, stack_heads, stack_trees, with_base_slot
+from ensemble.features import (
+    aggregate_tokens,
+    fold_adapters,
+    make_feature_fn,
+    stack_heads,
+    stack_trees,
+    with_base_slot,
+)
 from lora_jax import lora
 from lora_jax.models import Encoder
 from tests.helpers import TINY, tiny_batch
@@ -50,6 +59,27 @@ def test_stacked_pass_equals_separate_passes(agg1):
     plain, _ = Encoder(TINY).apply({"params": params}, batch["input_ids"], mask)
     np.testing.assert_allclose(np.asarray(base), np.asarray(aggregate_tokens(plain, mask, "mean")),
                                atol=1e-6)
+
+
+def test_eval_pass_folds_every_adapter_but_those_reading_the_embeddings():
+    """The eval pass runs x W_i for every module with a per-slot input (W_i = lora.merge of
+    slot i; the base slot keeps W exactly) and x W + x A B only where x is the embeddings."""
+    params, adapters, _, _ = _modules()
+    folded, axes, kept = fold_adapters(params, with_base_slot(stack_trees(adapters)))
+    flat_kept = jax.tree_util.tree_flatten_with_path(kept)[0]
+    assert sorted({"/".join(p.key for p in path[:-1]) for path, _ in flat_kept}) == [
+        "layer_0/attention/query", "layer_0/attention/value"]
+    for module in (("layer_0", "intermediate"), ("layer_1", "attention", "query"),
+                   ("layer_1", "attention", "value"), ("layer_1", "intermediate")):
+        get = lambda tree, m=module: functools.reduce(lambda t, k: t[k], m, tree)["kernel"]
+        assert get(axes) == 0 and get(folded).shape == (K + 1, *get(params).shape)
+        for i, a in enumerate(adapters):
+            np.testing.assert_allclose(np.asarray(get(folded)[i]),
+                                       np.asarray(get(lora.merge(params, a))), rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(get(folded)[K]), np.asarray(get(params)))
+    assert axes["layer_0"]["attention"]["query"]["kernel"] is None
+    assert folded["layer_0"]["attention"]["query"]["kernel"].shape == (16, 16)
+    assert axes["layer_1"]["attention"]["key"]["kernel"] is None  # not adapted
 
 
 def test_logits_output_is_each_head_on_its_module_zero_padded():
