@@ -1,6 +1,6 @@
 """Every benchmark in one run, written to results/bench_<machine>.json and .md.
 
-    python -m benchmarks.run            # about 20 minutes on 2 CPU cores
+    python -m benchmarks.run            # 9 to 14 minutes on 2 CPU cores
     python -m benchmarks.run --quick    # fewer steps, rounds and rows, same shapes
     python -m benchmarks.run --model random-bert-base --dtype bfloat16   # on a GPU
 
@@ -40,15 +40,17 @@ from benchmarks.common import emit, environment, machine_slug
 from lora_jax.cli import ArgumentParser, fail
 
 # train (steps per round, rounds, shapes); t5 train (batch, source, target, steps);
-# t5 generation (batch, source, new); attens (k, train rows, validation rows, epochs, length,
-# feature batch, feature length); gemm: the side of the roofline's square matmul
+# t5 generation (batch, source, new, rounds): a round is one call per side (0.25-2 s on 2 cores)
+# and single greedy calls in one process ran at 3620-4772 tokens/s, so it takes more rounds;
+# attens (k, train rows, validation rows, epochs, length, feature batch, feature length);
+# gemm: the side of the roofline's square matmul
 SCALES = {
     "full": dict(steps=20, rounds=3, shapes=((32, 64), (32, 128)), t5_train=(16, 64, 16, 10),
-                 t5_generate=(16, 64, 64), attens=(6, 512, 256, 20, 64, 32, 128), gemm=2048),
+                 t5_generate=(16, 64, 64, 9), attens=(6, 512, 256, 20, 64, 32, 128), gemm=2048),
     "quick": dict(steps=8, rounds=3, shapes=((32, 64), (32, 128)), t5_train=(16, 64, 16, 4),
-                  t5_generate=(16, 64, 64), attens=(6, 192, 96, 20, 64, 32, 128), gemm=2048),
+                  t5_generate=(16, 64, 64, 3), attens=(6, 192, 96, 20, 64, 32, 128), gemm=2048),
     "smoke": dict(steps=2, rounds=2, shapes=((4, 16),), t5_train=(2, 8, 4, 2),
-                  t5_generate=(2, 8, 4), attens=(2, 32, 16, 2, 16, 4, 16), gemm=256),
+                  t5_generate=(2, 8, 4, 2), attens=(2, 32, 16, 2, 16, 4, 16), gemm=256),
 }
 
 
@@ -158,8 +160,8 @@ def main() -> int:
         benchmarks["t5_train"] = t5_train.measure(batch, source, target, t5_steps, rounds,
                                                   a.dtype, gemm)
         print("T5 generation ...", file=sys.stderr)
-        benchmarks["t5_generate"] = t5_generate.measure(*scale["t5_generate"], rounds,
-                                                        dtype=a.dtype, gemm_size=gemm)
+        benchmarks["t5_generate"] = t5_generate.measure(*scale["t5_generate"], dtype=a.dtype,
+                                                        gemm_size=gemm)
         print("AttEns features and end to end ...", file=sys.stderr)
         k, n_train, n_val, epochs, length, f_batch, f_length = scale["attens"]
         benchmarks["attens_features"], benchmarks["attens_end_to_end"] = attens.measure(

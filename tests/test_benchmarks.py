@@ -190,6 +190,8 @@ def test_benchmark_run_smoke_writes_json_and_table(minilm_l3, tmp_path):
         train["ours_gflops"] / benches["train_l16"]["gemm_gflops"], abs=0.002)
     greedy, beam = benches["t5_generate"]["comparisons"]
     assert greedy["same_tokens_as_transformers"] is True, greedy
+    assert len(greedy["ours_rounds"]) == benches["t5_generate"]["rounds"] == results["scale"][
+        "t5_generate"][3]
     assert "beam" in beam["what"] and beam["gflop_per_call"] > greedy["gflop_per_call"]
     # the memory roofline: bytes per call * calls/s, as a share of the measured memory rate
     memory = benches["t5_generate"]["memory_gbytes_per_s"]
