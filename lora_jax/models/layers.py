@@ -83,10 +83,11 @@ def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> ja
     Threefry-2x32 block (64 bits) on every element. Here one block gives four 16-bit lanes, so a
     mask costs a quarter of the hashing. The four keep bits of a block are packed into one byte
     that XLA must materialise (see the comment in the code): otherwise XLA copies the hash into
-    each lane's fusion and computes it four times. The drop probability is ``round(rate * 2**16) / 2**16``
-    (within 8e-6 of `rate`). The counter of each block is its position in the (..., m) block
-    array, m = ceil(n/4), so the mask is the same however the array is sharded (like JAX's
-    partitionable Threefry) and two shapes never share blocks only by accident of layout.
+    each lane's fusion and computes it four times. The drop probability is
+    ``round(rate * 2**16) / 2**16`` (within 8e-6 of `rate`). The counter of each block is its
+    position in the (..., m) block array, m = ceil(n/4), so the mask is the same however the
+    array is sharded (like JAX's partitionable Threefry) and two shapes never share blocks only
+    by accident of layout.
     Element j of the last axis takes lane j // m of block j % m: each lane fills a contiguous
     quarter of the row. (Interleaving the lanes, element j from lane j % 4, cost more on CPU:
     a (32, 12, 128, 128) mask drawn and applied took 13.3 ms against 3.5 ms, a (32, 128, 384)
