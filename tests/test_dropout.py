@@ -100,6 +100,8 @@ def test_a_compiled_mask_computes_the_hash_once():
     """XLA copies cheap elementwise producers into each consumer; the packed keep bits are
     materialised so that the four lanes do not each recompute the hash (on CPU the shift-lefts
     of one hash, 20 rotations, against 78 when each lane had its own copy)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("counts the shifts in XLA:CPU's compiled program")
     key, shape = jax.random.PRNGKey(0), (32, 128, 384)  # small masks were not copied
     blocks = jnp.zeros((32, 128, 96), jnp.uint32)
     rotations = jax.jit(threefry2x32).lower(key[0], key[1], blocks, blocks).as_text().count(
