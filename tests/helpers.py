@@ -61,21 +61,24 @@ def dot_dtypes(fn, *args) -> list[str]:
 def primitive_dtypes(fn, names: tuple[str, ...], *args) -> list[tuple[str, str]]:
     """(operand dtype, result dtype) of every equation of the primitives `names` in fn's
     jaxpr, nested calls included."""
-    found = []
+    return [(str(eqn.invars[0].aval.dtype), str(eqn.outvars[0].aval.dtype))
+            for eqn, _ in jaxpr_equations(jax.make_jaxpr(fn)(*args).jaxpr)
+            if eqn.primitive.name in names]
 
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name in names:
-                found.append((str(eqn.invars[0].aval.dtype), str(eqn.outvars[0].aval.dtype)))
-            for param in eqn.params.values():
-                for sub in (param if isinstance(param, (list, tuple)) else [param]):
-                    if hasattr(sub, "jaxpr"):
-                        walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
-                    elif hasattr(sub, "eqns"):
-                        walk(sub)
 
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return found
+def jaxpr_equations(jaxpr, times: int = 1):
+    """(equation, how many times it runs) for every equation of `jaxpr` and of the jaxprs nested
+    in it (calls, custom rules, loop bodies; a scan's body runs `length` times)."""
+    for eqn in jaxpr.eqns:
+        yield eqn, times
+        repeat = times * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+        for param in eqn.params.values():
+            for sub in (param if isinstance(param, (list, tuple)) else [param]):
+                if hasattr(sub, "jaxpr"):
+                    yield from jaxpr_equations(
+                        sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr, repeat)
+                elif hasattr(sub, "eqns"):
+                    yield from jaxpr_equations(sub, repeat)
 
 
 def assert_kill9_resume_is_exact(train_args: list[str], tmp_path, kill_after_step: int = 0,

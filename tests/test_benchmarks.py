@@ -27,26 +27,16 @@ def _matmul_flops(closed_jaxpr) -> float:
     XLA to run, counted by JAX's own shapes rather than by the formulas under test."""
     import math
 
-    from jax.extend import core
+    from tests.helpers import jaxpr_equations
 
-    def count(jaxpr) -> float:
-        total = 0.0
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                (contracting, _), _ = eqn.params["dimension_numbers"]
-                lhs = eqn.invars[0].aval.shape
-                total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
-                    lhs[i] for i in contracting)
-            times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    if isinstance(sub, core.ClosedJaxpr):
-                        total += times * count(sub.jaxpr)
-                    elif isinstance(sub, core.Jaxpr):
-                        total += times * count(sub)
-        return total
-
-    return count(closed_jaxpr.jaxpr)
+    total = 0.0
+    for eqn, times in jaxpr_equations(closed_jaxpr.jaxpr):
+        if eqn.primitive.name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += times * 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+                lhs[i] for i in contracting)
+    return total
 
 
 def test_lora_step_flops_formula_counts_the_steps_matmuls():
