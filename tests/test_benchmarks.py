@@ -39,6 +39,16 @@ def _matmul_flops(closed_jaxpr) -> float:
     return total
 
 
+def test_matmul_count_sees_nested_calls_and_every_scan_iteration():
+    """The reference count itself: a jitted matmul inside a 3-step scan counts 3 times."""
+    import jax
+    import jax.numpy as jnp
+
+    square = jax.jit(jnp.dot)
+    f = lambda x: jax.lax.scan(lambda c, _: (square(c, c), None), x, None, length=3)[0]
+    assert _matmul_flops(jax.make_jaxpr(f)(jnp.ones((4, 4)))) == 3 * 2 * 4**3
+
+
 def test_lora_step_flops_formula_counts_the_steps_matmuls():
     """The formula in benchmarks/roofline.py against the matmuls of a MiniLM-shaped train
     step's jaxpr (random weights). The formula leaves out only the pooler and the head (0.06%
