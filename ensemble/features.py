@@ -106,7 +106,8 @@ def fold_adapters(base_params: dict, stacked: dict,
               if "/".join(path[:-1]) not in shared_input}
     kept = {path: leaf for path, leaf in adapters.items() if path not in folded}
     flat = traverse_util.flatten_dict(base_params)
-    kernels = {path[:-1] + ("kernel",): flat[path[:-1] + ("kernel",)] for path in folded}
+    kernels = {(*module, "kernel"): flat[(*module, "kernel")]
+               for module in {path[:-1] for path in folded}}
     per_slot = jax.vmap(lora_lib.merge, in_axes=(None, 0))(
         traverse_util.unflatten_dict(kernels), traverse_util.unflatten_dict(folded))
     axes = {path: None for path in flat}
