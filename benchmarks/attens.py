@@ -306,9 +306,8 @@ def paired_accuracy(ours: np.ndarray, theirs: np.ndarray, labels: np.ndarray) ->
     only_theirs = int(np.sum(~ours_right & theirs_right))
     n = only_ours + only_theirs
     p = 1.0 if n == 0 else float(scipy.stats.binomtest(only_ours, n, 0.5).pvalue)
-    return {"same_predictions": round(float(np.mean(ours == theirs)), 4),
-            "only_ours_right": only_ours, "only_theirs_right": only_theirs,
-            "mcnemar_p": round(p, 4)}
+    return {"same_predictions": float(np.mean(ours == theirs)),
+            "only_ours_right": only_ours, "only_theirs_right": only_theirs, "mcnemar_p": p}
 
 
 def our_batches(config, model_dir: str, train, epochs: int) -> list[list[np.ndarray]]:
@@ -477,15 +476,15 @@ def measure_end_to_end(model_dir: str, data_dir: str, module_dir: str, names: li
     return {"benchmark": "attens_end_to_end", "k": len(names), "train_rows": n_train,
             "validation_rows": n_validation, "epochs": epochs, "max_length": max_length,
             "combiner_dropout": config.combiner.dropout,
-            "seconds": {"ours": round(ours_s, 1), "authors_structure": round(theirs["seconds"], 1)},
-            "validation_accuracy": {"ours": round(ours_accuracy, 4),
-                                    "authors_structure": round(theirs["validation_accuracy"], 4)},
+            "seconds": {"ours": ours_s, "authors_structure": theirs["seconds"]},
+            "validation_accuracy": {"ours": ours_accuracy,
+                                    "authors_structure": theirs["validation_accuracy"]},
             "validation_paired": paired_accuracy(ours_predictions,
                                                  theirs["validation_predictions"],
                                                  np.asarray(validation.labels)),
             "start_logit_difference": theirs["start_logit_difference"],
-            "selection_accuracy": {"ours": round(ours["selection_metrics"]["accuracy"], 4),
-                                   "authors_structure": round(theirs["selection_accuracy"], 4)},
+            "selection_accuracy": {"ours": ours["selection_metrics"]["accuracy"],
+                                   "authors_structure": theirs["selection_accuracy"]},
             "max_feature_difference": difference, "comparisons": [row]}
 
 

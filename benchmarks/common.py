@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 
@@ -33,7 +32,7 @@ def environment() -> dict:
     import torch
 
     import lora_jax
-    from lora_jax.trainer import git_commit
+    from lora_jax.results import command_line, git_commit
 
     dev = jax.devices()[0]
     return {"jax": jax.__version__, "torch": torch.__version__,
@@ -46,13 +45,6 @@ def environment() -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "git_commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
             "command": command_line()}
-
-
-def command_line() -> str:
-    """The command as typed: ``python -m benchmarks.run ...`` when run as a module."""
-    spec = getattr(sys.modules["__main__"], "__spec__", None)
-    program = f"-m {spec.name}" if spec is not None else sys.argv[0]
-    return " ".join(["python", program, *sys.argv[1:]])
 
 
 def machine_slug() -> str:
@@ -101,10 +93,8 @@ def comparison(what: str, unit: str, work: float, ours: list[float], peer: list[
     rates = {"ours": [work / s for s in ours], "peer": [work / s for s in peer]}
     med = {side: float(np.median(r)) for side, r in rates.items()}
     row = {"what": what, "unit": unit, "ours_label": ours_label, "peer_label": peer_label,
-           "ours": round(med["ours"], 2), "peer": round(med["peer"], 2),
-           "ratio": round(med["ours"] / med["peer"], 2),
-           "ours_rounds": [round(r, 2) for r in rates["ours"]],
-           "peer_rounds": [round(r, 2) for r in rates["peer"]]}
+           "ours": med["ours"], "peer": med["peer"], "ratio": med["ours"] / med["peer"],
+           "ours_rounds": rates["ours"], "peer_rounds": rates["peer"]}
     calls_per_s = {side: med[side] / work for side in ("ours", "peer")}
     if flops is not None and gemm_flops_per_s:
         row.update(roofline_fields(flops, gemm_flops_per_s, calls_per_s, "gflop_per_call",
@@ -119,10 +109,10 @@ def roofline_fields(per_call: float, machine_rate: float, calls_per_s: dict[str,
                     per_call_key: str, rate_key: str, limit: str) -> dict:
     """A row's fields for one roofline: the amount per call (FLOPs or bytes, in billions), each
     side's achieved rate (billions per second) and its fraction of the machine's rate."""
-    fields = {per_call_key: round(per_call / 1e9, 3)}
+    fields = {per_call_key: per_call / 1e9}
     for side, calls in calls_per_s.items():
-        fields[f"{side}_{rate_key}"] = round(per_call * calls / 1e9, 1)
-        fields[f"{side}_fraction_of_{limit}"] = round(per_call * calls / machine_rate, 3)
+        fields[f"{side}_{rate_key}"] = per_call * calls / 1e9
+        fields[f"{side}_fraction_of_{limit}"] = per_call * calls / machine_rate
     return fields
 
 

@@ -163,8 +163,8 @@ def best_memory_rate(measured: list[dict[str, float]]) -> float:
 
 def memory_fields(measured: list[dict[str, float]]) -> dict:
     """The memory-rate measurements of a run as recorded in its JSON (GB/s)."""
-    return {"memory_gbytes_per_s": round(best_memory_rate(measured) / 1e9, 1),
-            "memory_gbytes_per_s_measured": [{k: round(v / 1e9, 1) for k, v in r.items()}
+    return {"memory_gbytes_per_s": best_memory_rate(measured) / 1e9,
+            "memory_gbytes_per_s_measured": [{k: v / 1e9 for k, v in r.items()}
                                              for r in measured]}
 
 
@@ -211,6 +211,5 @@ def best_gemm_rate(gemm: list[dict[str, float]]) -> float:
 
 def gemm_fields(gemm: list[dict[str, float]]) -> dict:
     """The GEMM measurements of a run as recorded in its JSON (GFLOP/s)."""
-    return {"gemm_gflops": round(best_gemm_rate(gemm) / 1e9, 1),
-            "gemm_gflops_measured": [{k: round(v / 1e9, 1) for k, v in r.items()}
-                                     for r in gemm]}
+    return {"gemm_gflops": best_gemm_rate(gemm) / 1e9,
+            "gemm_gflops_measured": [{k: v / 1e9 for k, v in r.items()} for r in gemm]}

@@ -38,6 +38,8 @@ import time
 from benchmarks import attens, t5_generate, t5_train, train_throughput
 from benchmarks.common import emit, environment, machine_slug
 from lora_jax.cli import ArgumentParser, fail
+from lora_jax.errors import UserError
+from lora_jax.results import code_state
 
 # train (steps per round, rounds, shapes); t5 train (batch, source, target, steps);
 # t5 generation (batch, source, new, rounds): a round is one call per side (0.25-2 s on 2 cores)
@@ -68,8 +70,18 @@ def random_bert_base(folder: str) -> str:
     return folder
 
 
+def shown(x: float, places: int = 2) -> str:
+    """A stored (unrounded) figure as the table shows it: rounded to `places` decimals, without
+    trailing zeros. The JSON keeps full precision; only the markdown rounds."""
+    return f"{round(x, places):g}"
+
+
+def ratio_text(ratio: float) -> str:
+    return f"**{ratio:.2f}x**"
+
+
 def spread(rounds: list[float]) -> str:
-    return f"{min(rounds):g}-{max(rounds):g}" if len(rounds) > 1 else "one round"
+    return f"{shown(min(rounds))}-{shown(max(rounds))}" if len(rounds) > 1 else "one round"
 
 
 def percent(row: dict, side: str) -> str:
@@ -83,33 +95,36 @@ def markdown(results: dict) -> str:
     for name, bench in results["benchmarks"].items():
         for r in bench["comparisons"]:
             rows.append(
-                f"| {name}: {r['what']} | {r['ours']:g} {r['unit']} [{spread(r['ours_rounds'])}] "
-                f"{r['ours_label']} | {r['peer']:g} [{spread(r['peer_rounds'])}] "
-                f"{r['peer_label']} | **{r['ratio']}x** | {percent(r, 'ours')} "
+                f"| {name}: {r['what']} | {shown(r['ours'])} {r['unit']} "
+                f"[{spread(r['ours_rounds'])}] {r['ours_label']} | {shown(r['peer'])} "
+                f"[{spread(r['peer_rounds'])}] {r['peer_label']} | {ratio_text(r['ratio'])} "
+                f"| {percent(r, 'ours')} "
                 f"| {percent(r, 'peer')} |")
     notes = []
     generation = results["benchmarks"].get("t5_generate")
     if generation and "memory_gbytes_per_s" in generation:
-        parts = [f"{r['what'].split(',')[0]} {r['gbytes_per_call']} GB per call, ours "
+        parts = [f"{r['what'].split(',')[0]} {shown(r['gbytes_per_call'], 3)} GB per call, ours "
                  f"{100 * r['ours_fraction_of_memory']:.0f}% and the peer "
                  f"{100 * r['peer_fraction_of_memory']:.0f}%"
                  for r in generation["comparisons"]]
         notes += ["", "Memory roofline of T5 decoding (every step reads each decoder weight and "
                   "the LM head for a few rows): the least bytes a cached decode reads "
                   "(benchmarks/roofline.py `t5_decode_bytes`) per second, as a share of reading "
-                  f"a large array ({generation['memory_gbytes_per_s']} GB/s in this run): "
+                  f"a large array ({shown(generation['memory_gbytes_per_s'], 1)} GB/s in this "
+                  "run): "
                   f"{'; '.join(parts)}."]
     e2e = results["benchmarks"].get("attens_end_to_end")
     if e2e:
-        notes += ["", f"AttEns end to end: {e2e['seconds']['ours']} s against "
-                 f"{e2e['seconds']['authors_structure']} s; validation accuracy "
-                 f"{e2e['validation_accuracy']['ours']} (ours) and "
-                 f"{e2e['validation_accuracy']['authors_structure']} (authors' structure, "
+        notes += ["", f"AttEns end to end: {shown(e2e['seconds']['ours'], 1)} s against "
+                 f"{shown(e2e['seconds']['authors_structure'], 1)} s; validation accuracy "
+                 f"{shown(e2e['validation_accuracy']['ours'], 4)} (ours) and "
+                 f"{shown(e2e['validation_accuracy']['authors_structure'], 4)} (authors' "
+                 "structure, "
                  "same initial combiner and batches); same prediction on "
                  f"{e2e['validation_paired']['same_predictions']:.1%} of validation rows, "
                  f"{e2e['validation_paired']['only_ours_right']} right only ours and "
                  f"{e2e['validation_paired']['only_theirs_right']} only theirs, McNemar exact "
-                 f"p = {e2e['validation_paired']['mcnemar_p']}; features equal to "
+                 f"p = {shown(e2e['validation_paired']['mcnemar_p'], 4)}; features equal to "
                  f"{e2e['max_feature_difference']:.1e}."]
     env = results["environment"]
     return "\n".join([
@@ -140,11 +155,18 @@ def main() -> int:
     scale.add_argument("--smoke", action="store_true", help="tiny shapes, to test the command")
     p.add_argument("--out-dir", default="results", help="folder for the JSON and markdown "
                    "(created if missing)")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="write into results/ from a tree with uncommitted code changes (the "
+                        "diff's sha256 is recorded beside git_commit)")
     a = p.parse_args()
     if a.model != "random-bert-base" and not os.path.isdir(a.model):
         fail(f"model folder {a.model!r} does not exist; pass --model (or random-bert-base)")
     if os.path.exists(a.out_dir) and not os.path.isdir(a.out_dir):
         fail(f"--out-dir {a.out_dir!r} is a file, not a folder")
+    try:  # before the benchmarks, not after 20 minutes of them
+        code = code_state(os.path.join(a.out_dir, "bench.json"), a.allow_dirty)
+    except UserError as e:
+        fail(str(e))
     scale = SCALES["smoke" if a.smoke else "quick" if a.quick else "full"]
     steps, rounds, gemm = scale["steps"], scale["rounds"], scale["gemm"]
     start = time.perf_counter()
@@ -167,7 +189,8 @@ def main() -> int:
         benchmarks["attens_features"], benchmarks["attens_end_to_end"] = attens.measure(
             model, k, n_train, n_val, epochs, length, f_batch, f_length, rounds, gemm)
     results = {"benchmarks": benchmarks, "model": a.model, "dtype": a.dtype, "scale": scale,
-               "wall_s": round(time.perf_counter() - start), "environment": environment()}
+               "wall_s": round(time.perf_counter() - start),
+               "environment": {**environment(), **code}}
     os.makedirs(a.out_dir, exist_ok=True)
     stem = os.path.join(a.out_dir, f"bench_{machine_slug()}")
     emit(results, stem + ".json")

@@ -44,11 +44,9 @@ def common_config() -> ml_collections.ConfigDict:
     # Devices: (data, fsdp). Batches split over all devices; pretrained weights sharded over
     # fsdp (1: replicated). -1 in one place takes the rest. See lora_jax/sharding.py.
     c.mesh = ml_collections.ConfigDict({"shape": (-1, 1)})
-    # Processes (python -m lora_jax.launch, or a cluster): row i of a split belongs to data
-    # shard i % data_shards, each process reads its shards. 0: one shard per process. The
-    # batches depend on this number only, so runs with any process count that divides it
-    # train identically. See lora_jax/distributed.py.
-    c.data_shards = 0
+    # Processes (python -m lora_jax.launch, or a cluster) need no setting: every process walks
+    # the same global batches and feeds its slice of each, so a run trains identically on any
+    # process count that divides the batch sizes. See lora_jax/distributed.py.
 
     # Bookkeeping.
     c.seed = 0

@@ -32,7 +32,7 @@ from flax import traverse_util
 
 from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
-from lora_jax.distributed import DataShards, barrier, is_main_process, map_encoded
+from lora_jax.distributed import BatchShare, barrier, is_main_process, map_encoded
 from lora_jax.models import Encoder
 from lora_jax.models.encoder import pool
 
@@ -171,12 +171,12 @@ def compute_split_features(feature_fn: Callable, base_params, stacked, heads,
                            enc: data_lib.Encoded, *, batch_size: int, buckets, pad_id: int,
                            put: Callable = lambda b: b, desc: str = "features",
                            progress: bool = True, rows: np.ndarray | None = None,
-                           shards: DataShards | None = None, out_sharding=None):
+                           share: BatchShare | None = None, out_sharding=None):
     """(modules (N, k, D), base (N, d)) float32 numpy for `rows` (default every example) of an
-    encoded split, each process computing its data shards' rows (`lora_jax.distributed`)."""
+    encoded split, each process feeding its share of every batch (`lora_jax.distributed`)."""
     fn = jax.jit(feature_fn, out_shardings=out_sharding)
     return map_encoded(lambda batch: fn(base_params, stacked, heads, batch), enc, batch_size,
-                       buckets, pad_id, put=put, rows=rows, shards=shards, desc=desc,
+                       buckets, pad_id, put=put, rows=rows, share=share, desc=desc,
                        progress=progress)
 
 

@@ -53,7 +53,7 @@ from lora_jax.config_check import (
     register_rules,
     validate_config,
 )
-from lora_jax.distributed import DataShards, map_batches
+from lora_jax.distributed import BatchShare, map_batches
 from lora_jax.errors import UserError
 from lora_jax.models import Encoder
 from lora_jax.models.encoder import POOLINGS
@@ -97,7 +97,7 @@ class AttensSetup:
     pad_id: int
     feature_buckets: tuple[int, ...]
     sources: dict[str, str]
-    shards: DataShards  # the rows this process tokenizes and feeds
+    share: BatchShare  # the rows of every global batch this process feeds
 
 
 def _check(config) -> None:
@@ -147,13 +147,13 @@ class FeatureExtractor:
 
     def features(self, enc: data_lib.Encoded, batch_size: int, put=lambda b: b,
                  desc: str = "features", progress: bool = False, rows=None,
-                 shards: DataShards | None = None, out_sharding=None):
+                 share: BatchShare | None = None, out_sharding=None):
         """(modules (N, k_all, D), base (N, d)) float32 numpy of `rows` (default all) of
-        `enc`; each process computes its data shards' rows, every process gets them all."""
+        `enc`; each process feeds its share of every batch, every process gets all rows."""
         return compute_split_features(self.feature_fn, self.base_params, self.stacked,
                                       self.heads, enc, batch_size=batch_size, buckets=self.pad_to,
                                       pad_id=self.pad_id, put=put, desc=desc, progress=progress,
-                                      rows=rows, shards=shards, out_sharding=out_sharding)
+                                      rows=rows, share=share, out_sharding=out_sharding)
 
 
 def build_feature_extractor(config) -> FeatureExtractor:
@@ -211,10 +211,12 @@ def prepare_attens(config) -> AttensSetup:
     trainer.check_divisible_by_devices(config, ("batch_size", "eval_batch_size",
                                                 "feature_batch_size"))
     task = resolve_task(config)
-    shards = DataShards.from_config(config)
+    share = BatchShare.of_this_process(batch_size=config.batch_size,
+                                       eval_batch_size=config.eval_batch_size,
+                                       feature_batch_size=config.feature_batch_size)
     fx = build_feature_extractor(config)
     examples, sources = data_lib.load_examples(config, task)
-    encoded = {name: data_lib.encode(ex, fx.tokenizer, fx.max_length, shards.rows_to_read(len(ex)))
+    encoded = {name: data_lib.encode(ex, fx.tokenizer, fx.max_length)
                for name, ex in examples.items()}
     settings = feature_settings(config, fx.base_params, fx.tokenizer, fx.stacked, fx.heads,
                                 fx.module_set.tasks, fx.max_length, fx.pad_to)
@@ -224,7 +226,7 @@ def prepare_attens(config) -> AttensSetup:
     for name, enc in encoded.items():
         compute = lambda idx, enc=enc, name=name: fx.features(
             enc, config.feature_batch_size, place.put_batch, f"features {task.name}/{name}",
-            config.progress, rows=idx, shards=shards, out_sharding=place.batch)
+            config.progress, rows=idx, share=share, out_sharding=place.batch)
         modules, base, seconds, n_new = cached_features(config.feature_cache, settings,
                                                         examples[name].texts, compute)
         log.info("features %s/%s: %d rows, %d computed (%.1f s), %d from the cache", task.name,
@@ -236,7 +238,7 @@ def prepare_attens(config) -> AttensSetup:
               "heads": jax.tree_util.tree_map(lambda x: x[:k], fx.heads)
               } if config.quirks.encoder_dropout else {}
     return AttensSetup(config, task, fx.module_set, k, splits, encoded, fx.feature_fn, frozen,
-                       fx.pad_id, fx.pad_to, sources, shards)
+                       fx.pad_id, fx.pad_to, sources, share)
 
 
 def build_combiner(config, task: Task, hidden: int) -> AttEnsCombiner:
@@ -268,21 +270,21 @@ def feature_batch(split: FeatureSplit, idx: np.ndarray, size: int) -> dict:
 
 
 def map_combiner(fn, split: FeatureSplit, batch_size: int, put=lambda b: b,
-                 shards: DataShards | None = None):
+                 share: BatchShare | None = None):
     """``fn(feature batch)`` over a split, outputs gathered back in row order. Batches hold
-    consecutive rows (of each data shard), the same for every evaluation and prediction, so the
-    batch-axis quirk always attends to the same neighbours."""
+    consecutive rows, the same for every evaluation and prediction and any number of
+    processes, so the batch-axis quirk always attends to the same neighbours."""
     return map_batches(fn, len(split), np.zeros(len(split), np.int64), batch_size,
                        lambda idx, size, _rows: feature_batch(split, idx, size), put=put,
-                       shards=shards)
+                       share=share)
 
 
 def evaluate_combiner(predict, params, split: FeatureSplit, task: Task, batch_size: int,
-                      put=lambda b: b, shards: DataShards | None = None):
+                      put=lambda b: b, share: BatchShare | None = None):
     """(metrics, mean attention (k, k) over examples and heads, or None with the batch
     quirk)."""
     preds, att = map_combiner(lambda batch: predict(params, batch), split, batch_size, put,
-                              shards)
+                              share)
     mean_att = None if att is None else att.mean(0)
     return metrics_lib.compute(task.metrics, preds, split.labels), mean_att
 
@@ -336,7 +338,7 @@ def experiment(setup: AttensSetup) -> trainer.Experiment:
 
     def evaluate(p, _frozen, split, workdir):
         scores, att = evaluate_combiner(predict, p, setup.splits[split], task,
-                                        cfg.eval_batch_size, place.put_batch, setup.shards)
+                                        cfg.eval_batch_size, place.put_batch, setup.share)
         if workdir is not None and att is not None:
             reported_attention.setdefault(split, att)
         return scores
@@ -363,7 +365,7 @@ def experiment(setup: AttensSetup) -> trainer.Experiment:
         sizes=sizes, sources=setup.sources, protocol=trainer.selection_protocol(sizes, task.eval_splits),
         meta={"task": task.name, "experiment": "attens", "modules": modules,
               "config": cfg.to_dict()},
-        desc=f"attens {task.name} k={setup.k}", extra=extra, shards=setup.shards)
+        desc=f"attens {task.name} k={setup.k}", extra=extra, share=setup.share)
 
 
 def train_attens(config, workdir: str) -> dict[str, Any]:

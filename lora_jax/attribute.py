@@ -162,7 +162,7 @@ def attribute(args) -> int:
     for i, record in enumerate(records):
         record["heatmap"] = f"row_{i}.png"
         run.plot_attributions(record, os.path.join(args.out_dir, record["heatmap"]))
-    from lora_jax.trainer import provenance
+    from lora_jax.results import provenance
 
     with open(os.path.join(args.out_dir, "attributions.json"), "w") as f:
         json.dump({"workdir": args.workdir, "input": where, "method": "integrated gradients, "

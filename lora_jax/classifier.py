@@ -22,7 +22,7 @@ from lora_jax import lora as lora_lib
 from lora_jax import metrics as metrics_lib
 from lora_jax import trainer
 from lora_jax.config_check import validate_config
-from lora_jax.distributed import DataShards, map_encoded
+from lora_jax.distributed import BatchShare, map_encoded
 from lora_jax.errors import UserError
 from lora_jax.models import EncoderConfig, SequenceClassifier
 from lora_jax.models.encoder import POOLINGS
@@ -49,7 +49,7 @@ class Setup:
     sources: dict[str, str]
     tokenizer: Any
     max_length: int  # tokens, after the model's position limit
-    shards: DataShards  # the rows this process tokenizes and feeds
+    share: BatchShare  # the rows of every global batch this process feeds
 
 
 def pooling_of(config) -> str:
@@ -149,7 +149,8 @@ def prepare(config, with_data: bool = True) -> Setup:
     if config.experiment == "zero_shot":
         config.num_epochs = 0
     patterns = trainable_patterns(config)
-    shards = DataShards.from_config(config)
+    share = BatchShare.of_this_process(batch_size=config.batch_size,
+                                       eval_batch_size=config.eval_batch_size)
     # the data before the model: a bad row is reported before seconds of model loading
     examples, sources = data_lib.load_examples(config, task) if with_data else ({}, {})
     pretrained = load_pretrained(config.model)
@@ -157,13 +158,12 @@ def prepare(config, with_data: bool = True) -> Setup:
     model = build_model(config, enc_cfg, task)
     tokenizer = data_lib.load_tokenizer(model_dir, config.tokenizer)
     max_len = min(config.max_length, enc_cfg.max_position_embeddings)
-    splits = {k: data_lib.encode(v, tokenizer, max_len, shards.rows_to_read(len(v)))
-              for k, v in examples.items()}
+    splits = {k: data_lib.encode(v, tokenizer, max_len) for k, v in examples.items()}
     variables = init_variables(model, pretrained, config)
     trainable, frozen = lora_lib.split(variables, lora_lib.trainable_mask(variables, patterns))
     return Setup(config, task, model_dir, enc_cfg, model, frozen, trainable, splits,
                  tokenizer.pad_token_id or 0, data_lib.bucket_lengths(max_len, config.buckets),
-                 sources, tokenizer, max_len, shards)
+                 sources, tokenizer, max_len, share)
 
 
 def make_loss_fn(model: SequenceClassifier, regression: bool) -> trainer.LossFn:
@@ -195,7 +195,7 @@ def evaluate(predict, trainable, frozen, enc: data_lib.Encoded, task: Task, setu
     example order)."""
     preds = map_encoded(lambda batch: predict(trainable, frozen, batch), enc,
                         setup.config.eval_batch_size, setup.buckets, setup.pad_id, put=put,
-                        shards=setup.shards, desc=desc, progress=setup.config.progress)
+                        share=setup.share, desc=desc, progress=setup.config.progress)
     return metrics_lib.compute(task.metrics, preds, enc.labels)
 
 
@@ -220,7 +220,7 @@ def experiment(setup: Setup) -> trainer.Experiment:
         selection_split="selection" if "selection" in setup.splits else task.eval_splits[0],
         sizes=sizes, sources=setup.sources, protocol=trainer.selection_protocol(sizes, task.eval_splits),
         meta={"task": task.name, "experiment": cfg.experiment, "model": cfg.model,
-              "config": cfg.to_dict()}, shards=setup.shards)
+              "config": cfg.to_dict()}, share=setup.share)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

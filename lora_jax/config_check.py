@@ -104,7 +104,7 @@ RULES: dict[str, Rule] = {
     "optimizer.eps": number(0.0, lo_open=True), "optimizer.warmup_ratio": PROBABILITY,
     "optimizer.warmup_steps": NON_NEGATIVE, "optimizer.grad_clip": number(0.0),
     "optimizer.schedule": one_of("linear", "cosine", "constant"),
-    "mesh.shape": mesh_axes, "data_shards": NON_NEGATIVE,
+    "mesh.shape": mesh_axes,
 }
 
 

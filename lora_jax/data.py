@@ -282,11 +282,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 @dataclasses.dataclass
 class Encoded:
     """Token ids of a split: ragged lists of int32 arrays, labels (N,), and every row's token
-    count `row_lengths` (N,), computed once (batches are padded and ordered by it).
-
-    A process of a multi-process run tokenizes only its rows (`encode` with `rows`): the other
-    rows hold empty arrays, and `row_lengths` (shared by all processes) gives their lengths.
-    """
+    count `row_lengths` (N,), computed once (batches are padded and ordered by it)."""
 
     input_ids: list[np.ndarray]
     token_type_ids: list[np.ndarray]
@@ -311,14 +307,9 @@ class Encoded:
                        self.labels[idx], self.row_lengths[idx])
 
 
-def encode(examples: Examples, tokenizer, max_length: int,
-           rows: np.ndarray | None = None) -> Encoded:
-    """Tokenize (truncating pairs longest-first) to at most max_length tokens per example.
-
-    rows: tokenize only these (a process's share, `lora_jax.distributed.DataShards.rows`); the
-    others get empty arrays, and every row's length is shared across processes.
-    """
-    texts = examples.texts if rows is None else [examples.texts[i] for i in rows]
+def encode(examples: Examples, tokenizer, max_length: int) -> Encoded:
+    """Tokenize (truncating pairs longest-first) to at most max_length tokens per example."""
+    texts = examples.texts
     first = [t[0] for t in texts]
     second = [t[1] for t in texts] if texts and len(texts[0]) > 1 else None
     out = tokenizer(first, second, truncation=True, max_length=max_length,
@@ -326,12 +317,7 @@ def encode(examples: Examples, tokenizer, max_length: int,
                         "input_ids": [], "token_type_ids": []}
     ids = [np.asarray(x, np.int32) for x in out["input_ids"]]
     types = [np.asarray(x, np.int32) for x in out["token_type_ids"]]
-    if rows is None:
-        return Encoded(ids, types, examples.labels)
-    from lora_jax.distributed import spread_rows
-
-    (ids, types), lengths = spread_rows([ids, types], rows, len(examples))
-    return Encoded(ids, types, examples.labels, lengths[:, 0])
+    return Encoded(ids, types, examples.labels)
 
 
 def bucket_lengths(max_length: int, buckets: Sequence[int]) -> tuple[int, ...]:
@@ -391,6 +377,12 @@ def train_order(lengths: np.ndarray, batch_size: int, seed, epoch: int,
     batches = [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
     order = rng.permutation(len(batches)) if length_grouping else np.arange(len(batches))
     return [batches[i] for i in order]
+
+
+def steps_per_epoch(num_rows: int, batch_size: int) -> int:
+    """Batches of one epoch of `num_rows` rows (`train_order`, `eval_order`): the last may be
+    short."""
+    return -(-num_rows // batch_size)
 
 
 def eval_order(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:

@@ -1,24 +1,21 @@
-"""Several processes, one run: JAX's multi-process runtime and how a split's rows are dealt.
+"""Several processes, one run: JAX's multi-process runtime and which rows each process feeds.
 
     initialize()                       # from the environment, before any JAX work
-    shards = DataShards.from_config(config)
-    enc = data.encode(examples, tokenizer, max_length, shards.rows_to_read(len(examples)))
-    plan = shards.train_batches(enc.lengths, batch_size, seed, epoch, grouping)  # the same
-                                                                     # on every process
+    share = BatchShare.of_this_process(batch_size=config.batch_size)
+    for step_rows in data.train_order(enc.lengths, batch_size, seed, epoch, grouping):
+        batch = make_batch(enc, share.part(step_rows, batch_size), ...)  # this process's rows
 
-Rows. A split of N rows is cut into ``S = config.data_shards`` shards (0: one per process): row
-i belongs to shard ``i % S``, and process p reads, tokenizes and feeds only shards
-``p*S/P .. (p+1)*S/P - 1``. Global batch t is the concatenation, in shard order, of every
-shard's t-th local batch (batch_size / S rows each; a shard that has run out contributes
-weight-0 padding). The plan depends on S, never on the number of processes: one process with
-``data_shards=2`` trains on exactly the batches two processes with one shard each do, which is
-how the tests compare them. With S = 1 (one process, the default) it is the familiar plan of
-`lora_jax.data.train_order` / `eval_order`.
+The batches do not depend on the number of processes. Every process reads and tokenizes the
+whole split and walks the same global plan, the one of a single process
+(`lora_jax.data.train_order` / `eval_order`: a function of the data, the seed and the global
+batch size only). Process p of P feeds the contiguous positions ``[p*B/P, (p+1)*B/P)`` of each
+global batch of B rows: exactly the rows a single process places on those devices, padding
+included (a short last batch is padded at its end, so the last parts hold the weight-0 rows).
+One process on N devices and N processes of one device each therefore run the same programs on
+the same global arrays, and a run may resume on another number of processes.
 
-Every process must agree on the padded shape of each global batch, so the token lengths of all
-rows (not the rows) are shared once after tokenizing (`sum_over_processes`); the outputs of an
-evaluation are gathered back to every process (`gather_rows`) so that all of them compute the
-same metrics and take the same model-selection decisions.
+The outputs of an evaluation are gathered back to every process (`gather_rows`) so that all of
+them compute the same metrics and take the same model-selection decisions.
 """
 
 from __future__ import annotations
@@ -79,87 +76,35 @@ def is_main_process() -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataShards:
-    """`count` shards (row i in shard i % count); this process owns `owned` (consecutive)."""
+class BatchShare:
+    """Process `index` of `count` feeds rows ``[index * b, (index + 1) * b)`` of every global
+    batch of B rows, b = B / count (the rows of its devices in the data-parallel placement)."""
 
+    index: int = 0
     count: int = 1
-    owned: tuple[int, ...] = (0,)
 
     @classmethod
-    def for_process(cls, count: int, process: int, processes: int) -> DataShards:
-        per = count // processes
-        return cls(count, tuple(range(process * per, (process + 1) * per)))
-
-    @classmethod
-    def from_config(cls, config) -> DataShards:
-        """From ``config.data_shards`` (0 or absent: one per process), checked against the
-        process count and every batch size in the config."""
-        processes = jax.process_count()
-        count = config.get("data_shards", 0) or processes
-        if count % processes:
-            raise UserError(f"data_shards={count} cannot be dealt evenly to {processes} "
-                            f"processes; use a multiple of {processes} (or 0: one per process)")
-        for key in ("batch_size", "eval_batch_size", "feature_batch_size"):
-            value = config.get(key)
+    def of_this_process(cls, **batch_sizes: int) -> BatchShare:
+        """This process's share, after checking that every given batch size (by config key)
+        splits evenly over the processes."""
+        count = jax.process_count()
+        for key, value in batch_sizes.items():
             if value and value % count:
-                raise UserError(f"{key} {value} is not divisible by data_shards={count}; use a "
-                                f"multiple of {count}")
-        return cls.for_process(count, jax.process_index(), processes)
+                raise UserError(f"{key} {value} cannot be split evenly over {count} processes; "
+                                f"use a multiple of {count}")
+        return cls(jax.process_index(), count)
 
-    @property
-    def single(self) -> bool:
-        return self.count == 1
-
-    def rows(self, n: int) -> np.ndarray:
-        """Indices (ascending) of the rows of an n-row split this process reads."""
-        owner = np.arange(n) % self.count
-        return np.flatnonzero(np.isin(owner, self.owned))
-
-    def rows_to_read(self, n: int) -> np.ndarray | None:
-        """`rows(n)`, or None when this process owns every shard (it reads everything)."""
-        return None if len(self.owned) == self.count else self.rows(n)
-
-    def _plan(self, rows: np.ndarray, batch_size: int, cut) -> list[list[np.ndarray]]:
-        """Per step, one index array per shard (global row indices; possibly empty)."""
+    def part_size(self, batch_size: int) -> int:
         if batch_size % self.count:
-            raise UserError(f"batch size {batch_size} is not divisible by data_shards="
-                            f"{self.count}")
-        local = batch_size // self.count
-        per_shard = [rows[rows % self.count == s] for s in range(self.count)]
-        orders = [[part[i] for i in cut(part, local, s)] for s, part in enumerate(per_shard)]
-        steps = max((len(o) for o in orders), default=0)
-        empty = np.zeros((0,), np.int64)
-        return [[o[t] if t < len(o) else empty for o in orders] for t in range(steps)]
+            raise UserError(f"batch size {batch_size} cannot be split evenly over {self.count} "
+                            "processes")
+        return batch_size // self.count
 
-    def train_batches(self, lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
-                      length_grouping: bool) -> list[list[np.ndarray]]:
-        """One epoch's steps: per step, each shard's part of the global batch. With one shard,
-        exactly `data_lib.train_order`."""
-        rows = np.arange(len(lengths))
-
-        def cut(part, local, shard):
-            key = seed if self.single else [seed, self.count, shard]
-            return data_lib.train_order(lengths[part], local, key, epoch, length_grouping)
-
-        return self._plan(rows, batch_size, cut)
-
-    def eval_batches(self, lengths: np.ndarray, batch_size: int,
-                     rows: np.ndarray | None = None) -> list[list[np.ndarray]]:
-        """Length-sorted steps over `rows` (default all) of a split; per step each shard's part.
-        With one shard, exactly `data_lib.eval_order`."""
-        rows = np.arange(len(lengths)) if rows is None else np.asarray(rows, np.int64)
-        return self._plan(rows, batch_size,
-                          lambda part, local, _: data_lib.eval_order(lengths[part], local))
-
-    def local_parts(self, parts: list[np.ndarray]) -> list[np.ndarray]:
-        """The parts of one step this process feeds, in the order its rows go to its devices."""
-        return [parts[s] for s in self.owned]
-
-
-def steps_per_epoch(n: int, batch_size: int, count: int = 1) -> int:
-    """Global steps of one epoch of n rows: the local batches of the largest shard."""
-    largest_shard = -(-n // count)
-    return -(-largest_shard // (batch_size // count))
+    def part(self, step_rows: np.ndarray, batch_size: int) -> np.ndarray:
+        """The row indices of global batch `step_rows` (at most `batch_size` of them, in batch
+        order; a short last batch is padded at its end) this process feeds; possibly empty."""
+        size = self.part_size(batch_size)
+        return step_rows[self.index * size:(self.index + 1) * size]
 
 
 # ----------------------------------------------------------------------------- across processes
@@ -171,16 +116,6 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-def sum_over_processes(x: np.ndarray) -> np.ndarray:
-    """Element-wise sum of a host array over the processes (each contributes its rows, zeros
-    elsewhere); the array itself when there is one process."""
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x)).sum(0).astype(x.dtype)
 
 
 def gather_rows(values, rows: np.ndarray, n: int):
@@ -229,63 +164,40 @@ def local_rows(x, rows: tuple[int, int] | None) -> np.ndarray:
     return np.concatenate([blocks[k] for k in sorted(blocks)])
 
 
-def spread_rows(columns: list[list[np.ndarray]], rows: np.ndarray, n: int):
-    """Columns of per-row arrays of this process's `rows` -> length-n lists (empty arrays for
-    the rows of other processes), and the (n, columns) lengths of every row's arrays, shared by
-    all processes."""
-    empty = np.zeros((0,), np.int32)
-    spread = []
-    for column in columns:
-        full = [empty] * n
-        for i, x in zip(rows, column, strict=True):
-            full[i] = x
-        spread.append(full)
-    lengths = np.zeros((n, len(columns)), np.int64)
-    for j, column in enumerate(columns):
-        lengths[rows, j] = [len(x) for x in column]
-    return spread, sum_over_processes(lengths)
-
-
-def concat_batches(batches: list[dict]) -> dict:
-    """Host batches (dicts of arrays, leading axis = rows) one after another."""
-    if len(batches) == 1:
-        return batches[0]
-    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *batches)
-
-
 def map_batches(fn, num_rows: int, lengths: np.ndarray, batch_size: int, batch_of, *,
                 put=lambda b: b, rows: np.ndarray | None = None,
-                shards: DataShards | None = None, desc: str = "", progress: bool = False):
+                share: BatchShare | None = None, desc: str = "", progress: bool = False):
     """``fn(batch)`` over `rows` (default all) of a split, outputs gathered back in row order.
 
-    Steps come from `DataShards.eval_batches` (length-sorted: least padding). This process
-    builds its parts of each global batch with ``batch_of(idx, part_size, step_rows)`` (a host
-    batch of `part_size` rows for indices `idx`, padded for all of `step_rows`), `put` makes
-    them one global batch, and `fn` returns a pytree of (batch_size, ...) arrays split over the
-    batch axis like its input (or host arrays). Returns the same pytree of numpy arrays with
-    leading axis len(rows), identical on every process.
+    Global batches come from `lora_jax.data.eval_order` over `rows` (length-sorted: least
+    padding), whatever the number of processes. This process builds its part of each with
+    ``batch_of(idx, part_size, step_rows)`` (a host batch of `part_size` rows for indices
+    `idx`, padded for all of `step_rows`), `put` makes the parts one global batch, and `fn`
+    returns a pytree of (batch_size, ...) arrays split over the batch axis like its input (or
+    host arrays). Returns the same pytree of numpy arrays with leading axis len(rows),
+    identical on every process.
     """
     from tqdm.auto import tqdm
 
-    shards = shards or DataShards()
+    share = share or BatchShare()
     rows = np.arange(num_rows) if rows is None else np.asarray(rows, np.int64)
     position = np.zeros(num_rows, np.int64)
     position[rows] = np.arange(len(rows))
-    part_size = batch_size // shards.count
+    part_size = share.part_size(batch_size)
     out, treedef, filled = None, None, []
-    for parts in tqdm(shards.eval_batches(lengths, batch_size, rows), desc=desc, leave=False,
+    for order in tqdm(data_lib.eval_order(lengths[rows], batch_size), desc=desc, leave=False,
                       disable=not (progress and is_main_process())):
-        mine, step_rows = shards.local_parts(parts), np.concatenate(parts)
-        batch = put(concat_batches([batch_of(p, part_size, step_rows) for p in mine]))
+        step_rows = rows[order]
+        mine = share.part(step_rows, batch_size)
+        batch = put(batch_of(mine, part_size, step_rows))
         rows_here = process_row_range(jax.tree_util.tree_leaves(batch)[0])
         leaves, treedef = jax.tree_util.tree_flatten(fn(batch))
         leaves = [local_rows(x, rows_here) for x in leaves]
         if out is None:
             out = [np.zeros((len(rows), *x.shape[1:]), x.dtype) for x in leaves]
-        for j, part in enumerate(mine):
-            for gathered, x in zip(out, leaves, strict=True):
-                gathered[position[part]] = x[j * part_size: j * part_size + len(part)]
-            filled.append(position[part])
+        for gathered, x in zip(out, leaves, strict=True):
+            gathered[position[mine]] = x[:len(mine)]
+        filled.append(position[mine])
     if treedef is None:
         return None
     mine = np.sort(np.concatenate(filled)) if filled else np.zeros((0,), np.int64)
@@ -294,10 +206,10 @@ def map_batches(fn, num_rows: int, lengths: np.ndarray, batch_size: int, batch_o
 
 def map_encoded(fn, enc: data_lib.Encoded, batch_size: int, buckets, pad_id: int, *,
                 put=lambda b: b, rows: np.ndarray | None = None,
-                shards: DataShards | None = None, desc: str = "", progress: bool = False):
+                share: BatchShare | None = None, desc: str = "", progress: bool = False):
     """`map_batches` over a tokenized split, batches from `lora_jax.data.make_batch`."""
     return map_batches(
         fn, len(enc), enc.lengths, batch_size,
         lambda idx, size, step_rows: data_lib.make_batch(enc, idx, size, buckets, pad_id,
                                                          step_rows),
-        put=put, rows=rows, shards=shards, desc=desc, progress=progress)
+        put=put, rows=rows, share=share, desc=desc, progress=progress)

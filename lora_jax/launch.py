@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ import threading
 import time
 
 from lora_jax.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+from lora_jax.results import ENV_COMMAND, user_argument
 
 GRACE_SECONDS = 10.0
 
@@ -88,12 +90,15 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 
 def launch(command: list[str], processes: int, platform: str = "cpu",
-           devices_per_process: int = 1) -> int:
-    """Run `command` (arguments for ``python``) in `processes` processes; the exit status."""
+           devices_per_process: int = 1, typed: str = "") -> int:
+    """Run `command` (arguments for ``python``) in `processes` processes; the exit status.
+    typed: the launcher's command line, which the processes record as their command."""
     port = free_port()
     procs, relays = [], []
     for i in range(processes):
         env = process_env(os.environ, i, processes, port, platform, devices_per_process)
+        if typed:
+            env[ENV_COMMAND] = typed
         piped = i > 0
         p = subprocess.Popen([sys.executable, *command], env=env,
                              stdout=subprocess.PIPE if piped else None,
@@ -148,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--processes and --devices-per-process must be at least 1")
     if not command:
         parser.error("no command after --")
-    return launch(command, args.processes, args.platform, args.devices_per_process)
+    typed = "python -m lora_jax.launch " + shlex.join(map(user_argument, argv))
+    return launch(command, args.processes, args.platform, args.devices_per_process, typed)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from lora_jax.config_check import validate_config
 from lora_jax.errors import UserError
 from lora_jax.experiments import load_config, log_packages_at_info, run, runner
 from lora_jax.report import STD_LABEL, score_table
-from lora_jax.trainer import provenance
+from lora_jax.results import code_state, provenance, user_argument
 from lora_jax.writers import write_json_atomic
 
 
@@ -116,15 +116,29 @@ def main(argv=None) -> int:
     parser.add_argument("--note", default="", help="a remark printed under the table")
     parser.add_argument("--collect", action="store_true",
                         help="only gather finished cells (results.json); run nothing")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="write into results/ from a tree with uncommitted code changes "
+                             "(the diff's sha256 is recorded beside git_commit)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     log_packages_at_info()
-    command = "python -m lora_jax.sweep " + shlex.join(argv if argv is not None else sys.argv[1:])
+    typed = argv if argv is not None else sys.argv[1:]
+    command = "python -m lora_jax.sweep " + shlex.join(map(user_argument, typed))
     return run_main(lambda: run_sweep(args, command))
+
+
+def cell_command(args, experiment: str, task: str, seed: int) -> str:
+    """The command that runs (or collects) exactly one cell of the sweep, as typed from the
+    project root."""
+    parts = ["--config", args.config, "--workdir", args.workdir, "--out", args.out, "--only",
+             task, "--rows", experiment, "--seeds", str(seed)]
+    flags = ["--allow-dirty"] if args.allow_dirty else []
+    return "python -m lora_jax.sweep " + shlex.join([*map(user_argument, parts), *flags])
 
 
 def run_sweep(args, command: str) -> int:
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = code_state(args.out + ".json", args.allow_dirty)  # before hours of cells
     _, sweep = load_config(args.config)
     tasks = selected(args.only, sweep.tasks, "task(s)")
     rows = selected(args.rows, sweep.experiments, "row(s)")
@@ -152,14 +166,14 @@ def run_sweep(args, command: str) -> int:
         ckpts = os.path.join(workdir, "checkpoints")
         config.resume = os.path.isdir(ckpts) and bool(os.listdir(ckpts))
         result = run(config, workdir)
-        result["sweep_row"] = exp
+        result.update(code, command=cell_command(args, exp, task, seed), sweep_row=exp)
         write_json_atomic(done, result)
         results.append(result)
     if not results:
         raise UserError(f"no finished cell under {args.workdir}; run without --collect first")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_json_atomic(args.out + ".json", {"name": sweep.name, "command": command,
-                                           "note": args.note, **provenance(),
+    write_json_atomic(args.out + ".json", {"name": sweep.name, "note": args.note,
+                                           **provenance(command), **code,
                                            "results": results})
     table = table_function(sweep)(sweep, results, command, args.note)
     with open(args.out + ".md", "w") as f:

@@ -16,9 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import platform
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,9 +27,11 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
-from lora_jax.distributed import DataShards, concat_batches, is_main_process, steps_per_epoch
+from lora_jax.distributed import BatchShare, is_main_process
 from lora_jax.errors import UserError
+from lora_jax.results import provenance
 from lora_jax.sharding import Placement, memory_report, mesh_shape
 from lora_jax.writers import MetricWriter, NullWriter, write_json_atomic
 
@@ -145,29 +144,28 @@ def _state_dict(trainable, opt_state, best_trainable) -> dict:
     return {"trainable": trainable, "opt_state": opt_state, "best_trainable": best_trainable}
 
 
-def restore_train_state(mngr: ocp.CheckpointManager, trainable, opt_state,
-                        data_shards: int = 1):
-    """(step, trainable, opt_state, best, stopped_early) from the latest checkpoint, which must
-    have been written with the same `data_shards` (the batches depend on it)."""
+def restore_train_state(mngr: ocp.CheckpointManager, trainable, opt_state):
+    """(step, trainable, opt_state, best, stopped_early) from the latest checkpoint, written by
+    any number of processes (the batches do not depend on it)."""
     step = mngr.latest_step()
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
                                       _state_dict(trainable, opt_state, trainable))
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     state, loop = restored["state"], restored["meta"]["loop"]
-    saved = loop.get("data_shards", data_shards)  # absent in checkpoints of older versions
-    if saved != data_shards:
+    shards = loop.get("data_shards", 1)  # written by versions that dealt rows to shards
+    if shards != 1:
         raise UserError(
-            f"the checkpoints in {mngr.directory} were written with data_shards={saved} and "
-            f"this run has data_shards={data_shards}: the batches depend on it, so resume with "
-            f"--config.data_shards={saved} (and a process count that divides it)")
+            f"the checkpoints in {mngr.directory} were written with data_shards={shards}, a batch "
+            f"order this version no longer makes (its batches do not depend on the number of "
+            f"processes); train again in a fresh workdir")
     score = -np.inf if loop["best_score"] is None else loop["best_score"]
     best = Best(score, loop["best_step"], state["best_trainable"])
     return step, state["trainable"], state["opt_state"], best, loop["stopped_early"]
 
 
 def save_train_state(mngr: ocp.CheckpointManager, step: int, trainable, opt_state, best: Best,
-                     stopped_early: bool, meta: dict, data_shards: int = 1) -> None:
+                     stopped_early: bool, meta: dict) -> None:
     """Write the state of `step` and wait until it is on disk.
 
     The best score travels in the JSON metadata as the exact Python float: stored as float32 it
@@ -177,7 +175,7 @@ def save_train_state(mngr: ocp.CheckpointManager, step: int, trainable, opt_stat
     """
     loop = {"best_score": None if not np.isfinite(best.score) else float(best.score),
             "best_step": int(best.step), "stopped_early": bool(stopped_early),
-            "data_shards": int(data_shards)}
+            "processes": jax.process_count()}
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_state_dict(trainable, opt_state, best.trainable)),
         meta=ocp.args.JsonSave({**meta, "loop": loop})), force=True)
@@ -256,37 +254,36 @@ class TrainProgress:
                 "examples": self.examples}
 
 
-def train_stream(lengths: np.ndarray, cfg, start_step: int, total_steps: int,
-                 shards: DataShards):
-    """(step, parts) pairs from start_step up to total_steps; parts: each data shard's row
-    indices of that global batch (`DataShards.train_batches`; one part with one shard).
+def train_stream(lengths: np.ndarray, cfg, start_step: int, total_steps: int):
+    """(step, step_rows) pairs from start_step up to total_steps; step_rows: the row indices of
+    that global batch (`lora_jax.data.train_order`, whatever the number of processes).
 
     The order of each epoch is a pure function of (seed, epoch), so starting at any step replays
     exactly the batches an uninterrupted run would see there.
     """
-    per_epoch = steps_per_epoch(len(lengths), cfg.batch_size, shards.count)
+    per_epoch = data_lib.steps_per_epoch(len(lengths), cfg.batch_size)
     step = start_step
     while step < total_steps:
         epoch, offset = divmod(step, per_epoch)
-        order = shards.train_batches(lengths, cfg.batch_size, cfg.seed, epoch,
+        order = data_lib.train_order(lengths, cfg.batch_size, cfg.seed, epoch,
                                      cfg.length_grouping)
-        for parts in order[offset:]:
+        for step_rows in order[offset:]:
             if step >= total_steps:
                 return
-            yield step, parts
+            yield step, step_rows
             step += 1
 
 
-def num_train_steps(num_examples: int, cfg, shards_count: int = 1) -> int:
+def num_train_steps(num_examples: int, cfg) -> int:
     """Optimizer steps for `cfg.num_epochs` over `num_examples` rows, capped by `max_steps`."""
-    total = cfg.num_epochs * steps_per_epoch(num_examples, cfg.batch_size, shards_count)
+    total = cfg.num_epochs * data_lib.steps_per_epoch(num_examples, cfg.batch_size)
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
 def train_loop(cfg, lengths: np.ndarray, workdir: str, place: Placement, trainable, frozen,
                writer: MetricWriter, *, loss_fn: LossFn, batch_of: Callable,
                select: Callable, selection_name: str, main_metric: str, desc: str,
-               meta: dict, shards: DataShards | None = None) -> tuple[Best, dict]:
+               meta: dict, share: BatchShare | None = None) -> tuple[Best, dict]:
     """The training loop every experiment shares.
 
     Selection every `cfg.eval_every_steps` (0: once per epoch) and at the last step; early
@@ -299,16 +296,17 @@ def train_loop(cfg, lengths: np.ndarray, workdir: str, place: Placement, trainab
       loss_fn: (trainable, frozen, batch, rng) -> scalar; see `make_train_step`.
       batch_of: (idx, part_size, step_rows) -> host batch (a dict of numpy arrays, leading
         axis part_size) of the rows `idx`, padded for all of `step_rows` (the global batch).
-      shards: how rows are dealt to processes (`lora_jax.distributed`); default one shard.
+      share: the rows of each global batch this process feeds (`lora_jax.distributed`);
+        default all of them.
       select: trainable -> {metric: score} on the selection split.
     Returns:
       (best, stats): stats has "seconds" and "examples" of pure training in this process,
       "last_step", "total_steps", "stopped_early" and "interrupted" (stopped by
       `stop_after_steps`: no results yet).
     """
-    shards = shards or DataShards()
-    per_epoch = steps_per_epoch(len(lengths), cfg.batch_size, shards.count)
-    total_steps = num_train_steps(len(lengths), cfg, shards.count)
+    share = share or BatchShare()
+    per_epoch = data_lib.steps_per_epoch(len(lengths), cfg.batch_size)
+    total_steps = num_train_steps(len(lengths), cfg)
     eval_every = cfg.eval_every_steps or per_epoch
     patience = cfg.get("early_stopping_patience", 0)
     tx = make_optimizer(cfg, total_steps)
@@ -326,18 +324,17 @@ def train_loop(cfg, lengths: np.ndarray, workdir: str, place: Placement, trainab
     step, stopped_early = 0, False
     if cfg.resume and mngr.latest_step() is not None:
         step, trainable, opt_state, best, stopped_early = restore_train_state(
-            mngr, trainable, opt_state, shards.count)
+            mngr, trainable, opt_state)
         log.info("resumed from step %d (best %s %.4f at step %d%s)", step, main_metric,
                  best.score, best.step, "; it had stopped early" if stopped_early else "")
 
     progress = TrainProgress(writer, total_steps, step, desc, cfg.log_every_steps,
                              per_epoch, cfg.progress and is_main_process())
-    stream = () if stopped_early else train_stream(lengths, cfg, step, total_steps, shards)
-    part_size = cfg.batch_size // shards.count
-    for at, parts in stream:
-        step_rows = np.concatenate(parts)
-        batch = place.put_batch(concat_batches(
-            [batch_of(idx, part_size, step_rows) for idx in shards.local_parts(parts)]))
+    stream = () if stopped_early else train_stream(lengths, cfg, step, total_steps)
+    part_size = share.part_size(cfg.batch_size)
+    for at, step_rows in stream:
+        batch = place.put_batch(batch_of(share.part(step_rows, cfg.batch_size), part_size,
+                                         step_rows))
         trainable, opt_state, m = train_step(trainable, opt_state, at, frozen, batch)
         step = at + 1
         progress.step(step, len(step_rows), m)
@@ -353,8 +350,7 @@ def train_loop(cfg, lengths: np.ndarray, workdir: str, place: Placement, trainab
             stopped_early = bool(patience) and step - best.step >= patience * eval_every
         stopping = stopped_early or step == cfg.stop_after_steps
         if step % cfg.checkpoint_every_steps == 0 or step == total_steps or stopping:
-            save_train_state(mngr, step, trainable, opt_state, best, stopped_early, meta,
-                             shards.count)
+            save_train_state(mngr, step, trainable, opt_state, best, stopped_early, meta)
         progress.pause(time.perf_counter() - t0)
         if stopping:
             if stopped_early:
@@ -398,36 +394,7 @@ class Experiment:
     meta: dict = dataclasses.field(default_factory=dict)
     desc: str = ""
     extra: Callable | None = None
-    shards: DataShards = dataclasses.field(default_factory=DataShards)  # rows per process
-
-
-def machine_description() -> str:
-    dev = jax.devices()[0]
-    processes = (f", {jax.process_count()} processes" if jax.process_count() > 1 else "")
-    return (f"{platform.machine()} {dev.platform.upper()} ({dev.device_kind}), "
-            f"{jax.device_count()} device(s){processes}, {os.cpu_count()} CPU cores, "
-            f"jax {jax.__version__}")
-
-
-def git_commit() -> str:
-    """The repository's HEAD commit, with ``+dirty`` when tracked files other than results/
-    differ from it (results/ holds what earlier commands wrote, not code)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                ".", ":(exclude)results"],
-                               cwd=root, capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (not a git checkout)"
-    return head + ("+dirty" if dirty.strip() else "")
-
-
-def provenance() -> dict:
-    """Fields every results file carries: the code, the exact command and the machine."""
-    return {"git_commit": git_commit(), "command": " ".join(sys.argv),
-            "machine": machine_description(), "date": time.strftime("%Y-%m-%d")}
+    share: BatchShare = dataclasses.field(default_factory=BatchShare)  # rows per process
 
 
 def selection_protocol(sizes: dict[str, int], eval_splits) -> str:
@@ -478,7 +445,6 @@ def run_experiment(exp: Experiment, workdir: str, wall_start: float) -> dict[str
                                                                             "float32")]))
     trainable = place.put(exp.trainable)
     placement = {"mesh": dict(place.mesh.shape), "processes": jax.process_count(),
-                 "data_shards": exp.shards.count,
                  "memory_per_device": memory_report(trainable, frozen)}
     n_trainable = lora_lib.count_params(exp.trainable)
     n_total = n_trainable + lora_lib.count_params(exp.frozen)
@@ -495,7 +461,7 @@ def run_experiment(exp: Experiment, workdir: str, wall_start: float) -> dict[str
             loss_fn=exp.loss_fn, batch_of=exp.batch_of,
             select=lambda params: exp.evaluate(params, frozen, exp.selection_split, None),
             selection_name=exp.selection_split, main_metric=task.main_metric,
-            desc=exp.desc or f"{exp.name} {task.name}", meta=exp.meta, shards=exp.shards)
+            desc=exp.desc or f"{exp.name} {task.name}", meta=exp.meta, share=exp.share)
         if stats["interrupted"]:
             writer.close()
             log.info("stopped at step %d of %d as asked (stop_after_steps); continue with "

@@ -27,9 +27,7 @@ log = logging.getLogger(__name__)
 class Pairs:
     """A split's (source, target) texts and, once tokenized, their ids (ragged int32,
     EOS-terminated) and `row_lengths` ((N, 2): source and target tokens of every row, computed
-    once). A process of a multi-process run tokenizes only its rows (`encode_pairs` with
-    `rows`): the others hold empty arrays and `row_lengths` (shared by all processes) gives
-    their lengths."""
+    once)."""
 
     sources: list[str]
     targets: list[str]
@@ -73,14 +71,12 @@ def _truncate(ids: list[int], max_length: int) -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
-def encode_pairs(pairs: Pairs, tokenizer, max_source: int, max_target: int, where: str = "",
-                 rows: np.ndarray | None = None) -> Pairs:
-    """Tokenize (T5 tokenizers end every sequence with EOS) and truncate `rows` (default all);
-    a warning counts the targets that did not fit, since a truncated target can never be
-    generated exactly."""
-    picked = range(len(pairs)) if rows is None else rows
-    src = tokenizer([pairs.sources[i] for i in picked])["input_ids"] if len(picked) else []
-    tgt = tokenizer([pairs.targets[i] for i in picked])["input_ids"] if len(picked) else []
+def encode_pairs(pairs: Pairs, tokenizer, max_source: int, max_target: int,
+                 where: str = "") -> Pairs:
+    """Tokenize (T5 tokenizers end every sequence with EOS) and truncate; a warning counts the
+    targets that did not fit, since a truncated target can never be generated exactly."""
+    src = tokenizer(list(pairs.sources))["input_ids"] if len(pairs) else []
+    tgt = tokenizer(list(pairs.targets))["input_ids"] if len(pairs) else []
     cut = sum(len(x) > max_target for x in tgt)
     if cut:
         log.warning("%s: %d of %d targets are longer than max_target_length=%d tokens (longest "
@@ -88,12 +84,7 @@ def encode_pairs(pairs: Pairs, tokenizer, max_source: int, max_target: int, wher
                     cut, len(tgt), max_target, max(len(x) for x in tgt))
     src = [_truncate(x, max_source) for x in src]
     tgt = [_truncate(x, max_target) for x in tgt]
-    if rows is None:
-        return Pairs(pairs.sources, pairs.targets, src, tgt)
-    from lora_jax.distributed import spread_rows
-
-    (src, tgt), lengths = spread_rows([src, tgt], rows, len(pairs))
-    return Pairs(pairs.sources, pairs.targets, src, tgt, lengths)
+    return Pairs(pairs.sources, pairs.targets, src, tgt)
 
 
 def make_batch(pairs: Pairs, idx: np.ndarray, batch_size: int, source_buckets: Sequence[int],

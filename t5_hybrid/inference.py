@@ -13,7 +13,7 @@ import jax
 from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
 from lora_jax import metrics as metrics_lib
-from lora_jax.distributed import DataShards, map_batches
+from lora_jax.distributed import BatchShare, map_batches
 from lora_jax.errors import UserError
 from lora_jax.inference import best_variables, run_config
 from lora_jax.tasks import Task
@@ -25,10 +25,10 @@ from t5_hybrid.tasks import pairs_from_rows
 
 def generate_texts(generate, pairs: Pairs, batch_size: int, source_buckets, target_buckets,
                    model_config, tokenizer, *, put=lambda b: b,
-                   shards: DataShards | None = None, desc: str = "generate",
+                   share: BatchShare | None = None, desc: str = "generate",
                    progress: bool = False) -> list[str]:
     """Decoded ``generate(input_ids, attention_mask) -> (B, T) tokens`` of every row of
-    `pairs`, in row order; each process generates for its data shards' rows
+    `pairs`, in row order; each process generates for its share of every batch
     (`lora_jax.distributed.map_batches`) and every process gets all the texts."""
     pad, eos = model_config.pad_token_id, model_config.eos_token_id
     tokens = map_batches(
@@ -36,7 +36,7 @@ def generate_texts(generate, pairs: Pairs, batch_size: int, source_buckets, targ
         pairs.lengths, batch_size,
         lambda idx, size, step_rows: make_batch(pairs, idx, size, source_buckets,
                                                 target_buckets, pad, step_rows),
-        put=put, shards=shards, desc=desc, progress=progress)
+        put=put, share=share, desc=desc, progress=progress)
     if tokens is None:
         return []
     return tokenizer.batch_decode(strip_after_eos(tokens, eos, pad), skip_special_tokens=True)

@@ -17,8 +17,9 @@ import sys
 from collections.abc import Sequence
 
 from lora_jax.cli import ArgumentParser, fail
+from lora_jax.errors import UserError
 from lora_jax.report import mean_std
-from lora_jax.trainer import provenance
+from lora_jax.results import code_state, provenance, user_argument
 
 ROW_NAMES = {"base": "Base Model", "prompt_only": "Prompt Tuning Only",
              "lora_only": "LoRA Only", "prompt_lora": "Prompt Tuning + LoRA",
@@ -115,19 +116,26 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", required=True, help="folder searched for */results.json")
     parser.add_argument("--out", required=True, help="path stem for .md and .json")
     parser.add_argument("--note", default="")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="write into results/ from a tree with uncommitted code changes")
     args = parser.parse_args(argv)
     paths = sorted(glob.glob(os.path.join(args.runs, "**", "results.json"), recursive=True))
     results = [json.load(open(p)) for p in paths]  # noqa: SIM115
     results = [r for r in results if r.get("experiment") == "t5_hybrid"]
     if not results:
         fail(f"no t5_hybrid results.json under {args.runs}")
-    command = "python -m t5_hybrid.report " + shlex.join(argv if argv is not None else sys.argv[1:])
+    typed = argv if argv is not None else sys.argv[1:]
+    command = "python -m t5_hybrid.report " + shlex.join(map(user_argument, typed))
+    try:
+        code = code_state(args.out + ".json", args.allow_dirty)
+    except UserError as e:
+        fail(str(e))
     text = markdown_table(None, results, command, args.note)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
     with open(args.out + ".md", "w") as f:
         f.write(text)
     with open(args.out + ".json", "w") as f:
-        json.dump({"command": command, **provenance(), "results": results}, f, indent=1)
+        json.dump({**provenance(command), **code, "results": results}, f, indent=1)
     print(text)
     return 0
 

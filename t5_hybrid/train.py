@@ -29,7 +29,7 @@ from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
 from lora_jax import trainer
 from lora_jax.config_check import NON_NEGATIVE, POSITIVE, boolean, register_rules, validate_config
-from lora_jax.distributed import DataShards, is_main_process
+from lora_jax.distributed import BatchShare, is_main_process
 from lora_jax.errors import UserError
 from lora_jax.tasks import Task
 from t5_hybrid import adapters
@@ -74,7 +74,7 @@ class Setup:
     source_buckets: tuple[int, ...]
     target_buckets: tuple[int, ...]
     sources: dict[str, str]
-    shards: DataShards  # the rows this process tokenizes and feeds
+    share: BatchShare  # the rows of every global batch this process feeds
 
 
 def load_model(config) -> tuple[T5Config, dict, object]:
@@ -111,7 +111,8 @@ def prepare(config, with_data: bool = True) -> Setup:
     if config.variant == "base":
         config.num_epochs = 0
     trainer.check_divisible_by_devices(config, ("batch_size", "eval_batch_size"))
-    shards = DataShards.from_config(config)
+    share = BatchShare.of_this_process(batch_size=config.batch_size,
+                                       eval_batch_size=config.eval_batch_size)
     prefix = task.prefix if adapters.uses_prefix(config.variant) else ""
     # the data before the model: a bad row is reported before seconds of model loading
     raw, sources, selection_name = (load_pairs(config, task, prefix) if with_data
@@ -119,8 +120,7 @@ def prepare(config, with_data: bool = True) -> Setup:
     t5_config, params, tokenizer = load_model(config)
     max_src = config.max_source_length or task.max_source_length
     max_tgt = config.max_target_length or task.max_target_length
-    # held-out slice and caps first (seeded over whole splits), then each process tokenizes
-    # only its data shards' rows
+    # held-out slice and caps first (seeded over whole splits), then tokenize
     splits = {k: text_pairs(*v) for k, v in raw.items()}
     if "train" in splits:
         if selection_name == "selection":
@@ -130,8 +130,8 @@ def prepare(config, with_data: bool = True) -> Setup:
     for name in list(splits):
         if name != "train":
             splits[name] = cap(splits[name], config.max_eval_examples, data_lib.EVAL_SUBSET_SEED)
-    splits = {k: encode_pairs(v, tokenizer, max_src, max_tgt, sources.get(k, k),
-                              shards.rows_to_read(len(v))) for k, v in splits.items()}
+    splits = {k: encode_pairs(v, tokenizer, max_src, max_tgt, sources.get(k, k))
+              for k, v in splits.items()}
     model = T5ForConditionalGeneration(t5_config, lora_dropout=config.lora.dropout,
                                        dtype=trainer.DTYPES[config.dtype])
     spec = lora_lib.LoRASpec(r=config.lora.r, alpha=config.lora.alpha,
@@ -143,7 +143,7 @@ def prepare(config, with_data: bool = True) -> Setup:
     return Setup(config, task, model, tokenizer, frozen, trainable, splits,
                  selection_name if selection_name in splits else task.eval_splits[0],
                  data_lib.bucket_lengths(max_src, config.buckets),
-                 data_lib.bucket_lengths(max_tgt, config.buckets), sources, shards)
+                 data_lib.bucket_lengths(max_tgt, config.buckets), sources, share)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -179,7 +179,7 @@ def evaluate(setup: Setup, generate, trainable, frozen, pairs: Pairs,
     predictions = generate_texts(
         lambda ids, mask: generate(variables, ids, mask), pairs, cfg.eval_batch_size,
         setup.source_buckets, setup.target_buckets, setup.model.config, setup.tokenizer,
-        put=place.put_batch, shards=setup.shards, desc=desc, progress=cfg.progress)
+        put=place.put_batch, share=setup.share, desc=desc, progress=cfg.progress)
     return metrics_lib.compute(setup.task.metrics, predictions, pairs.targets), predictions
 
 
@@ -229,7 +229,7 @@ def experiment(setup: Setup) -> trainer.Experiment:
         meta={"task": task.name, "variant": cfg.variant, "model": cfg.model,
               "config": cfg.to_dict()},
         desc=f"{cfg.variant} {task.name}", extra=lambda _best: {"variant": cfg.variant},
-        shards=setup.shards)
+        share=setup.share)
 
 
 def train_t5(config, workdir: str) -> dict:

@@ -81,61 +81,6 @@ def jaxpr_equations(jaxpr, times: int = 1):
                     yield from jaxpr_equations(sub, repeat)
 
 
-def assert_kill9_resume_is_exact(train_args: list[str], tmp_path, kill_after_step: int = 0,
-                                 seed: int = 0) -> None:
-    """Run train.py with `train_args` twice: once uninterrupted, once killed with SIGKILL as soon
-    as a checkpoint past a random step exists, then relaunched with resume=True. Both must end
-    with the same metrics, best step, metrics.jsonl lines and trainable trees (bit for bit)."""
-    import os
-    import pathlib
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from lora_jax.trainer import restore_trainable
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(root / "train.py"), *train_args]
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    proc = subprocess.run([*cmd, f"--workdir={full}"], capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    total = json.loads((full / "results.json").read_text())["total_steps"]
-    at = kill_after_step or int(np.random.default_rng(seed).integers(2, total - 2))
-    victim = subprocess.Popen([*cmd, f"--workdir={killed}"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    ckpts = killed / "checkpoints"
-    while time.time() < deadline and victim.poll() is None:
-        steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
-        if steps and max(steps) >= at:
-            os.kill(victim.pid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    victim.wait(timeout=60)
-    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (killed / "results.json").exists()
-    proc = subprocess.run([*cmd, f"--workdir={killed}", "--config.resume=True"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    a = json.loads((full / "results.json").read_text())
-    b = json.loads((killed / "results.json").read_text())
-
-    def logged(run):  # metric lines without the wall-clock field
-        return [{k: v for k, v in json.loads(x).items() if k != "train/examples_per_s"}
-                for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-    assert logged(killed) == logged(full)  # no duplicated or stale lines after resuming
-    assert (a["metrics"], a["best_step"], a["last_step"]) == (b["metrics"], b["best_step"],
-                                                              b["last_step"])
-    for which in ("trainable", "best_trainable"):
-        x, _ = restore_trainable(str(full), which)
-        y, _ = restore_trainable(str(killed), which)
-        for u, v in zip(jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y), strict=True):
-            np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
-
-
 # Small transformers classifiers for parity tests; "electra_proj" has embedding_size != hidden.
 HF_KINDS = ("bert", "distilbert", "electra", "electra_proj")
 HF_TARGETS = {"bert": ["query", "value", "intermediate.dense"],
@@ -195,11 +140,11 @@ def torch_logits(model, inputs) -> np.ndarray:
 # ----------------------------------------------------------------------------- several processes
 
 
-def train_py(args: list[str], workdir, processes: int = 1, data_shards: int = 2,
+def train_py(args: list[str], workdir, processes: int = 1, devices: int = 2,
              timeout: int = 600, wait: bool = True):
-    """train.py with `args`: in one process holding all `data_shards` shards on as many CPU
-    devices, or in `processes` processes started by ``python -m lora_jax.launch`` (one CPU
-    device each). wait=False returns the Popen (output discarded)."""
+    """train.py with `args`: in one process on `devices` CPU devices, or in `processes`
+    processes started by ``python -m lora_jax.launch`` (one CPU device each). wait=False
+    returns the Popen (output discarded)."""
     import os
     import pathlib
     import subprocess
@@ -208,9 +153,8 @@ def train_py(args: list[str], workdir, processes: int = 1, data_shards: int = 2,
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     if processes == 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={data_shards}"
-        cmd = [sys.executable, str(root / "train.py"), *args,
-               f"--config.data_shards={data_shards}"]
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        cmd = [sys.executable, str(root / "train.py"), *args]
     else:
         cmd = [sys.executable, "-m", "lora_jax.launch", "--processes", str(processes), "--",
                str(root / "train.py"), *args]
@@ -220,6 +164,62 @@ def train_py(args: list[str], workdir, processes: int = 1, data_shards: int = 2,
                                 stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def _launched_children(pid: int) -> dict[int, int]:
+    """{process id (LORA_JAX_PROCESS_ID): pid} of a launcher's children (Linux /proc)."""
+    import pathlib
+
+    out = {}
+    for child in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        environ = pathlib.Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        ids = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"LORA_JAX_PROCESS_ID=")]
+        if ids:
+            out[int(ids[0])] = int(child)
+    return out
+
+
+def run_until_killed(args: list[str], workdir, at: int, processes: int = 1):
+    """Start train.py as `train_py` does and SIGKILL it (with several processes: process 1 of
+    them) as soon as the checkpoint of step `at` or a later one exists.
+
+    Kill early in a run (`at` a few checkpoints before its end): the rest of the run must
+    outlast the 10 ms poll on any machine. Returns (returncode, output, pids still to be
+    stopped: the surviving processes of a launched run)."""
+    import os
+    import pathlib
+    import signal
+    import time
+
+    launcher = train_py(args, workdir, processes=processes, wait=False)
+    ckpts, deadline, survivors = pathlib.Path(workdir) / "checkpoints", time.time() + 600, None
+    while time.time() < deadline and launcher.poll() is None:
+        steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if (
+            ckpts.is_dir()) else []
+        if steps and max(steps) >= at:
+            children = _launched_children(launcher.pid) if processes > 1 else {}
+            victim = children.pop(1) if processes > 1 else launcher.pid
+            os.kill(victim, signal.SIGKILL)
+            survivors = list(children.values())
+            break
+        time.sleep(0.01)
+    assert survivors is not None, "the run ended before it could be killed"
+    output, _ = launcher.communicate(timeout=120)  # no hang: a launcher stops the survivors
+    if processes == 1:
+        assert launcher.returncode == -signal.SIGKILL
+    assert not (pathlib.Path(workdir) / "results.json").exists()
+    return launcher.returncode, output, survivors
+
+
+def assert_kill9_resume_is_exact(args: list[str], finished, workdir, at: int) -> None:
+    """train.py with `args` in one process (two CPU devices) killed with SIGKILL once the
+    checkpoint of step `at` exists, then resumed: the same run as the uninterrupted `finished`
+    workdir of the same arguments (`assert_same_run`: selection, metrics, metrics.jsonl lines
+    without duplicates, trees bit for bit)."""
+    run_until_killed(args, workdir, at)
+    resumed = train_py([*args, "--config.resume=True"], workdir)
+    assert resumed.returncode == 0, failure_excerpt(resumed.stdout + resumed.stderr)
+    assert_same_run(finished, workdir)
 
 
 def failure_excerpt(output: str, limit: int = 4000) -> str:
@@ -264,8 +264,9 @@ def assert_same_run(one, two, atol: float = 0.0) -> None:
 
 def assert_two_processes_equal_one(args: list[str], tmp_path, one_args: Sequence[str] = (),
                                    two_args: Callable[[Any], list[str]] | None = None) -> tuple:
-    """The same run (2 data shards) in one process, then in two (``lora_jax.launch``): the
-    same selection, metrics, logged lines and trained trees, and the same files written.
+    """The same run in one process on two devices, then in two processes (``lora_jax.launch``)
+    with no other setting: the same selection, metrics, logged lines and trained trees, and the
+    same files written.
     one_args: more arguments of the one-process run; two_args(one-process workdir): more
     arguments of the two-process run. Returns the workdirs (one process, two processes)."""
     one, two = tmp_path / "one", tmp_path / "two"
@@ -276,6 +277,7 @@ def assert_two_processes_equal_one(args: list[str], tmp_path, one_args: Sequence
     assert_same_run(one, two)
     a = json.loads((one / "results.json").read_text())
     b = json.loads((two / "results.json").read_text())
-    assert (a["processes"], b["processes"], a["data_shards"], b["data_shards"]) == (1, 2, 2, 2)
+    assert (a["processes"], b["processes"], a["mesh"], b["mesh"]) == (
+        1, 2, {"data": 2, "fsdp": 1}, {"data": 2, "fsdp": 1})
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     return one, two

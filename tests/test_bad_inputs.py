@@ -124,10 +124,6 @@ def _cases(root: pathlib.Path, model: str, data: str) -> dict[str, Case]:
                                         env=two),
         "mesh": Case(train + ["--config.mesh.shape=(2,3)"],
                      "mesh.shape=(2, 3) does not fit the 2 devices", env=two),
-        "data shards": Case(train + ["--config.data_shards=3"],
-                            "is not divisible by data_shards=3"),
-        "data shards negative": Case(train + ["--config.data_shards=-1"],
-                                     "config data_shards=-1 must be >= 0"),
         # the model, the data
         "model path": Case(train + ["--config.model=/no/such/model"], "does not exist"),
         "truncated weights": Case(train + [f"--config.model={truncated}"],

@@ -164,29 +164,37 @@ def test_stopped_early_survives_a_resume(synth_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(synth_dir, tmp_path):
-    """lora_jax.launch --processes 2 and one process with the same two data shards: the same
-    selection, metrics, logged lines, trees and samples files."""
-    one, two = assert_two_processes_equal_one(
-        ["--config", f"{CONFIG}:prompt_lora", f"--config.data_dir={synth_dir}",
-         "--config.task=synth_keyword", "--config.progress=False", "--config.num_epochs=1",
-         "--config.batch_size=32", "--config.selection_size=64",
-         "--config.max_train_examples=128", "--config.max_eval_examples=32",
-         "--config.eval_batch_size=16", "--config.eval_every_steps=2",
-         "--config.optimizer.learning_rate=0.01", "--config.optimizer.warmup_steps=2"], tmp_path)
+def small_run_args(synth_dir) -> list[str]:
+    """A prompt+LoRA run of 8 steps (2 epochs of 4), selections at steps 4 and 8 on 32 rows,
+    checkpoints every 2 steps."""
+    return ["--config", f"{CONFIG}:prompt_lora", f"--config.data_dir={synth_dir}",
+            "--config.task=synth_keyword", "--config.progress=False", "--config.num_epochs=2",
+            "--config.batch_size=32", "--config.selection_size=32",
+            "--config.max_train_examples=128", "--config.max_eval_examples=16",
+            "--config.eval_batch_size=16", "--config.eval_every_steps=4",
+            "--config.checkpoint_every_steps=2", "--config.optimizer.learning_rate=0.01",
+            "--config.optimizer.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def small_runs(synth_dir, tmp_path_factory):
+    """`small_run_args` in one process (two devices) and in two processes, compared."""
+    return assert_two_processes_equal_one(small_run_args(synth_dir),
+                                          tmp_path_factory.mktemp("t5_small"))
+
+
+def test_two_processes_equal_one(small_runs):
+    """lora_jax.launch --processes 2 and one process, no other setting: the same selection,
+    metrics, logged lines and trees (compared in the fixture), and the same samples files."""
+    one, two = small_runs
     assert ((one / "samples_validation.jsonl").read_text()
             == (two / "samples_validation.jsonl").read_text())
-    assert len((two / "samples_validation.jsonl").read_text().splitlines()) == 32
+    assert len((two / "samples_validation.jsonl").read_text().splitlines()) == 16
 
 
-def test_kill_9_then_resume_equals_uninterrupted(synth_dir, tmp_path):
-    assert_kill9_resume_is_exact(
-        ["--config", f"{CONFIG}:prompt_lora", f"--config.data_dir={synth_dir}",
-         "--config.task=synth_keyword", "--config.progress=False", "--config.num_epochs=2",
-         "--config.batch_size=32", "--config.selection_size=100",
-         "--config.max_train_examples=192", "--config.max_eval_examples=16",
-         "--config.checkpoint_every_steps=2", "--config.eval_every_steps=10",
-         "--config.optimizer.learning_rate=0.01", "--config.optimizer.warmup_steps=5"], tmp_path)
+def test_kill_9_then_resume_equals_uninterrupted(synth_dir, small_runs, tmp_path):
+    one, _ = small_runs
+    assert_kill9_resume_is_exact(small_run_args(synth_dir), one, tmp_path / "killed", at=2)
 
 
 DP_SCRIPT = """

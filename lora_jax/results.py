@@ -1,0 +1,144 @@
+"""What every results file records beside its figures: the code, the command, the machine.
+
+    provenance()   # {"git_commit", "command", "machine", "date"}
+
+A result must replay: its ``command`` is what a user types from the project root
+(``python -m lora_jax.sweep ...``, ``python train.py ...``: no interpreter path, and paths inside
+the project or beside it, such as ``../shared``, relative to the project root), and its
+``git_commit`` names the code that ran. `require_clean_tree` lets a command that writes
+committed results refuse a tree with uncommitted changes; where the user allows them anyway,
+`diff_digest` records which changes they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+
+import jax
+
+from lora_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# what a tree may hold beside the commit and still count as clean: results/ holds what earlier
+# commands wrote, not code
+NOT_CODE = (":(exclude)results",)
+# set by `python -m lora_jax.launch` for the processes it starts: the command the user typed
+ENV_COMMAND = "LORA_JAX_COMMAND"
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                          check=True).stdout
+
+
+def uncommitted_changes() -> list[str]:
+    """``git status --porcelain`` lines of the project's code (tracked changes and untracked,
+    not ignored files; results/ excluded)."""
+    return [x for x in _git("status", "--porcelain", "--", ".", *NOT_CODE).splitlines() if x]
+
+
+def diff_digest() -> str:
+    """sha256 (first 16 hex digits) of the uncommitted changes: ``git diff HEAD`` of the code
+    and the contents of its untracked files."""
+    h = hashlib.sha256(_git("diff", "HEAD", "--", ".", *NOT_CODE).encode())
+    for name in sorted(_git("ls-files", "--others", "--exclude-standard", "--", ".",
+                            *NOT_CODE).splitlines()):
+        h.update(name.encode())
+        with open(os.path.join(ROOT, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def git_commit() -> str:
+    """The repository's HEAD commit, with ``+dirty`` when the code differs from it."""
+    try:
+        head = _git("rev-parse", "HEAD").strip()
+        dirty = uncommitted_changes()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return head + ("+dirty" if dirty else "")
+
+
+def require_clean_tree(what: str, allow_dirty: bool) -> dict:
+    """Refuse (a `UserError` naming the first changed files) to write `what` from a tree with
+    uncommitted code changes, unless `allow_dirty`; then the fields to record:
+    ``{"diff_sha256": ...}`` for a dirty tree, ``{}`` for a clean one."""
+    try:
+        changed = uncommitted_changes()
+    except (OSError, subprocess.SubprocessError):
+        return {}  # not a git checkout: git_commit says so
+    if not changed:
+        return {}
+    if not allow_dirty:
+        names = ", ".join(x[3:] for x in changed[:3]) + (", ..." if len(changed) > 3 else "")
+        raise UserError(f"the working tree has uncommitted changes ({names}): commit them before "
+                        f"writing {what}, so that its git_commit replays it, or pass "
+                        "--allow-dirty to record the diff's hash instead")
+    return {"diff_sha256": diff_digest()}
+
+
+def is_committed_results_path(path: str) -> bool:
+    """Whether `path` lies in the project's results/ folder (the results that are committed)."""
+    results = os.path.join(ROOT, "results")
+    return os.path.commonpath([os.path.abspath(path), results]) == results
+
+
+def code_state(out: str, allow_dirty: bool) -> dict:
+    """Before a command writes results to `out` (a path or a path stem): refuse uncommitted code
+    changes when `out` is in results/ (`require_clean_tree`), and return the fields to record
+    beside `git_commit`: the diff's hash whenever the tree is dirty."""
+    if is_committed_results_path(out):
+        return require_clean_tree(os.path.relpath(out, ROOT), allow_dirty)
+    try:
+        return {"diff_sha256": diff_digest()} if uncommitted_changes() else {}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def _relative(arg: str) -> str:
+    """A path in the project or beside it (``../shared``) relative to the project root."""
+    if not os.path.isabs(arg):
+        return arg
+    rel = os.path.relpath(arg, ROOT)
+    return arg if rel.startswith(os.path.join(os.pardir, os.pardir)) else rel
+
+
+def user_argument(arg: str) -> str:
+    """One argument as typed from the project root: absolute paths made relative, also as the
+    value of ``--key=/path``."""
+    key, eq, value = arg.partition("=")
+    return key + eq + _relative(value) if eq else _relative(arg)
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The running command as a user types it from the project root: ``python -m module ...``
+    for a module, ``python train.py ...`` for a script, arguments quoted for the shell; in a
+    process started by the launcher, the launcher's command."""
+    if argv is None and os.environ.get(ENV_COMMAND):
+        return os.environ[ENV_COMMAND]
+    argv = list(sys.argv if argv is None else argv)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    program = ["-m", spec.name] if spec is not None and spec.name != "__main__" else (
+        [user_argument(argv[0])] if argv and argv[0] else [])
+    return shlex.join(["python", *program, *map(user_argument, argv[1:])])
+
+
+def machine_description() -> str:
+    dev = jax.devices()[0]
+    processes = (f", {jax.process_count()} processes" if jax.process_count() > 1 else "")
+    return (f"{platform.machine()} {dev.platform.upper()} ({dev.device_kind}), "
+            f"{jax.device_count()} device(s){processes}, {os.cpu_count()} CPU cores, "
+            f"jax {jax.__version__}")
+
+
+def provenance(command: str | None = None) -> dict:
+    """Fields every results file carries: the code, the exact command (default: this process's,
+    `command_line`) and the machine."""
+    return {"git_commit": git_commit(), "command": command or command_line(),
+            "machine": machine_description(), "date": time.strftime("%Y-%m-%d")}
