@@ -9,7 +9,17 @@ MALLOC_KEEPS_HEAP = keep_heap_memory()
 
 
 from lora_jax.errors import UserError  # noqa: E402
-from lora_jax.lora import LoRASpec, combine, init_lora, merge, split, trainable_mask  # noqa: E402
 
 __all__ = ["UserError", "LoRASpec", "init_lora", "merge", "split", "combine", "trainable_mask"]
 __version__ = "0.1.0"
+_FROM_LORA = {"LoRASpec", "init_lora", "merge", "split", "combine", "trainable_mask"}
+
+
+def __getattr__(name: str):
+    """`lora_jax.LoRASpec` and the other LoRA functions, imported on first use (PEP 562): a
+    command that stops at a bad flag or config value then answers without importing JAX."""
+    if name in _FROM_LORA:
+        from lora_jax import lora
+
+        return getattr(lora, name)
+    raise AttributeError(f"module 'lora_jax' has no attribute {name!r}")

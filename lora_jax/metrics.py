@@ -7,7 +7,6 @@ predictions and targets (N,). Every function returns a python float.
 from __future__ import annotations
 
 import numpy as np
-import scipy.stats
 
 
 def accuracy(pred: np.ndarray, label: np.ndarray) -> float:
@@ -45,11 +44,19 @@ def matthews(pred: np.ndarray, label: np.ndarray) -> float:
     return float((c * s - t @ p) / denom) if denom else 0.0
 
 
+# scipy.stats is imported where it is used: it takes half a second to import, and every
+# command (an error message, a classification run) would pay it otherwise
+
+
 def pearson(pred: np.ndarray, label: np.ndarray) -> float:
+    import scipy.stats
+
     return float(scipy.stats.pearsonr(pred, label)[0]) if np.std(pred) > 0 else 0.0
 
 
 def spearman(pred: np.ndarray, label: np.ndarray) -> float:
+    import scipy.stats
+
     return float(scipy.stats.spearmanr(pred, label)[0]) if np.std(pred) > 0 else 0.0
 
 

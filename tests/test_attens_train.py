@@ -159,13 +159,21 @@ def test_early_stopping_works_for_attens(module_set, tmp_path):
     assert r["stopped_early"] and (r["best_step"], r["last_step"]) == (5, 15)
 
 
-def test_kill_9_then_resume_equals_uninterrupted(module_set, tmp_path):
+@pytest.fixture(scope="module")
+def finished_run(module_set, tmp_path_factory):
+    """`attens_args` run by train.py to the end (one process, two CPU devices)."""
     root, model, data = module_set
-    args = attens_args(root, model, data)
-    finished = train_py(args, tmp_path / "full")
-    assert finished.returncode == 0, failure_excerpt(finished.stdout + finished.stderr)
+    workdir = tmp_path_factory.mktemp("attens_full") / "full"
+    proc = train_py(attens_args(root, model, data), workdir)
+    assert proc.returncode == 0, failure_excerpt(proc.stdout + proc.stderr)
+    return workdir, proc
+
+
+def test_kill_9_then_resume_equals_uninterrupted(module_set, finished_run, tmp_path):
+    root, model, data = module_set
     # at step 8 of 100 (checkpoints every 4): 92 steps and 23 checkpoints still to go
-    assert_kill9_resume_is_exact(args, tmp_path / "full", tmp_path / "killed", at=8)
+    assert_kill9_resume_is_exact(attens_args(root, model, data), finished_run[0],
+                                 tmp_path / "killed", at=8)
 
 
 def test_two_processes_equal_one(module_set, tmp_path):
@@ -205,24 +213,18 @@ def attens_args(root, model, data) -> list[str]:
             "--config.eval_every_steps=10", "--config.progress=False"]
 
 
-def test_train_py_runs_attens(module_set, tmp_path):
+def test_train_py_runs_attens(module_set, finished_run, tmp_path):
     import subprocess
     import sys
 
     root, model, data = module_set
-    args = [sys.executable, str(ROOT / "train.py"), "--config",
-            str(ROOT / "configs" / "attens_minilm_cpu.py"), f"--workdir={tmp_path / 'w'}",
-            f"--config.model={model}", f"--config.data_dir={data}",
-            f"--config.module_dir={root / 'modules'}", "--config.modules=('synth_sentiment',)",
-            "--config.task=synth_topic", f"--config.feature_cache={root / 'cache'}",
-            "--config.num_epochs=1", "--config.max_length=32", "--config.progress=False"]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    workdir, proc = finished_run
     assert "| attens | synth_topic |" in proc.stdout
+    assert json.loads((workdir / "results.json").read_text())["experiment"] == "attens"
     fresh = tmp_path / "bad"
-    bad_args = [a.replace(f"--workdir={tmp_path / 'w'}", f"--workdir={fresh}") for a in args]
-    bad = subprocess.run(bad_args + ["--config.module_dir=/nope"], capture_output=True,
-                         text=True, timeout=300)
+    bad = subprocess.run([sys.executable, str(ROOT / "train.py"), *attens_args(root, model, data),
+                          f"--workdir={fresh}", "--config.module_dir=/nope"],
+                         capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "is not a module set" in bad.stderr, bad.stderr
     assert not fresh.exists() or not any(fresh.iterdir())
 
