@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -26,7 +25,7 @@ import threading
 import time
 
 from lora_jax.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
-from lora_jax.results import ENV_COMMAND, user_argument
+from lora_jax.results import ENV_COMMAND, module_command
 
 GRACE_SECONDS = 10.0
 
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--processes and --devices-per-process must be at least 1")
     if not command:
         parser.error("no command after --")
-    typed = "python -m lora_jax.launch " + shlex.join(map(user_argument, argv))
+    typed = module_command("lora_jax.launch", argv)
     return launch(command, args.processes, args.platform, args.devices_per_process, typed)
 
 

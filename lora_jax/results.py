@@ -5,9 +5,9 @@
 A result must replay: its ``command`` is what a user types from the project root
 (``python -m lora_jax.sweep ...``, ``python train.py ...``: no interpreter path, and paths inside
 the project or beside it, such as ``../shared``, relative to the project root), and its
-``git_commit`` names the code that ran. `require_clean_tree` lets a command that writes
-committed results refuse a tree with uncommitted changes; where the user allows them anyway,
-`diff_digest` records which changes they were.
+``git_commit`` names the code that ran. `code_state` lets a command that writes committed
+results refuse a tree with uncommitted changes; where the user allows them anyway (or writes
+elsewhere), `diff_digest` records which changes they were.
 """
 
 from __future__ import annotations
@@ -65,24 +65,6 @@ def git_commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def require_clean_tree(what: str, allow_dirty: bool) -> dict:
-    """Refuse (a `UserError` naming the first changed files) to write `what` from a tree with
-    uncommitted code changes, unless `allow_dirty`; then the fields to record:
-    ``{"diff_sha256": ...}`` for a dirty tree, ``{}`` for a clean one."""
-    try:
-        changed = uncommitted_changes()
-    except (OSError, subprocess.SubprocessError):
-        return {}  # not a git checkout: git_commit says so
-    if not changed:
-        return {}
-    if not allow_dirty:
-        names = ", ".join(x[3:] for x in changed[:3]) + (", ..." if len(changed) > 3 else "")
-        raise UserError(f"the working tree has uncommitted changes ({names}): commit them before "
-                        f"writing {what}, so that its git_commit replays it, or pass "
-                        "--allow-dirty to record the diff's hash instead")
-    return {"diff_sha256": diff_digest()}
-
-
 def is_committed_results_path(path: str) -> bool:
     """Whether `path` lies in the project's results/ folder (the results that are committed)."""
     results = os.path.join(ROOT, "results")
@@ -90,15 +72,22 @@ def is_committed_results_path(path: str) -> bool:
 
 
 def code_state(out: str, allow_dirty: bool) -> dict:
-    """Before a command writes results to `out` (a path or a path stem): refuse uncommitted code
-    changes when `out` is in results/ (`require_clean_tree`), and return the fields to record
-    beside `git_commit`: the diff's hash whenever the tree is dirty."""
-    if is_committed_results_path(out):
-        return require_clean_tree(os.path.relpath(out, ROOT), allow_dirty)
+    """Before a command writes results to `out` (a path or a path stem): the fields to record
+    beside `git_commit` (``{"diff_sha256": ...}`` for a dirty tree, ``{}`` for a clean one or
+    outside a git checkout). Uncommitted code changes are refused (a `UserError` naming the
+    first changed files) when `out` is in results/, unless `allow_dirty`."""
     try:
-        return {"diff_sha256": diff_digest()} if uncommitted_changes() else {}
+        changed = uncommitted_changes()
     except (OSError, subprocess.SubprocessError):
+        return {}  # not a git checkout: git_commit says so
+    if not changed:
         return {}
+    if is_committed_results_path(out) and not allow_dirty:
+        names = ", ".join(x[3:] for x in changed[:3]) + (", ..." if len(changed) > 3 else "")
+        raise UserError(f"the working tree has uncommitted changes ({names}): commit them before "
+                        f"writing {os.path.relpath(out, ROOT)}, so that its git_commit replays "
+                        "it, or pass --allow-dirty to record the diff's hash instead")
+    return {"diff_sha256": diff_digest()}
 
 
 def _relative(arg: str) -> str:
@@ -114,6 +103,12 @@ def user_argument(arg: str) -> str:
     value of ``--key=/path``."""
     key, eq, value = arg.partition("=")
     return key + eq + _relative(value) if eq else _relative(arg)
+
+
+def module_command(module: str, args) -> str:
+    """``python -m module args...`` as a user types it from the project root (`user_argument`),
+    quoted for the shell: for a command whose arguments arrive as a list, not in sys.argv."""
+    return shlex.join(["python", "-m", module, *map(user_argument, args)])
 
 
 def command_line(argv: list[str] | None = None) -> str:

@@ -17,7 +17,6 @@ import importlib
 import json
 import logging
 import os
-import shlex
 import sys
 
 import ml_collections
@@ -27,7 +26,7 @@ from lora_jax.config_check import validate_config
 from lora_jax.errors import UserError
 from lora_jax.experiments import load_config, log_packages_at_info, run, runner
 from lora_jax.report import STD_LABEL, score_table
-from lora_jax.results import code_state, provenance, user_argument
+from lora_jax.results import ROOT, code_state, module_command, provenance
 from lora_jax.writers import write_json_atomic
 
 
@@ -122,22 +121,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     log_packages_at_info()
-    typed = argv if argv is not None else sys.argv[1:]
-    command = "python -m lora_jax.sweep " + shlex.join(map(user_argument, typed))
+    command = module_command("lora_jax.sweep", argv if argv is not None else sys.argv[1:])
     return run_main(lambda: run_sweep(args, command))
 
 
 def cell_command(args, experiment: str, task: str, seed: int) -> str:
     """The command that runs (or collects) exactly one cell of the sweep, as typed from the
     project root."""
-    parts = ["--config", args.config, "--workdir", args.workdir, "--out", args.out, "--only",
-             task, "--rows", experiment, "--seeds", str(seed)]
-    flags = ["--allow-dirty"] if args.allow_dirty else []
-    return "python -m lora_jax.sweep " + shlex.join([*map(user_argument, parts), *flags])
+    return module_command("lora_jax.sweep", [
+        "--config", args.config, "--workdir", args.workdir, "--out", args.out, "--only", task,
+        "--rows", experiment, "--seeds", str(seed), *(["--allow-dirty"] if args.allow_dirty
+                                                      else [])])
 
 
 def run_sweep(args, command: str) -> int:
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = code_state(args.out + ".json", args.allow_dirty)  # before hours of cells
     _, sweep = load_config(args.config)
     tasks = selected(args.only, sweep.tasks, "task(s)")
@@ -148,7 +145,7 @@ def run_sweep(args, command: str) -> int:
              if seed in row_seeds.get(exp, sweep.seeds)]
     if not args.collect:  # every cell's config is checked before the first one runs
         for seed, task, exp in cells:
-            config = cell_config(sweep, exp, task, seed, repo)
+            config = cell_config(sweep, exp, task, seed, ROOT)
             runner(config.experiment)  # imports it, so its own config rules are registered
             validate_config(config)
     results = []
@@ -162,7 +159,7 @@ def run_sweep(args, command: str) -> int:
         if args.collect:
             continue
         logging.getLogger("lora_jax").info("sweep: %s %s seed %d", exp, task, seed)
-        config = cell_config(sweep, exp, task, seed, repo)
+        config = cell_config(sweep, exp, task, seed, ROOT)
         ckpts = os.path.join(workdir, "checkpoints")
         config.resume = os.path.isdir(ckpts) and bool(os.listdir(ckpts))
         result = run(config, workdir)

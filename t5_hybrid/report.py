@@ -12,14 +12,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shlex
 import sys
 from collections.abc import Sequence
 
 from lora_jax.cli import ArgumentParser, fail
 from lora_jax.errors import UserError
 from lora_jax.report import mean_std
-from lora_jax.results import code_state, provenance, user_argument
+from lora_jax.results import code_state, module_command, provenance
 
 ROW_NAMES = {"base": "Base Model", "prompt_only": "Prompt Tuning Only",
              "lora_only": "LoRA Only", "prompt_lora": "Prompt Tuning + LoRA",
@@ -124,8 +123,7 @@ def main(argv=None) -> int:
     results = [r for r in results if r.get("experiment") == "t5_hybrid"]
     if not results:
         fail(f"no t5_hybrid results.json under {args.runs}")
-    typed = argv if argv is not None else sys.argv[1:]
-    command = "python -m t5_hybrid.report " + shlex.join(map(user_argument, typed))
+    command = module_command("t5_hybrid.report", argv if argv is not None else sys.argv[1:])
     try:
         code = code_state(args.out + ".json", args.allow_dirty)
     except UserError as e:
