@@ -59,11 +59,11 @@ def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}; options look like --config.task=rte")
     logging.getLogger().setLevel(logging.WARNING)  # Orbax and JAX log every step at INFO
+    from lora_jax.checkpoint import check_workdir
     from lora_jax.config_check import validate_config
     from lora_jax.distributed import initialize, is_main_process
     from lora_jax.experiments import log_packages_at_info, run
     from lora_jax.report import print_results
-    from lora_jax.trainer import check_workdir
 
     log_packages_at_info()
 

@@ -49,7 +49,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import alternating_rounds, comparison, emit, environment, require_positive
+from benchmarks.common import alternating_rounds, comparison, emit_measured, require_positive
 from benchmarks.roofline import best_gemm_rate, encoder_forward_flops, gemm_fields, gemm_rates
 from lora_jax.cli import ArgumentParser, fail
 
@@ -118,8 +118,7 @@ def measure_features(model_dir: str, adapter_dirs: list[str], config, batch: int
     import jax.numpy as jnp
     import torch
 
-    from ensemble.features import aggregate_tokens
-    from ensemble.train import build_feature_extractor
+    from ensemble.features import aggregate_tokens, build_feature_extractor
     from lora_jax.models import Encoder
 
     fx = build_feature_extractor(config)
@@ -270,10 +269,11 @@ def initial_combiner(config, k: int, d: int) -> dict:
     seed and batch shapes)."""
     import jax.numpy as jnp
 
-    from ensemble.train import build_combiner, init_combiner
+    from ensemble.combiner import build_combiner
+    from ensemble.train import init_combiner
     from lora_jax.tasks import get_task
 
-    combiner = build_combiner(config, get_task(TASK), d)
+    combiner = build_combiner(config, get_task(TASK).num_labels, d)
     return init_combiner(combiner, config.seed, jnp.zeros((BATCH, k, d)), jnp.zeros((BATCH, d)))
 
 
@@ -282,13 +282,13 @@ def check_same_combiner(config, variables, torch_model, k: int, d: int) -> float
     inputs: the weight copy and the two definitions agree."""
     import torch
 
-    from ensemble.train import build_combiner
+    from ensemble.combiner import build_combiner
     from lora_jax.tasks import get_task
 
     rng = np.random.default_rng(1)
     modules = rng.standard_normal((8, k, d)).astype(np.float32)
     base = rng.standard_normal((8, d)).astype(np.float32)
-    ours = build_combiner(config, get_task(TASK), d).apply(variables, modules, base)
+    ours = build_combiner(config, get_task(TASK).num_labels, d).apply(variables, modules, base)
     torch_model.eval()
     with torch.no_grad():
         theirs = torch_model(torch.tensor(modules), torch.tensor(base)).numpy()
@@ -412,7 +412,7 @@ def check_same_features(config, model_dir: str, adapter_dirs: list[str], texts: 
     """Our stacked features and the PyTorch side's of the same rows agree (max |difference|)."""
     import transformers
 
-    from ensemble.train import build_feature_extractor
+    from ensemble.features import build_feature_extractor
     from lora_jax import data as data_lib
     from lora_jax.data import Examples
 
@@ -537,8 +537,8 @@ def main() -> int:
     features, end_to_end = measure(a.model, a.k, a.train, a.validation, a.epochs, a.max_length,
                                    a.feature_batch, a.feature_length, a.rounds,
                                    combiner_dropout=a.combiner_dropout)
-    emit({"benchmarks": {"attens_features": features, "attens_end_to_end": end_to_end},
-          **environment()}, a.out)
+    emit_measured({"benchmarks": {"attens_features": features, "attens_end_to_end": end_to_end}},
+                  a.out)
     return 0
 
 

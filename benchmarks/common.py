@@ -68,6 +68,11 @@ def emit(result: dict, path: str) -> None:
             f.write("\n")
 
 
+def emit_measured(result: dict, path: str) -> None:
+    """`emit` a single benchmark script's `result` with the `environment` it was measured in."""
+    emit({**result, **environment()}, path)
+
+
 def alternating_rounds(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
     """Wall seconds of each warmed-up callable, `rounds` times; the callables take turns
     within every round, so each side sees the same machine load."""
@@ -147,6 +152,27 @@ def torch_step_runner(one_step: Callable[[], None]) -> Callable[[int], None]:
 
     run(3)
     return run
+
+
+def train_step_comparison(what: str, jax_run: Callable[[int], None],
+                          torch_run: Callable[[int], None], *, batch: int, steps: int,
+                          rounds: int, dtype: str, step_flops: float,
+                          gemm_size: int = 2048) -> tuple[dict, dict]:
+    """JAX against PyTorch + PEFT train steps (`jax_step_runner` / `torch_step_runner`):
+    `rounds` alternating rounds of `steps` steps each, between two roofline GEMM measurements
+    (square matmuls of side `gemm_size`). Returns the comparison row (examples/s, `step_flops`
+    per step against the GEMM rate) and the GEMM fields of the record."""
+    from benchmarks.roofline import best_gemm_rate, gemm_fields, gemm_rates
+
+    gemm = [gemm_rates(dtype, gemm_size)]
+    seconds = alternating_rounds({"jax": lambda: jax_run(steps),
+                                  "torch": lambda: torch_run(steps)}, rounds)
+    gemm.append(gemm_rates(dtype, gemm_size))
+    row = comparison(what, "examples/s", batch * steps, seconds["jax"], seconds["torch"],
+                     ours_label=f"JAX {dtype}",
+                     peer_label="PyTorch + PEFT" + (" + AMP" if dtype == "bfloat16" else ""),
+                     flops=step_flops * steps, gemm_flops_per_s=best_gemm_rate(gemm))
+    return row, gemm_fields(gemm)
 
 
 def require_positive(args, *names: str) -> None:

@@ -39,7 +39,7 @@ from benchmarks import attens, t5_generate, t5_train, train_throughput
 from benchmarks.common import emit, environment, machine_slug
 from lora_jax.cli import ArgumentParser, fail
 from lora_jax.errors import UserError
-from lora_jax.results import code_state
+from lora_jax.results import add_allow_dirty, code_state
 
 # train (steps per round, rounds, shapes); t5 train (batch, source, target, steps);
 # t5 generation (batch, source, new, rounds): a round is one call per side (0.25-2 s on 2 cores)
@@ -155,9 +155,7 @@ def main() -> int:
     scale.add_argument("--smoke", action="store_true", help="tiny shapes, to test the command")
     p.add_argument("--out-dir", default="results", help="folder for the JSON and markdown "
                    "(created if missing)")
-    p.add_argument("--allow-dirty", action="store_true",
-                   help="write into results/ from a tree with uncommitted code changes (the "
-                        "diff's sha256 is recorded beside git_commit)")
+    add_allow_dirty(p)
     a = p.parse_args()
     if a.model != "random-bert-base" and not os.path.isdir(a.model):
         fail(f"model folder {a.model!r} does not exist; pass --model (or random-bert-base)")

@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from benchmarks.common import alternating_rounds, comparison, emit, environment, require_positive
+from benchmarks.common import alternating_rounds, comparison, emit_measured, require_positive
 from benchmarks.roofline import (
     best_gemm_rate,
     best_memory_rate,
@@ -71,7 +71,7 @@ def measure(batch: int, source: int, new: int, rounds: int, beams: int = 4,
     import jax.numpy as jnp
     import torch
 
-    from lora_jax.trainer import DTYPES
+    from lora_jax.lora import DTYPES
     from t5_hybrid.generate import make_generate
 
     gemm, memory = [gemm_rates(dtype, gemm_size)], [memory_rates()]
@@ -140,8 +140,7 @@ def main() -> int:
     require_positive(a, "batch", "source", "new", "rounds")
     if a.beams < 2:
         fail(f"--beams must be >= 2 (1 is the greedy comparison), got {a.beams}")
-    emit({**measure(a.batch, a.source, a.new, a.rounds, a.beams, a.dtype), **environment()},
-         a.out)
+    emit_measured(measure(a.batch, a.source, a.new, a.rounds, a.beams, a.dtype), a.out)
     return 0
 
 

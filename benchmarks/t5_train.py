@@ -20,15 +20,13 @@ import sys
 import numpy as np
 
 from benchmarks.common import (
-    alternating_rounds,
-    comparison,
-    emit,
-    environment,
+    emit_measured,
     jax_step_runner,
     require_positive,
     torch_step_runner,
+    train_step_comparison,
 )
-from benchmarks.roofline import best_gemm_rate, gemm_fields, gemm_rates, t5_train_step_flops
+from benchmarks.roofline import t5_train_step_flops
 from benchmarks.t5_generate import random_t5
 from lora_jax.cli import ArgumentParser
 
@@ -45,7 +43,8 @@ def make_runners(batch: int, source: int, target: int, dtype: str = "float32"):
     import torch
 
     from lora_jax import lora as lora_lib
-    from lora_jax.trainer import DTYPES, make_train_step
+    from lora_jax.lora import DTYPES
+    from lora_jax.trainer import make_train_step
     from t5_hybrid import adapters
     from t5_hybrid.train import make_loss_fn
 
@@ -97,22 +96,17 @@ def measure(batch: int, source: int, target: int, steps: int, rounds: int,
             dtype: str = "float32", gemm_size: int = 2048) -> dict:
     """The benchmark's figures (see the module docstring) as a dict with one comparison;
     `gemm_size` is the side of the roofline's square matmul."""
-    gemm = [gemm_rates(dtype, gemm_size)]
     jax_run, torch_run, cfg = make_runners(batch, source, target, dtype)
-    seconds = alternating_rounds({"jax": lambda: jax_run(steps),
-                                  "torch": lambda: torch_run(steps)}, rounds)
-    gemm.append(gemm_rates(dtype, gemm_size))
     flops = t5_train_step_flops(batch, PROMPT_TOKENS + source, target, cfg.d_model,
                                 cfg.num_heads * cfg.d_kv, cfg.d_ff, cfg.num_layers,
                                 cfg.num_decoder_layers, cfg.vocab_size, RANK)
-    row = comparison(f"T5 prompt + LoRA train step, batch {batch}, {PROMPT_TOKENS} + {source} "
-                     f"-> {target} tokens", "examples/s", batch * steps, seconds["jax"],
-                     seconds["torch"], ours_label=f"JAX {dtype}",
-                     peer_label="PyTorch + PEFT" + (" + AMP" if dtype == "bfloat16" else ""),
-                     flops=flops * steps, gemm_flops_per_s=best_gemm_rate(gemm))
+    row, gemm = train_step_comparison(
+        f"T5 prompt + LoRA train step, batch {batch}, {PROMPT_TOKENS} + {source} -> {target} "
+        "tokens", jax_run, torch_run, batch=batch, steps=steps, rounds=rounds, dtype=dtype,
+        step_flops=flops, gemm_size=gemm_size)
     return {"benchmark": "t5_train_step", "batch": batch, "source_tokens": source,
             "target_tokens": target, "prompt_tokens": PROMPT_TOKENS, "steps": steps,
-            "rounds": rounds, "dtype": dtype, "comparisons": [row], **gemm_fields(gemm)}
+            "rounds": rounds, "dtype": dtype, "comparisons": [row], **gemm}
 
 
 def main() -> int:
@@ -126,8 +120,7 @@ def main() -> int:
     p.add_argument("--out", default="")
     a = p.parse_args()
     require_positive(a, "batch", "source", "target", "steps", "rounds")
-    emit({**measure(a.batch, a.source, a.target, a.steps, a.rounds, a.dtype), **environment()},
-         a.out)
+    emit_measured(measure(a.batch, a.source, a.target, a.steps, a.rounds, a.dtype), a.out)
     return 0
 
 

@@ -18,15 +18,13 @@ import sys
 import numpy as np
 
 from benchmarks.common import (
-    alternating_rounds,
-    comparison,
-    emit,
-    environment,
+    emit_measured,
     jax_step_runner,
     require_positive,
     torch_step_runner,
+    train_step_comparison,
 )
-from benchmarks.roofline import best_gemm_rate, gemm_fields, gemm_rates, lora_encoder_step_flops
+from benchmarks.roofline import lora_encoder_step_flops
 from lora_jax.cli import ArgumentParser, fail
 
 RANK, ADAPTED = 4, ("query", "key", "value")
@@ -40,13 +38,14 @@ def make_jax_runner(model_dir: str, batch: int, length: int, dtype: str):
 
     from lora_jax import lora
     from lora_jax.classifier import make_loss_fn
+    from lora_jax.lora import DTYPES
     from lora_jax.models import SequenceClassifier
     from lora_jax.models.hf_import import load_pretrained
     from lora_jax.trainer import make_train_step
 
     _, cfg, encoder, _, _ = load_pretrained(model_dir)
     model = SequenceClassifier(cfg, 2, pooling="cls", lora_dropout=0.1,
-                               dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
+                               dtype=DTYPES[dtype])
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(1000, cfg.vocab_size, (batch, length)), jnp.int32)
     ones = jnp.ones_like(ids)
@@ -102,21 +101,15 @@ def measure(model: str, batch: int, length: int, steps: int, rounds: int,
             dtype: str = "float32", gemm_size: int = 2048) -> dict:
     """The benchmark's figures (see the module docstring) as a dict with one comparison;
     `gemm_size` is the side of the roofline's square matmul."""
-    gemm = [gemm_rates(dtype, gemm_size)]
     jax_run, cfg = make_jax_runner(model, batch, length, dtype)
     torch_run = make_torch_runner(model, batch, length, dtype)
-    seconds = alternating_rounds({"jax": lambda: jax_run(steps),
-                                  "torch": lambda: torch_run(steps)}, rounds)
-    gemm.append(gemm_rates(dtype, gemm_size))
     flops = lora_encoder_step_flops(batch, length, cfg.hidden_size, cfg.intermediate_size,
                                     cfg.num_layers, RANK, len(ADAPTED))
-    row = comparison(f"LoRA train step, batch {batch}, length {length}", "examples/s",
-                     batch * steps, seconds["jax"], seconds["torch"], ours_label=f"JAX {dtype}",
-                     peer_label="PyTorch + PEFT" + (" + AMP" if dtype == "bfloat16" else ""),
-                     flops=flops * steps, gemm_flops_per_s=best_gemm_rate(gemm))
+    row, gemm = train_step_comparison(
+        f"LoRA train step, batch {batch}, length {length}", jax_run, torch_run, batch=batch,
+        steps=steps, rounds=rounds, dtype=dtype, step_flops=flops, gemm_size=gemm_size)
     return {"benchmark": "lora_train_step", "model": model, "batch": batch, "length": length,
-            "steps": steps, "rounds": rounds, "dtype": dtype, "comparisons": [row],
-            **gemm_fields(gemm)}
+            "steps": steps, "rounds": rounds, "dtype": dtype, "comparisons": [row], **gemm}
 
 
 def main() -> int:
@@ -132,8 +125,7 @@ def main() -> int:
     if not os.path.isdir(a.model):
         fail(f"model folder {a.model!r} does not exist; pass --model")
     require_positive(a, "batch", "length", "steps", "rounds")
-    emit({**measure(a.model, a.batch, a.length, a.steps, a.rounds, a.dtype), **environment()},
-         a.out)
+    emit_measured(measure(a.model, a.batch, a.length, a.steps, a.rounds, a.dtype), a.out)
     return 0
 
 

@@ -1,20 +1,14 @@
-"""AttEns on BERT-base at paper scale (GLUE from the Hugging Face hub; needs internet or a cache).
+"""AttEns on BERT-base at paper scale: ``configs/attens_paper.py:bert`` (see there), under the
+name the design card gives. Modules first (``python -m ensemble.train_modules --sweep
+configs/glue_paper.py:bert --workdir runs/glue_bert --tasks sst2,cola,mnli,qnli,rte,wnli,mrpc,qqp
+--out runs/modules/bert``), then:
 
-Modules: one FT_LoRA per GLUE task (the authors' settings: r=4, alpha=32, dropout 0.1 on
-query/key/value, AdamW 2e-5, wd 0.01, batch 16, 5 epochs):
-
-    python -m ensemble.train_modules --sweep configs/glue_paper.py:bert \
-      --workdir runs/glue_bert \
-      --tasks sst2,cola,mnli,qnli,rte,wnli,mrpc,qqp --out runs/modules/bert
-
-Combiner on a target task (a module task, or unseen: imdb, ag_news, trec, stsb):
-
-    python train.py --config configs/attens_bert.py \
-      --workdir runs/attens_bert/rte --config.task=rte
+    python train.py --config configs/attens_bert.py --workdir runs/attens_bert/rte \
+      --config.task=rte
 """
 
-from configs.attens_common import attens_config
+from configs.attens_paper import get_config as paper_config
 
 
 def get_config():
-    return attens_config("bert-base-uncased", "runs/modules/bert")
+    return paper_config("bert")

@@ -17,6 +17,8 @@ sample of train; IMDB 5,000 train and 5,000 test reviews at 128 tokens (CPU budg
 
 import ml_collections
 
+from configs.common import minilm_cpu_sweep
+
 MODULES = ("sst2", "cola", "mrpc", "rte", "stsb", "wnli")
 ATTENS = "configs/attens_minilm_cpu.py"
 
@@ -31,26 +33,17 @@ def get_config():
     c.seeds = (0, 1, 2)
     c.row_seeds = ml_collections.ConfigDict(
         {"zero_shot": (0,), "ffn": (0,), "attens_k2": (0,), "attens_k4": (0,)})
-    c.common = ml_collections.ConfigDict({
-        "model": "../shared/models/paraphrase-MiniLM-L3-v2",
-        "data_dir": "../shared/data",
-        "batch_size": 32,
-        "max_length": 128,
-        "num_epochs": 5,
-        "progress": False,
-        "checkpoint_every_steps": 5000,
-    })
+    shared = minilm_cpu_sweep()  # configs/common.py
+    c.common = ml_collections.ConfigDict(shared["common"])
+    tasks = shared["task_overrides"]
     c.task_overrides = ml_collections.ConfigDict({
-        "sst2": {"num_epochs": 2, "max_length": 64, "selection_size": 1000,
-                 "max_train_examples": 20000},
-        "cola": {"max_length": 64},
+        **tasks, "sst2": {**tasks["sst2"], "max_train_examples": 20000},
         "trec": {"max_length": 64},
         "imdb": {"num_epochs": 3, "max_train_examples": 5000, "max_eval_examples": 5000},
     })
     attens = {"num_epochs": 20, "optimizer": {"learning_rate": 1e-3}}
     c.experiment_overrides = ml_collections.ConfigDict({
-        "ft_lora": {"optimizer": {"learning_rate": 5e-4}},
-        "ffn": {"optimizer": {"learning_rate": 2e-3}},
+        **shared["experiment_overrides"],
         "attens": attens,
         "attens_k2": {**attens, "k": 2},
         "attens_k4": {**attens, "k": 4},

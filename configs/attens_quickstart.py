@@ -6,19 +6,14 @@
 """
 
 from configs.attens_common import attens_config
-from configs.quickstart import ASSETS
+from configs.quickstart import ASSETS, on_synthetic_data
 
 MODULES = ("synth_sentiment", "synth_topic", "synth_negation")
 
 
 def get_config():
-    c = attens_config(f"{ASSETS}/tiny-bert", "runs/quickstart/modules", MODULES)
-    c.data_dir = f"{ASSETS}/data"
-    c.task = "synth_sentiment"
-    c.max_length = 32
-    c.buckets = (16, 32)
-    c.selection_size = 200
+    c = on_synthetic_data(attens_config(f"{ASSETS}/tiny-bert", "runs/quickstart/modules",
+                                        MODULES))
     c.num_epochs = 10
     c.feature_cache = "runs/quickstart/feature_cache"
-    c.log_every_steps = 20
     return c

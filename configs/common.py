@@ -65,3 +65,32 @@ def custom_task() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         {"name": "", "text_keys": ("text",), "label_key": "label", "num_labels": 2,
          "metrics": ()})
+
+
+# ----------------------------------------------------------------------------- CPU-scale sweeps
+
+
+def minilm_cpu_sweep() -> dict:
+    """What the CPU-scale sweeps on the offline data share (`glue_cpu.py`, `attens_cpu_sweep.py`):
+    the overrides of every run (`common`), of the baselines (`experiment_overrides`) and of the
+    short-text tasks (`task_overrides`; SST-2 is large and short: 2 epochs at 64 tokens on a
+    1000-row selection slice). Each sweep copies what it needs and adds its own keys."""
+    return {
+        "common": {
+            "model": "../shared/models/paraphrase-MiniLM-L3-v2",
+            "data_dir": "../shared/data",
+            "batch_size": 32,
+            "max_length": 128,
+            "num_epochs": 5,
+            "progress": False,
+            "checkpoint_every_steps": 5000,
+        },
+        "experiment_overrides": {
+            "ft_lora": {"optimizer": {"learning_rate": 5e-4}},
+            "ffn": {"optimizer": {"learning_rate": 2e-3}},
+        },
+        "task_overrides": {
+            "sst2": {"num_epochs": 2, "max_length": 64, "selection_size": 1000},
+            "cola": {"max_length": 64},
+        },
+    }

@@ -12,6 +12,8 @@ Selection on a held-out 10% of train (1000 rows for SST-2); validation is report
 
 import ml_collections
 
+from configs.common import minilm_cpu_sweep
+
 
 def get_config():
     c = ml_collections.ConfigDict()
@@ -19,29 +21,15 @@ def get_config():
     c.experiments = ("zero_shot", "ffn", "ft_lora")  # rows: Model, FFN, FT_LoRA
     c.tasks = ("sst2", "cola", "mrpc", "rte", "stsb")
     c.seeds = (0,)
+    shared = minilm_cpu_sweep()  # configs/common.py
     # Overrides applied to every run (on top of configs/<experiment>.py).
-    c.common = ml_collections.ConfigDict({
-        "model": "../shared/models/paraphrase-MiniLM-L3-v2",
-        "data_dir": "../shared/data",
-        "batch_size": 32,
-        "max_length": 128,
-        "num_epochs": 5,
-        "progress": False,
-        "checkpoint_every_steps": 5000,
-    })
+    c.common = ml_collections.ConfigDict(shared["common"])
     # Per-experiment overrides.
-    c.experiment_overrides = ml_collections.ConfigDict({
-        "ft_lora": {"optimizer": {"learning_rate": 5e-4}},
-        "ffn": {"optimizer": {"learning_rate": 2e-3}},
-        "zero_shot": {},
-    })
-    # Per-task overrides (SST-2 is large and short: 2 epochs at 64 tokens).
+    c.experiment_overrides = ml_collections.ConfigDict(
+        {**shared["experiment_overrides"], "zero_shot": {}})
+    # Per-task overrides.
+    tasks = shared["task_overrides"]
     c.task_overrides = ml_collections.ConfigDict({
-        "sst2": {"num_epochs": 2, "max_length": 64, "selection_size": 1000,
-                 "eval_every_steps": 1000},
-        "cola": {"max_length": 64},
-        "mrpc": {},
-        "rte": {},
-        "stsb": {},
-    })
+        **tasks, "sst2": {**tasks["sst2"], "eval_every_steps": 1000},
+        "mrpc": {}, "rte": {}, "stsb": {}})
     return c

@@ -15,18 +15,24 @@ from configs import default
 ASSETS = "runs/quickstart/assets"
 
 
-def get_config():
-    c = default.get_config()
-    c.experiment = "ft_lora"
-    c.model = f"{ASSETS}/tiny-bert"
+def on_synthetic_data(c):
+    """The quickstart's data settings on config `c` (also AttEns's, configs/attens_quickstart.py):
+    the synthetic tasks under ASSETS, 32 tokens, a 200-row selection slice."""
     c.data_dir = f"{ASSETS}/data"
     c.task = "synth_sentiment"
     c.max_length = 32
     c.buckets = (16, 32)
+    c.selection_size = 200
+    c.log_every_steps = 20
+    return c
+
+
+def get_config():
+    c = on_synthetic_data(default.get_config())
+    c.experiment = "ft_lora"
+    c.model = f"{ASSETS}/tiny-bert"
     c.batch_size = 32
     c.num_epochs = 6
-    c.selection_size = 200
     c.optimizer.learning_rate = 3e-3
-    c.log_every_steps = 20
     c.checkpoint_every_steps = 200
     return c

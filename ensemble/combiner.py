@@ -123,3 +123,13 @@ class MultiHeadSelfAttention(nn.Module):
         dropped = Dropout(self.dropout)(weights, deterministic=deterministic)
         out = jnp.einsum("nhqk,nkhd->nqhd", dropped, v).reshape(n, length, d)
         return nn.Dense(d, name="out_proj")(out), weights
+
+
+def build_combiner(config, num_classes: int, hidden: int) -> AttEnsCombiner:
+    """The combiner of ``config.combiner`` and ``config.quirks`` for `num_classes` outputs over
+    base features of width `hidden`."""
+    c, q = config.combiner, config.quirks
+    return AttEnsCombiner(num_classes=num_classes, num_heads=c.num_heads, agg2=c.agg2,
+                          lift_dim=hidden if c.output == "logits" else None, dropout=c.dropout,
+                          attend_across_batch=q.attend_across_batch,
+                          shared_layernorm=q.shared_layernorm)

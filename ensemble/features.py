@@ -15,26 +15,36 @@ Because everything here is frozen, each example's features are computed once (ev
 cached on disk (`FeatureStore`), keyed by the model's and the adapters' bytes, the tokenizer,
 the settings and the example's text; seeds, k, held-out slices and overlapping samples reuse
 them.
+
+`build_feature_extractor(config)` loads a config's module set and base encoder into a
+`FeatureExtractor` (what training and prediction both run); a split's features are a
+`FeatureSplit`, whose batches `map_combiner` feeds to a combiner.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ensemble.combiner import AGGREGATIONS
+from ensemble.modules import ModuleSet, load_module_set
 from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
-from lora_jax.distributed import BatchShare, barrier, is_main_process, map_encoded
+from lora_jax.distributed import BatchShare, barrier, is_main_process, map_batches, map_encoded
+from lora_jax.errors import UserError
 from lora_jax.models import Encoder
-from lora_jax.models.encoder import pool
+from lora_jax.models.encoder import POOLINGS, pool
+from lora_jax.models.hf_import import load_pretrained, place_pretrained
 
 AGG1 = ("mean", "max", "min", "sum")
 OUTPUTS = ("hidden", "logits")
@@ -267,3 +277,151 @@ def cached_features(cache_dir: str, settings: dict, texts, compute: Callable):
         same = first[inverse.reshape(-1)][repeats]
         modules[repeats], base[repeats] = modules[same], base[same]
     return modules, base, time.perf_counter() - t0 if len(missing) else 0.0, len(missing)
+
+
+# ----------------------------------------------------------------------------- the extractor
+
+
+def check_feature_config(config) -> None:
+    """The combiner keys a config may spell wrong, named in the error."""
+    c = config.combiner
+    if c.agg1 not in AGG1:
+        raise UserError(f"combiner.agg1 {c.agg1!r} is unknown; use one of {', '.join(AGG1)}")
+    if c.agg2 not in AGGREGATIONS:
+        raise UserError(f"combiner.agg2 {c.agg2!r} is unknown; use one of "
+                        f"{', '.join(AGGREGATIONS)}")
+    if c.output not in OUTPUTS:
+        raise UserError(f"combiner.output {c.output!r} is unknown; use hidden or logits")
+    if c.base_pooling not in POOLINGS:
+        raise UserError(f"combiner.base_pooling {c.base_pooling!r} is unknown; use one of "
+                        f"{', '.join(POOLINGS)}")
+
+
+def feature_settings(config, model_params, tokenizer, stacked, heads, modules: list[str],
+                     max_len: int, pad_to: tuple[int, ...]) -> dict:
+    """The feature-cache key: everything a row's features depend on. The model and adapters by
+    content (sha256 of their arrays), the tokenizer by its serialised state, and the padded
+    lengths (``count_padding`` features depend on them)."""
+    c = config.combiner
+    return {"model": fingerprint(model_params), "tokenizer": data_lib.tokenizer_fingerprint(
+                tokenizer), "adapters": fingerprint((stacked, heads)), "modules": modules,
+            "output": c.output, "agg1": c.agg1, "base_pooling": c.base_pooling,
+            "count_padding": config.quirks.count_padding, "max_length": max_len,
+            "padded_lengths": list(pad_to), "dtype": config.dtype}
+
+
+@dataclasses.dataclass
+class FeatureExtractor:
+    """The frozen side of AttEns: the base encoder with the first k modules stacked (plus the
+    all-zero base slot), and how its rows are tokenized and padded."""
+
+    module_set: ModuleSet
+    k: int
+    model: str
+    tokenizer: Any
+    base_params: dict
+    stacked: dict  # every module's adapters (k_all + 1 on the leading axis)
+    heads: tuple  # (kernels (k_all, d, Cmax), biases (k_all, Cmax))
+    feature_fn: Any
+    max_length: int
+    pad_to: tuple[int, ...]  # padded lengths of feature batches
+    pad_id: int
+    hidden_size: int  # d of the base features
+
+    def features(self, enc: data_lib.Encoded, batch_size: int, put=lambda b: b,
+                 desc: str = "features", progress: bool = False, rows=None,
+                 share: BatchShare | None = None, out_sharding=None):
+        """(modules (N, k_all, D), base (N, d)) float32 numpy of `rows` (default all) of
+        `enc`; each process feeds its share of every batch, every process gets all rows."""
+        return compute_split_features(self.feature_fn, self.base_params, self.stacked,
+                                      self.heads, enc, batch_size=batch_size, buckets=self.pad_to,
+                                      pad_id=self.pad_id, put=put, desc=desc, progress=progress,
+                                      rows=rows, share=share, out_sharding=out_sharding)
+
+
+def build_feature_extractor(config) -> FeatureExtractor:
+    """Load the module set, the base encoder and its tokenizer; check they fit. Reads no data."""
+    check_feature_config(config)
+    mset = load_module_set(config.module_dir, tuple(config.modules))
+    k = config.k or len(mset.modules)
+    if not 1 <= k <= len(mset.modules):
+        raise UserError(f"k={config.k} but the module set has {len(mset.modules)} modules "
+                        f"({', '.join(mset.tasks)}); use 1..{len(mset.modules)} or 0 for all")
+    if config.combiner.output == "logits" and any(m.meta.get("head", "linear") != "linear"
+                                                  for m in mset.modules):
+        raise UserError("combiner.output='logits' applies each module's linear head to every "
+                        "token; modules with transformers heads (head='hf', or --from-peft) "
+                        "need combiner.output='hidden'")
+    model = config.model or mset.model
+    model_dir, enc_cfg, pretrained, _, _ = load_pretrained(model)
+    if config.combiner.base_pooling == "pooler" and not enc_cfg.has_pooler:
+        raise UserError(f"combiner.base_pooling='pooler' needs a BERT pooler; {model} has none, "
+                        "use mean or cls")
+    tokenizer = data_lib.load_tokenizer(model_dir, config.tokenizer)
+    max_len = min(config.max_length, enc_cfg.max_position_embeddings)
+    encoder = Encoder(enc_cfg, lora_dropout=mset.spec.dropout,
+                      dtype=lora_lib.DTYPES[config.dtype])
+    ids = jnp.zeros((1, 8), jnp.int32)
+    initialised = encoder.init(jax.random.PRNGKey(config.seed), ids)["params"]
+    base_params = lora_lib.cast_floating(place_pretrained(initialised, pretrained),
+                                         lora_lib.DTYPES[config.param_dtype])
+    try:
+        stacked = with_base_slot(stack_trees([m.lora for m in mset.modules]))
+        heads = stack_heads([m.head for m in mset.modules]) if (
+            config.combiner.output == "logits") else ()
+        jax.eval_shape(lambda: encoder.apply({"params": base_params, "lora": jax.tree_util.tree_map(
+            lambda x: x[0], stacked)}, ids))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"the modules in {config.module_dir} do not fit the encoder {model} "
+                        f"({type(e).__name__}); use the base model they were trained on") from None
+    feature_fn = make_feature_fn(encoder, output=config.combiner.output, agg1=config.combiner.agg1,
+                                 base_pooling=config.combiner.base_pooling,
+                                 count_padding=config.quirks.count_padding)
+    # A token mean over padding depends on the padded length: with count_padding every row is
+    # padded to max_length (as a tokenizer with padding="max_length" does), so a row's features
+    # never depend on the batch it lands in; otherwise the usual length buckets.
+    pad_to = ((max_len,) if config.quirks.count_padding
+              else data_lib.bucket_lengths(max_len, config.buckets))
+    return FeatureExtractor(mset, k, model, tokenizer, base_params, stacked, heads, feature_fn,
+                            max_len, pad_to, tokenizer.pad_token_id or 0, enc_cfg.hidden_size)
+
+
+# ----------------------------------------------------------------------------- cached splits
+
+
+@dataclasses.dataclass
+class FeatureSplit:
+    """Cached features of one split: modules (N, k, D), base (N, d), labels (N,)."""
+
+    modules: np.ndarray
+    base: np.ndarray
+    labels: np.ndarray
+    seconds: float  # extraction time (0 when read from the cache)
+    cached: bool
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+    if len(x) == size:
+        return x
+    return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
+
+
+def feature_batch(split: FeatureSplit, idx: np.ndarray, size: int) -> dict:
+    """Features of rows `idx`, zero-padded to `size` rows; weights 0 mark the padding rows."""
+    weights = np.zeros(size, np.float32)
+    weights[: len(idx)] = 1
+    return {"modules": _pad_rows(split.modules[idx], size), "base": _pad_rows(split.base[idx], size),
+            "labels": _pad_rows(split.labels[idx], size), "weights": weights}
+
+
+def map_combiner(fn, split: FeatureSplit, batch_size: int, put=lambda b: b,
+                 share: BatchShare | None = None):
+    """``fn(feature batch)`` over a split, outputs gathered back in row order. Batches hold
+    consecutive rows, the same for every evaluation and prediction and any number of
+    processes, so the batch-axis quirk always attends to the same neighbours."""
+    return map_batches(fn, len(split), np.zeros(len(split), np.int64), batch_size,
+                       lambda idx, size, _rows: feature_batch(split, idx, size), put=put,
+                       share=share)

@@ -10,18 +10,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from ensemble.train import (
-    FeatureExtractor,
-    FeatureSplit,
-    build_combiner,
-    build_feature_extractor,
-    map_combiner,
-)
+from ensemble.combiner import build_combiner
+from ensemble.features import FeatureExtractor, FeatureSplit, build_feature_extractor, map_combiner
 from lora_jax import data as data_lib
+from lora_jax.checkpoint import restore_trainable
 from lora_jax.errors import UserError
-from lora_jax.inference import ClassificationRun, run_config
+from lora_jax.inference import ClassificationRun
+from lora_jax.runs import run_config
 from lora_jax.tasks import Task, resolve_task
-from lora_jax.trainer import restore_trainable
 
 
 @dataclasses.dataclass
@@ -56,7 +52,7 @@ def attens_run(workdir: str, results: dict) -> AttensRun:
     config.progress = False
     task = resolve_task(config)
     fx = build_feature_extractor(config)
-    combiner = build_combiner(config, task, fx.hidden_size)
+    combiner = build_combiner(config, task.num_labels, fx.hidden_size)
     params, _ = restore_trainable(workdir, "best_trainable")
     return AttensRun(task, fx, combiner, jax.device_get(params), config.eval_batch_size,
                      config.feature_batch_size)

@@ -21,10 +21,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lora_jax.checkpoint import restore_trainable
 from lora_jax.classifier import head_num_labels, pooling_of
 from lora_jax.errors import UserError
 from lora_jax.lora import ALPHA, LoRASpec
-from lora_jax.trainer import restore_trainable
 from lora_jax.writers import write_json_atomic
 
 

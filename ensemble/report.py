@@ -17,6 +17,7 @@ import numpy as np
 
 from lora_jax.cli import ArgumentParser, fail
 from lora_jax.report import STD_LABEL, cell_scores, row_of, score_table
+from lora_jax.writers import write_table
 
 ROWS = ("zero_shot", "ffn", "ft_lora", "attens")
 
@@ -199,9 +200,7 @@ def main(argv=None) -> int:
     with open(a.sweep) as f:
         sweep = json.load(f)
     text = build_report(sweep, a.out, a.sweep)
-    with open(a.out + ".md", "w") as f:
-        f.write(text)
-    print(text)
+    write_table(a.out + ".md", text)
     return 0
 
 

@@ -28,8 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import data as data_lib
 from lora_jax.cli import ArgumentParser, run_main
 from lora_jax.errors import UserError
+from lora_jax.results import add_allow_dirty, code_state, provenance
+from lora_jax.runs import load_run, read_input_rows, texts_of
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +85,6 @@ def completeness_gap(attributions: np.ndarray, f_x: np.ndarray, f_base: np.ndarr
 def classifier_attributions(run, rows: list[dict], where: str, steps: int = 64) -> list[dict]:
     """Per row: tokens, the predicted class, one score per token (IG summed over the embedding
     dimension) towards that class's logit, F(x), F(baseline) and the completeness gap."""
-    from lora_jax import data as data_lib
-    from lora_jax.inference import texts_of
-
     texts = texts_of(rows, run.task, where)
     enc = data_lib.encode(data_lib.Examples(texts, np.zeros(len(texts), np.int32)),
                           run.tokenizer, run.max_length)
@@ -146,13 +146,13 @@ def plot_tokens(record: dict, path: str) -> None:
 
 
 def attribute(args) -> int:
-    from lora_jax.inference import load_run, read_input_rows
-
     rows = read_input_rows(args.input)[: args.max_rows]
     where = "stdin" if args.input == "-" else args.input
     if not rows:
         raise UserError(f"{where} has no rows to attribute")
     quadrature(args.steps)  # a bad --steps fails before the model loads
+    out = os.path.join(args.out_dir, "attributions.json")
+    code = code_state(out, args.allow_dirty)
     run = load_run(args.workdir)
     if not hasattr(run, "attributions"):
         raise UserError(f"{args.workdir} is a run whose inputs cannot be attributed here (an "
@@ -162,12 +162,10 @@ def attribute(args) -> int:
     for i, record in enumerate(records):
         record["heatmap"] = f"row_{i}.png"
         run.plot_attributions(record, os.path.join(args.out_dir, record["heatmap"]))
-    from lora_jax.results import provenance
-
-    with open(os.path.join(args.out_dir, "attributions.json"), "w") as f:
+    with open(out, "w") as f:
         json.dump({"workdir": args.workdir, "input": where, "method": "integrated gradients, "
                    f"Gauss-Legendre {args.steps} points, pad-token baseline, input embeddings",
-                   **provenance(), "rows": records}, f, indent=1)
+                   **provenance(), **code, "rows": records}, f, indent=1)
     worst = max(r["completeness_gap"] if "completeness_gap" in r else max(r["completeness_gaps"])
                 for r in records)
     print(f"{len(records)} rows -> {args.out_dir}/attributions.json and row_*.png "
@@ -183,6 +181,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=128, help="interpolation points (>= 2); each "
                    "record reports its completeness gap, raise this if it is large")
     p.add_argument("--max-rows", type=int, default=16, help="attribute the first N rows")
+    add_allow_dirty(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     return run_main(lambda: attribute(args))

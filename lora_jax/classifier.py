@@ -27,6 +27,8 @@ from lora_jax.errors import UserError
 from lora_jax.models import EncoderConfig, SequenceClassifier
 from lora_jax.models.encoder import POOLINGS
 from lora_jax.models.hf_import import Pretrained, load_pretrained, place_pretrained
+from lora_jax.results import selection_protocol
+from lora_jax.sharding import Placement, check_divisible_by_devices, mesh_of
 from lora_jax.tasks import Task, resolve_task
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,7 @@ def build_model(config, encoder_config: EncoderConfig, task: Task) -> SequenceCl
                               pooling="mean" if head == "hf" else pooling,
                               classifier_dropout=config.classifier_dropout,
                               lora_dropout=config.lora.dropout,
-                              dtype=trainer.DTYPES[config.dtype], head=head)
+                              dtype=lora_lib.DTYPES[config.dtype], head=head)
 
 
 def lora_spec(config) -> lora_lib.LoRASpec:
@@ -145,12 +147,12 @@ def prepare(config, with_data: bool = True) -> Setup:
     prediction) data. Writes nothing."""
     validate_config(config)
     task = resolve_task(config)
-    trainer.check_divisible_by_devices(config, ("batch_size", "eval_batch_size"))
+    batch_sizes = {k: config[k] for k in ("batch_size", "eval_batch_size")}
+    check_divisible_by_devices(mesh_of(config), **batch_sizes)
     if config.experiment == "zero_shot":
         config.num_epochs = 0
     patterns = trainable_patterns(config)
-    share = BatchShare.of_this_process(batch_size=config.batch_size,
-                                       eval_batch_size=config.eval_batch_size)
+    share = BatchShare.of_this_process(**batch_sizes)
     # the data before the model: a bad row is reported before seconds of model loading
     examples, sources = data_lib.load_examples(config, task) if with_data else ({}, {})
     pretrained = load_pretrained(config.model)
@@ -202,7 +204,7 @@ def evaluate(predict, trainable, frozen, enc: data_lib.Encoded, task: Task, setu
 def experiment(setup: Setup) -> trainer.Experiment:
     """The classifier as an `Experiment` of the shared pipeline."""
     cfg, task = setup.config, setup.task
-    place = trainer.Placement.from_config(cfg)
+    place = Placement.from_config(cfg)
     predict = jax.jit(make_predict_step(setup.model, task.is_regression),  # params: as placed
                       in_shardings=(None, None, place.batch), out_shardings=place.batch)
     train = setup.splits.get("train")
@@ -218,7 +220,7 @@ def experiment(setup: Setup) -> trainer.Experiment:
             predict, params, frozen, setup.splits[split], task, setup, place.put_batch,
             desc=f"eval {split}"),
         selection_split="selection" if "selection" in setup.splits else task.eval_splits[0],
-        sizes=sizes, sources=setup.sources, protocol=trainer.selection_protocol(sizes, task.eval_splits),
+        sizes=sizes, sources=setup.sources, protocol=selection_protocol(sizes, task.eval_splits),
         meta={"task": task.name, "experiment": cfg.experiment, "model": cfg.model,
               "config": cfg.to_dict()}, share=setup.share)
 

@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
     def body():
-        from lora_jax.inference import load_run
+        from lora_jax.runs import load_run
 
         if os.path.exists(args.out) and os.listdir(args.out):
             raise UserError(f"--out {args.out} exists and is not empty; choose a new folder")

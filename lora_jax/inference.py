@@ -1,9 +1,9 @@
 """Finished runs (and PEFT adapters) applied to new text: the objects behind `lora_jax.predict`,
 `lora_jax.export` and `lora_jax.attribute`.
 
-`load_run(workdir)` reads ``results.json``, and the loader that the run's experiment registered
-under the entry-point group ``lora_jax.run_loaders`` rebuilds the model with the run's best
-checkpoint (the one its results report). Every loaded run offers:
+`lora_jax.runs.load_run(workdir)` reads ``results.json``, and the loader that the run's
+experiment registered under the entry-point group ``lora_jax.run_loaders`` rebuilds the model
+with the run's best checkpoint (the one its results report). Every loaded run offers:
 
 * ``task``: the `Task` (columns, labels, metrics);
 * ``predict(rows, where, progress) -> list[dict]``: one output record per input row;
@@ -18,72 +18,24 @@ adapter by `peft_classifier`) and what classification runs share (`classificatio
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import sys
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
+from lora_jax import classifier
 from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
 from lora_jax import metrics as metrics_lib
+from lora_jax.attribute import classifier_attributions, plot_tokens
 from lora_jax.distributed import map_encoded
 from lora_jax.errors import UserError
-from lora_jax.tasks import Task
-
-LOADER_GROUP = "lora_jax.run_loaders"
-TEXT_SUFFIXES = (".txt",)
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def read_input_rows(path: str) -> list[dict]:
-    """Rows to predict on: a .jsonl / .json / .csv / .tsv / .parquet file (read with
-    `datasets`), a .txt file (one ``{"text": line}`` per non-empty line), or ``-`` for stdin
-    (JSON lines when the first line starts with ``{``, else text lines)."""
-    if path == "-":
-        lines = [line.rstrip("\n") for line in sys.stdin]
-        return _rows_from_lines(lines, "stdin")
-    if path.lower().endswith(TEXT_SUFFIXES):
-        if not os.path.isfile(path):
-            raise UserError(f"input file {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            return [{"text": line} for line in f.read().splitlines() if line.strip()]
-    return data_lib.read_rows(path)
-
-
-def _rows_from_lines(lines: list[str], where: str) -> list[dict]:
-    lines = [line for line in lines if line.strip()]
-    if lines and lines[0].lstrip().startswith("{"):
-        rows = []
-        for i, line in enumerate(lines):
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                raise UserError(f"line {i + 1} of {where} is not JSON; send one JSON object "
-                                "per line, or plain text lines") from None
-        return rows
-    return [{"text": line} for line in lines]
-
-
-def texts_of(rows: list[dict], task: Task, where: str) -> list[tuple[str, ...]]:
-    """The task's text columns of every row (a lone ``text`` column serves a one-text task)."""
-    if not rows:
-        raise UserError(f"{where} has no rows to predict on")
-    keys = task.text_keys
-    if len(keys) == 1 and keys[0] not in rows[0] and "text" in rows[0]:
-        keys = ("text",)
-    missing = [k for k in keys if k not in rows[0]]
-    if missing:
-        raise UserError(f"{where} has no column {missing[0]!r} needed by task {task.name!r} "
-                        f"(columns: {', '.join(map(str, rows[0]))}); give rows with "
-                        f"{', '.join(task.text_keys)}")
-    return [tuple("" if r.get(k) is None else str(r[k]) for k in keys) for r in rows]
-
+from lora_jax.export import export_classifier
+from lora_jax.models import SequenceClassifier
+from lora_jax.models.hf_import import place_pretrained
+from lora_jax.peft_io import load_seq_cls
+from lora_jax.runs import best_variables, run_config, texts_of
+from lora_jax.tasks import Task, custom_task, get_task
 
 # ----------------------------------------------------------------------------- outputs
 
@@ -161,43 +113,17 @@ class ClassifierRun(ClassificationRun):
                            self.buckets, self.pad_id, desc="predict", progress=progress)
 
     def export(self, out_dir: str, fmt: str) -> str:
-        from lora_jax import export as export_lib
-
-        return export_lib.export_classifier(self, out_dir, fmt)
+        return export_classifier(self, out_dir, fmt)
 
     def attributions(self, rows: list[dict], where: str, steps: int = 64) -> list[dict]:
-        from lora_jax.attribute import classifier_attributions
-
         return classifier_attributions(self, rows, where, steps)
 
     def plot_attributions(self, record: dict, path: str) -> None:
-        from lora_jax.attribute import plot_tokens
-
         plot_tokens(record, path)
-
-
-def run_config(results: dict) -> ml_collections.ConfigDict:
-    """The config a run trained with (``results.json``'s ``config``)."""
-    if "config" not in results:
-        raise UserError("results.json has no config; it was not written by this project's "
-                        "trainer")
-    return ml_collections.ConfigDict(results["config"])
-
-
-def best_variables(workdir: str, trainable: dict, frozen: dict) -> dict:
-    """The run's variables with its best checkpoint's trainable tree (the one its results.json
-    reports) in place of `trainable`, each leaf in `trainable`'s dtype."""
-    from lora_jax.trainer import restore_trainable
-
-    best, _ = restore_trainable(workdir, "best_trainable")
-    best = jax.tree_util.tree_map(lambda like, x: np.asarray(x, like.dtype), trainable, best)
-    return lora_lib.combine(best, frozen)
 
 
 def classifier_run(workdir: str, results: dict) -> ClassifierRun:
     """A finished classifier run with its best checkpoint (the one results.json reports)."""
-    from lora_jax import classifier
-
     config = run_config(results)
     config.progress = False
     setup = classifier.prepare(config, with_data=False)
@@ -214,20 +140,14 @@ def peft_classifier(model: str, adapter: str, *, text_keys: tuple[str, ...] = ("
                     batch_size: int = 64, task_name: str = "") -> ClassifierRun:
     """A base model (folder or hub id) plus a PEFT SEQ_CLS adapter (folder or hub id), run as
     transformers + PEFT run it: the adapter's r/alpha/targets and its head."""
-    from lora_jax.classifier import checked_head, head_num_labels
-    from lora_jax.models import SequenceClassifier
-    from lora_jax.models.hf_import import place_pretrained
-    from lora_jax.peft_io import load_seq_cls
-    from lora_jax.tasks import custom_task, get_task
-
     pre, peft, head = load_seq_cls(model, adapter)
     if pre.missing:
         raise UserError(f"{model} lacks {', '.join(pre.missing)}; use the base checkpoint the "
                         "adapter was trained on")
-    num_labels = head_num_labels(head)
+    num_labels = classifier.head_num_labels(head)
     if task_name:
         task = get_task(task_name)
-        checked_head(head, task.num_labels, peft.source)
+        classifier.checked_head(head, task.num_labels, peft.source)
     else:
         if label_names and len(label_names) != num_labels:
             raise UserError(f"--labels names {len(label_names)} classes but the adapter's head "
@@ -246,26 +166,3 @@ def peft_classifier(model: str, adapter: str, *, text_keys: tuple[str, ...] = ("
                          tokenizer.pad_token_id or 0, batch_size, pre.model_dir, peft.spec, "head")
 
 
-# ----------------------------------------------------------------------------- runs
-
-
-def read_results(workdir: str) -> dict:
-    path = os.path.join(workdir, "results.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{workdir!r} has no results.json; point --workdir at a finished run "
-                        "(train.py writes results.json when it ends)")
-    with open(path) as f:
-        return json.load(f)
-
-
-def load_run(workdir: str):
-    """The finished run in `workdir`, rebuilt by its experiment's registered loader."""
-    import importlib.metadata
-
-    results = read_results(workdir)
-    experiment = results.get("experiment", "")
-    loaders = {ep.name: ep for ep in importlib.metadata.entry_points(group=LOADER_GROUP)}
-    if experiment not in loaders:
-        raise UserError(f"{workdir} is a {experiment!r} run, which no installed package can "
-                        f"load (loaders: {', '.join(sorted(loaders)) or 'none; pip install -e .'})")
-    return loaders[experiment].load()(workdir, results)

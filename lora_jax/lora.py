@@ -155,6 +155,10 @@ def split(variables: Mapping, mask: Mapping) -> tuple[dict, dict]:
     return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
 
 
+# the dtype names of ``config.dtype`` (compute) and ``config.param_dtype`` (frozen storage)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def cast_floating(tree, dtype) -> dict:
     """`tree` with every floating-point leaf cast to `dtype` (integer leaves untouched)."""
     return jax.tree_util.tree_map(

@@ -57,10 +57,10 @@ def parse_args(argv):
 
 
 def load_predictor(args):
-    from lora_jax import inference
+    from lora_jax import inference, runs
 
     if args.workdir:
-        run = inference.load_run(args.workdir)
+        run = runs.load_run(args.workdir)
         if args.batch_size:
             run.batch_size = args.batch_size
         return run
@@ -80,7 +80,7 @@ def write_jsonl(path: str, records: list[dict]) -> None:
 
 
 def predict(args) -> int:
-    from lora_jax.inference import read_input_rows
+    from lora_jax.runs import read_input_rows
 
     rows = read_input_rows(args.input)
     where = "stdin" if args.input == "-" else args.input

@@ -1,6 +1,8 @@
-"""What every results file records beside its figures: the code, the command, the machine.
+"""What every results file records beside its figures: the code, the command, the machine; and
+the one record of a finished run (results.json).
 
-    provenance()   # {"git_commit", "command", "machine", "date"}
+    provenance()       # {"git_commit", "command", "machine", "date"}
+    results_record()   # a run's results.json: metrics, steps, sizes, protocol, provenance
 
 A result must replay: its ``command`` is what a user types from the project root
 (``python -m lora_jax.sweep ...``, ``python train.py ...``: no interpreter path, and paths inside
@@ -19,10 +21,15 @@ import shlex
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import jax
 
 from lora_jax.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: the trainer imports this module
+    from lora_jax.checkpoint import Best
+    from lora_jax.trainer import Experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what a tree may hold beside the commit and still count as clean: results/ holds what earlier
@@ -90,6 +97,13 @@ def code_state(out: str, allow_dirty: bool) -> dict:
     return {"diff_sha256": diff_digest()}
 
 
+def add_allow_dirty(parser) -> None:
+    """The ``--allow-dirty`` flag of every command that writes results (`code_state`)."""
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="write into results/ from a tree with uncommitted code changes "
+                             "(the diff's sha256 is recorded beside git_commit)")
+
+
 def _relative(arg: str) -> str:
     """A path in the project or beside it (``../shared``) relative to the project root."""
     if not os.path.isabs(arg):
@@ -137,3 +151,41 @@ def provenance(command: str | None = None) -> dict:
     `command_line`) and the machine."""
     return {"git_commit": git_commit(), "command": command or command_line(),
             "machine": machine_description(), "date": time.strftime("%Y-%m-%d")}
+
+
+# ----------------------------------------------------------------------------- a run's record
+
+
+def selection_protocol(sizes: dict[str, int], eval_splits) -> str:
+    """The protocol line of a run that selects on a held-out ``selection`` slice of train (or,
+    without one, reports its last step)."""
+    splits = ", ".join(eval_splits)
+    if "selection" in sizes:
+        return (f"model selection on a held-out slice of train ({sizes['selection']} rows, never "
+                f"trained on); metrics reported on {splits}")
+    return f"no selection (last step); metrics reported on {splits}"
+
+
+def results_record(exp: Experiment, metrics: dict, selection_metrics: dict | None, best: Best,
+                   stats: dict, n_trainable: int, n_total: int, wall_seconds: float,
+                   placement: dict | None = None) -> dict:
+    """The one results record (results.json) of every experiment."""
+    cfg = exp.config
+    record = {"task": exp.task.name, "experiment": exp.name, "model": exp.model,
+              "main_metric": exp.task.main_metric, "metrics": metrics}
+    if selection_metrics is not None:
+        record["selection_metrics"] = selection_metrics
+    seconds = stats["seconds"]
+    record.update({
+        "best_step": best.step, "last_step": stats["last_step"],
+        "total_steps": stats["total_steps"], "stopped_early": stats["stopped_early"],
+        "epochs": cfg.num_epochs, "trainable_params": n_trainable, "total_params": n_total,
+        "sizes": exp.sizes, "train_seconds": round(seconds, 2),
+        "train_examples_per_s": round(stats["examples"] / seconds, 1) if seconds else None,
+        "protocol": exp.protocol, "data_sources": exp.sources, "seed": cfg.seed,
+        **provenance(), "wall_seconds": round(wall_seconds, 1), **(placement or {}),
+    })
+    if exp.extra is not None:
+        record.update(exp.extra(best.trainable))
+    record["config"] = cfg.to_dict()
+    return record

@@ -52,6 +52,25 @@ def _largest_divisible_dim(shape: tuple[int, ...], parts: int) -> int | None:
     return max(dims, key=lambda i: (shape[i], -i)) if dims else None
 
 
+def mesh_of(config) -> tuple[int, ...] | None:
+    """A config's ``mesh.shape`` (None for a config without a ``mesh`` block)."""
+    mesh = config.get("mesh")
+    return None if mesh is None else tuple(mesh.shape)
+
+
+def check_divisible_by_devices(mesh: tuple[int, ...] | None, **batch_sizes: int) -> None:
+    """The mesh shape (``config.mesh.shape``; None: the default) must fit the devices, and every
+    batch size (``batch_size=32``, named as its config key) split evenly over them: a batch is
+    split over every device."""
+    n = jax.device_count()
+    if mesh is not None:
+        mesh_shape(tuple(mesh), n)
+    for key, value in batch_sizes.items():
+        if value and value % n:
+            raise UserError(f"{key} {value} is not divisible by the {n} devices; use a multiple "
+                            f"of {n}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """A (data, fsdp) mesh over the devices and the sharding plan of the module docstring."""
@@ -65,8 +84,7 @@ class Placement:
 
     @classmethod
     def from_config(cls, config) -> Placement:
-        mesh = config.get("mesh")
-        return cls.all_devices(tuple(mesh.shape) if mesh is not None else (-1, 1))
+        return cls.all_devices(mesh_of(config) or (-1, 1))
 
     @property
     def fsdp(self) -> int:

@@ -26,8 +26,8 @@ from lora_jax.config_check import validate_config
 from lora_jax.errors import UserError
 from lora_jax.experiments import load_config, log_packages_at_info, run, runner
 from lora_jax.report import STD_LABEL, score_table
-from lora_jax.results import ROOT, code_state, module_command, provenance
-from lora_jax.writers import write_json_atomic
+from lora_jax.results import ROOT, add_allow_dirty, code_state, module_command, provenance
+from lora_jax.writers import write_json_atomic, write_table
 
 
 def apply_overrides(config, overrides) -> None:
@@ -115,9 +115,7 @@ def main(argv=None) -> int:
     parser.add_argument("--note", default="", help="a remark printed under the table")
     parser.add_argument("--collect", action="store_true",
                         help="only gather finished cells (results.json); run nothing")
-    parser.add_argument("--allow-dirty", action="store_true",
-                        help="write into results/ from a tree with uncommitted code changes "
-                             "(the diff's sha256 is recorded beside git_commit)")
+    add_allow_dirty(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     log_packages_at_info()
@@ -173,9 +171,7 @@ def run_sweep(args, command: str) -> int:
                                            **provenance(command), **code,
                                            "results": results})
     table = table_function(sweep)(sweep, results, command, args.note)
-    with open(args.out + ".md", "w") as f:
-        f.write(table)
-    print(table)
+    write_table(args.out + ".md", table)
     return 0
 
 

@@ -1,14 +1,15 @@
-"""The training machinery every experiment shares: one train-step factory, one loop, one results
-record.
+"""The training machinery every experiment shares: one train-step factory, one loop, one way to
+run an experiment.
 
 An experiment (the sequence classifier, AttEns, T5) describes itself as an `Experiment`: its
 trainable and frozen trees, a loss function, how to cut a training batch, how to score a split.
 `run_experiment` then does the rest the same way for all of them: the workdir check, the
 data-parallel placement, the jit-compiled pure `train_step` from `make_train_step`,
-`train_loop` (selection, early stopping, Orbax checkpoints, exact resume), the evaluation of the
-best trainable tree on the reported splits and `results.json` (`results_record`).
+`train_loop` (selection, early stopping, exact resume from the Orbax checkpoints of
+`lora_jax.checkpoint`), the evaluation of the best trainable tree on the reported splits and
+`results.json` (`lora_jax.results.results_record`).
 
-Nothing here knows a model or a task format.
+Nothing here knows a model or a task format; nothing that reads a finished run imports this.
 """
 
 from __future__ import annotations
@@ -24,20 +25,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
+from lora_jax.checkpoint import (
+    Best,
+    checkpoint_manager,
+    prepare_workdir,
+    restore_train_state,
+    save_train_state,
+)
 from lora_jax.distributed import BatchShare, is_main_process
 from lora_jax.errors import UserError
-from lora_jax.results import provenance
-from lora_jax.sharding import Placement, memory_report, mesh_shape
+from lora_jax.results import results_record
+from lora_jax.sharding import Placement, memory_report
 from lora_jax.writers import MetricWriter, NullWriter, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LossFn = Callable[[Any, Any, dict, jax.Array], jax.Array]
 
 # ----------------------------------------------------------------------------- optimizer, step
@@ -102,115 +108,6 @@ def weighted_loss_and_predictions(logits: jax.Array, labels: jax.Array, weights:
         pred = jnp.argmax(logits, -1)
         per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return (per_example * weights).sum() / jnp.maximum(weights.sum(), 1.0), pred
-
-
-# ----------------------------------------------------------------------------- placement
-
-
-def check_divisible_by_devices(config, keys: tuple[str, ...]) -> None:
-    """The mesh must fit the devices, and every batch size in `keys` split evenly over them
-    (a batch is split over every device)."""
-    n = jax.device_count()
-    if config.get("mesh") is not None:
-        mesh_shape(tuple(config.mesh.shape), n)
-    for key in keys:
-        value = config.get(key)
-        if value and value % n:
-            raise UserError(f"{key} {value} is not divisible by the {n} devices; use a multiple "
-                            f"of {n}")
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()})
-
-
-@dataclasses.dataclass
-class Best:
-    """The best trainable tree so far by the selection split's main metric."""
-
-    score: float
-    step: int
-    trainable: Any
-
-
-def _state_dict(trainable, opt_state, best_trainable) -> dict:
-    return {"trainable": trainable, "opt_state": opt_state, "best_trainable": best_trainable}
-
-
-def restore_train_state(mngr: ocp.CheckpointManager, trainable, opt_state):
-    """(step, trainable, opt_state, best, stopped_early) from the latest checkpoint, written by
-    any number of processes (the batches do not depend on it)."""
-    step = mngr.latest_step()
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
-                                      _state_dict(trainable, opt_state, trainable))
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    state, loop = restored["state"], restored["meta"]["loop"]
-    shards = loop.get("data_shards", 1)  # written by versions that dealt rows to shards
-    if shards != 1:
-        raise UserError(
-            f"the checkpoints in {mngr.directory} were written with data_shards={shards}, a batch "
-            f"order this version no longer makes (its batches do not depend on the number of "
-            f"processes); train again in a fresh workdir")
-    score = -np.inf if loop["best_score"] is None else loop["best_score"]
-    best = Best(score, loop["best_step"], state["best_trainable"])
-    return step, state["trainable"], state["opt_state"], best, loop["stopped_early"]
-
-
-def save_train_state(mngr: ocp.CheckpointManager, step: int, trainable, opt_state, best: Best,
-                     stopped_early: bool, meta: dict) -> None:
-    """Write the state of `step` and wait until it is on disk.
-
-    The best score travels in the JSON metadata as the exact Python float: stored as float32 it
-    came back a hair lower, and a resumed run then took an equal later score for a new best.
-    Waiting matters too: the next train step donates the buffers of `trainable` and
-    `opt_state`, which an asynchronous write might still be reading.
-    """
-    loop = {"best_score": None if not np.isfinite(best.score) else float(best.score),
-            "best_step": int(best.step), "stopped_early": bool(stopped_early),
-            "processes": jax.process_count()}
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_state_dict(trainable, opt_state, best.trainable)),
-        meta=ocp.args.JsonSave({**meta, "loop": loop})), force=True)
-    mngr.wait_until_finished()
-
-
-def restore_trainable(workdir: str, which: str = "best_trainable", step: int | None = None):
-    """Trainable tree (`best_trainable` or `trainable`) and metadata from a run's checkpoints,
-    replicated on this process's devices whatever mesh or process count wrote them."""
-    mngr = checkpoint_manager(workdir)
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise UserError(f"no checkpoint under {workdir}/checkpoints; train first")
-    here = Placement.all_devices().replicated
-    abstract = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
-        mngr.item_metadata(step)["state"])
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return restored["state"][which], restored["meta"]
-
-
-def check_workdir(workdir: str, resume: bool) -> None:
-    """Refuse a workdir that holds another run's checkpoints unless resuming (creates nothing,
-    so entry points call it before loading data or weights)."""
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir) and not resume:
-        raise UserError(f"{workdir} already holds checkpoints; pass --config.resume=True to "
-                        "continue that run, or choose a new --workdir")
-
-
-def prepare_workdir(workdir: str, resume: bool) -> None:
-    """Check the workdir (`check_workdir`), then create it."""
-    check_workdir(workdir, resume)
-    os.makedirs(workdir, exist_ok=True)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -397,41 +294,6 @@ class Experiment:
     share: BatchShare = dataclasses.field(default_factory=BatchShare)  # rows per process
 
 
-def selection_protocol(sizes: dict[str, int], eval_splits) -> str:
-    """The protocol line of a run that selects on a held-out ``selection`` slice of train (or,
-    without one, reports its last step)."""
-    splits = ", ".join(eval_splits)
-    if "selection" in sizes:
-        return (f"model selection on a held-out slice of train ({sizes['selection']} rows, never "
-                f"trained on); metrics reported on {splits}")
-    return f"no selection (last step); metrics reported on {splits}"
-
-
-def results_record(exp: Experiment, metrics: dict, selection_metrics: dict | None, best: Best,
-                   stats: dict, n_trainable: int, n_total: int, wall_seconds: float,
-                   placement: dict | None = None) -> dict:
-    """The one results record (results.json) of every experiment."""
-    cfg = exp.config
-    record = {"task": exp.task.name, "experiment": exp.name, "model": exp.model,
-              "main_metric": exp.task.main_metric, "metrics": metrics}
-    if selection_metrics is not None:
-        record["selection_metrics"] = selection_metrics
-    seconds = stats["seconds"]
-    record.update({
-        "best_step": best.step, "last_step": stats["last_step"],
-        "total_steps": stats["total_steps"], "stopped_early": stats["stopped_early"],
-        "epochs": cfg.num_epochs, "trainable_params": n_trainable, "total_params": n_total,
-        "sizes": exp.sizes, "train_seconds": round(seconds, 2),
-        "train_examples_per_s": round(stats["examples"] / seconds, 1) if seconds else None,
-        "protocol": exp.protocol, "data_sources": exp.sources, "seed": cfg.seed,
-        **provenance(), "wall_seconds": round(wall_seconds, 1), **(placement or {}),
-    })
-    if exp.extra is not None:
-        record.update(exp.extra(best.trainable))
-    record["config"] = cfg.to_dict()
-    return record
-
-
 def run_experiment(exp: Experiment, workdir: str, wall_start: float) -> dict[str, Any]:
     """Train (if the experiment has a training split), select, report, write results.json.
 
@@ -441,7 +303,7 @@ def run_experiment(exp: Experiment, workdir: str, wall_start: float) -> dict[str
     cfg, task = exp.config, exp.task
     prepare_workdir(workdir, cfg.resume)
     place = Placement.from_config(cfg)
-    frozen = place.put(lora_lib.frozen_in_dtype(exp.frozen, DTYPES[cfg.get("param_dtype",
+    frozen = place.put(lora_lib.frozen_in_dtype(exp.frozen, lora_lib.DTYPES[cfg.get("param_dtype",
                                                                             "float32")]))
     trainable = place.put(exp.trainable)
     placement = {"mesh": dict(place.mesh.shape), "processes": jax.process_count(),

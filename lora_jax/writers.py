@@ -1,4 +1,5 @@
-"""Metric writing: `metrics.jsonl` (one JSON object per line) and TensorBoard events."""
+"""What runs and reports write: `metrics.jsonl` (one JSON object per line) and TensorBoard events,
+JSON files written atomically, markdown tables."""
 
 from __future__ import annotations
 
@@ -56,3 +57,10 @@ def write_json_atomic(path: str, obj) -> None:
         f.write("\n")
     os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are meant to be shared
     os.replace(tmp, path)
+
+
+def write_table(path: str, text: str) -> None:
+    """Write a markdown table to `path` and print it (every report command ends so)."""
+    with open(path, "w") as f:
+        f.write(text)
+    print(text)

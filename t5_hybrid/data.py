@@ -132,12 +132,6 @@ def load_pairs(config, task: Task, prefix: str) -> tuple[dict[str, tuple], dict,
     return out, where_from, name
 
 
-def _cap(pairs: Pairs, n: int, seed: int) -> Pairs:
-    if not n or len(pairs) <= n:
-        return pairs
-    return pairs.subset(np.sort(np.random.default_rng(seed).permutation(len(pairs))[:n]))
-
-
 def cap(pairs: Pairs, n: int, seed: int) -> Pairs:
     """A seeded random `n` of the pairs (all of them when n is 0 or not smaller)."""
     keep = data_lib.random_subset(len(pairs), n, seed)

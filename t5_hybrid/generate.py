@@ -11,6 +11,8 @@ sequence is finished.
     tokens = generate(variables, input_ids, attention_mask)   # (B, max_new_tokens) int32
 
 `variables` is the whole ``{"params", "lora", "prompt"}`` dict the model is applied with.
+`generate_texts` runs a generate function over a dataset's batches and decodes the tokens (what
+evaluation and prediction both do).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lora_jax.distributed import BatchShare, map_batches
 from lora_jax.errors import UserError
+from t5_hybrid.data import Pairs, make_batch
 from t5_hybrid.model import T5ForConditionalGeneration
 
 
@@ -295,3 +299,25 @@ def strip_after_eos(tokens, eos_id: int, pad_id: int) -> list[list[int]]:
         row = row[: row.index(eos_id)] if eos_id in row else row
         out.append([t for t in row if t != pad_id])
     return out
+
+
+# ----------------------------------------------------------------------------- over a dataset
+
+
+def generate_texts(generate, pairs: Pairs, batch_size: int, source_buckets, target_buckets,
+                   model_config, tokenizer, *, put=lambda b: b,
+                   share: BatchShare | None = None, desc: str = "generate",
+                   progress: bool = False) -> list[str]:
+    """Decoded ``generate(input_ids, attention_mask) -> (B, T) tokens`` of every row of
+    `pairs`, in row order; each process generates for its share of every batch
+    (`lora_jax.distributed.map_batches`) and every process gets all the texts."""
+    pad, eos = model_config.pad_token_id, model_config.eos_token_id
+    tokens = map_batches(
+        lambda batch: generate(batch["input_ids"], batch["attention_mask"]), len(pairs),
+        pairs.lengths, batch_size,
+        lambda idx, size, step_rows: make_batch(pairs, idx, size, source_buckets,
+                                                target_buckets, pad, step_rows),
+        put=put, share=share, desc=desc, progress=progress)
+    if tokens is None:
+        return []
+    return tokenizer.batch_decode(strip_after_eos(tokens, eos, pad), skip_special_tokens=True)

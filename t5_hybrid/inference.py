@@ -13,33 +13,14 @@ import jax
 from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
 from lora_jax import metrics as metrics_lib
-from lora_jax.distributed import BatchShare, map_batches
 from lora_jax.errors import UserError
-from lora_jax.inference import best_variables, run_config
+from lora_jax.runs import best_variables, run_config
 from lora_jax.tasks import Task
 from t5_hybrid import adapters
-from t5_hybrid.data import Pairs, encode_pairs, make_batch, text_pairs
-from t5_hybrid.generate import make_generate, strip_after_eos
+from t5_hybrid.data import encode_pairs, text_pairs
+from t5_hybrid.generate import generate_texts, make_generate
 from t5_hybrid.tasks import pairs_from_rows
-
-
-def generate_texts(generate, pairs: Pairs, batch_size: int, source_buckets, target_buckets,
-                   model_config, tokenizer, *, put=lambda b: b,
-                   share: BatchShare | None = None, desc: str = "generate",
-                   progress: bool = False) -> list[str]:
-    """Decoded ``generate(input_ids, attention_mask) -> (B, T) tokens`` of every row of
-    `pairs`, in row order; each process generates for its share of every batch
-    (`lora_jax.distributed.map_batches`) and every process gets all the texts."""
-    pad, eos = model_config.pad_token_id, model_config.eos_token_id
-    tokens = map_batches(
-        lambda batch: generate(batch["input_ids"], batch["attention_mask"]), len(pairs),
-        pairs.lengths, batch_size,
-        lambda idx, size, step_rows: make_batch(pairs, idx, size, source_buckets,
-                                                target_buckets, pad, step_rows),
-        put=put, share=share, desc=desc, progress=progress)
-    if tokens is None:
-        return []
-    return tokenizer.batch_decode(strip_after_eos(tokens, eos, pad), skip_special_tokens=True)
+from t5_hybrid.train import prepare
 
 
 @dataclasses.dataclass
@@ -122,8 +103,6 @@ class T5Run:
 
 def t5_run(workdir: str, results: dict) -> T5Run:
     """The T5 hybrid run in `workdir` with its best adapters."""
-    from t5_hybrid.train import prepare
-
     config = run_config(results)
     config.progress = False
     setup = prepare(config, with_data=False)

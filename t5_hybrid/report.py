@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from lora_jax.cli import ArgumentParser, fail
 from lora_jax.errors import UserError
 from lora_jax.report import mean_std
-from lora_jax.results import code_state, module_command, provenance
+from lora_jax.results import add_allow_dirty, code_state, module_command, provenance
+from lora_jax.writers import write_table
 
 ROW_NAMES = {"base": "Base Model", "prompt_only": "Prompt Tuning Only",
              "lora_only": "LoRA Only", "prompt_lora": "Prompt Tuning + LoRA",
@@ -115,8 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", required=True, help="folder searched for */results.json")
     parser.add_argument("--out", required=True, help="path stem for .md and .json")
     parser.add_argument("--note", default="")
-    parser.add_argument("--allow-dirty", action="store_true",
-                        help="write into results/ from a tree with uncommitted code changes")
+    add_allow_dirty(parser)
     args = parser.parse_args(argv)
     paths = sorted(glob.glob(os.path.join(args.runs, "**", "results.json"), recursive=True))
     results = [json.load(open(p)) for p in paths]  # noqa: SIM115
@@ -130,11 +130,9 @@ def main(argv=None) -> int:
         fail(str(e))
     text = markdown_table(None, results, command, args.note)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
-    with open(args.out + ".md", "w") as f:
-        f.write(text)
     with open(args.out + ".json", "w") as f:
         json.dump({**provenance(command), **code, "results": results}, f, indent=1)
-    print(text)
+    write_table(args.out + ".md", text)
     return 0
 
 

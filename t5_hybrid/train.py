@@ -31,14 +31,14 @@ from lora_jax import trainer
 from lora_jax.config_check import NON_NEGATIVE, POSITIVE, boolean, register_rules, validate_config
 from lora_jax.distributed import BatchShare, is_main_process
 from lora_jax.errors import UserError
+from lora_jax.sharding import Placement, check_divisible_by_devices, mesh_of
 from lora_jax.tasks import Task
 from t5_hybrid import adapters
 from t5_hybrid import metrics as metrics_lib
 from t5_hybrid.config import T5Config
 from t5_hybrid.data import Pairs, cap, encode_pairs, load_pairs, make_batch, text_pairs
-from t5_hybrid.generate import make_generate
+from t5_hybrid.generate import generate_texts, make_generate
 from t5_hybrid.hf_import import load_pretrained
-from t5_hybrid.inference import generate_texts
 from t5_hybrid.model import T5ForConditionalGeneration, shift_right
 from t5_hybrid.tasks import get_seq2seq_task
 
@@ -110,9 +110,9 @@ def prepare(config, with_data: bool = True) -> Setup:
     adapters.check_variant(config.variant)
     if config.variant == "base":
         config.num_epochs = 0
-    trainer.check_divisible_by_devices(config, ("batch_size", "eval_batch_size"))
-    share = BatchShare.of_this_process(batch_size=config.batch_size,
-                                       eval_batch_size=config.eval_batch_size)
+    batch_sizes = {k: config[k] for k in ("batch_size", "eval_batch_size")}
+    check_divisible_by_devices(mesh_of(config), **batch_sizes)
+    share = BatchShare.of_this_process(**batch_sizes)
     prefix = task.prefix if adapters.uses_prefix(config.variant) else ""
     # the data before the model: a bad row is reported before seconds of model loading
     raw, sources, selection_name = (load_pairs(config, task, prefix) if with_data
@@ -133,7 +133,7 @@ def prepare(config, with_data: bool = True) -> Setup:
     splits = {k: encode_pairs(v, tokenizer, max_src, max_tgt, sources.get(k, k))
               for k, v in splits.items()}
     model = T5ForConditionalGeneration(t5_config, lora_dropout=config.lora.dropout,
-                                       dtype=trainer.DTYPES[config.dtype])
+                                       dtype=lora_lib.DTYPES[config.dtype])
     spec = lora_lib.LoRASpec(r=config.lora.r, alpha=config.lora.alpha,
                              dropout=config.lora.dropout, targets=tuple(config.lora.targets))
     variables = adapters.init_variables(jax.random.PRNGKey(config.seed), params, config.variant,
@@ -171,7 +171,7 @@ def make_loss_fn(model: T5ForConditionalGeneration) -> trainer.LossFn:
 
 
 def evaluate(setup: Setup, generate, trainable, frozen, pairs: Pairs,
-             place: trainer.Placement, desc: str) -> tuple[dict[str, float], list[str]]:
+             place: Placement, desc: str) -> tuple[dict[str, float], list[str]]:
     """(metrics, predictions in example order) of greedy/beam generation on one split (each
     process generates for its rows; every process gets all predictions)."""
     cfg = setup.config
@@ -198,7 +198,7 @@ def experiment(setup: Setup) -> trainer.Experiment:
     """The T5 hybrid as an `Experiment` of the shared pipeline: selection by generation on the
     selection split; the reported splits' predictions go to samples_<split>.jsonl."""
     cfg, task = setup.config, setup.task
-    place = trainer.Placement.from_config(cfg)
+    place = Placement.from_config(cfg)
     generate = make_generate(setup.model, cfg.max_target_length or task.max_target_length,
                              num_beams=cfg.num_beams)
     train, pad_id = setup.splits.get("train"), setup.model.config.pad_token_id

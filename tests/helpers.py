@@ -247,7 +247,7 @@ def logged_metrics(workdir) -> list[dict]:
 def assert_same_run(one, two, atol: float = 0.0) -> None:
     """Two finished train.py workdirs selected the same step, report the same metrics, logged
     the same lines and hold the same trainable trees (within atol)."""
-    from lora_jax.trainer import restore_trainable
+    from lora_jax.checkpoint import restore_trainable
 
     a = json.loads((one / "results.json").read_text())
     b = json.loads((two / "results.json").read_text())

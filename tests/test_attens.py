@@ -334,7 +334,7 @@ def test_feature_cache_key_covers_tokenizer_model_content_and_padding(tmp_path):
 
     from transformers import AutoTokenizer
 
-    from ensemble.train import feature_settings
+    from ensemble.features import feature_settings
     from lora_jax.synthetic import build_wordpiece
 
     build_wordpiece(["a good film", "a bad plot"], str(tmp_path / "t1"))

@@ -12,10 +12,10 @@ import pytest
 
 from ensemble.modules import export_module, load_module_set
 from ensemble.train import train_attens
+from lora_jax.checkpoint import restore_trainable
 from lora_jax.errors import UserError
 from lora_jax.experiments import load_config
 from lora_jax.synthetic import make_quickstart_assets
-from lora_jax.trainer import restore_trainable
 from tests.helpers import (
     assert_kill9_resume_is_exact,
     assert_two_processes_equal_one,

@@ -16,7 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("spec", ["ft_lora.py", "ffn.py", "zero_shot.py", "quickstart.py",
                                   "attens_minilm_cpu.py", "attens_bert.py", "t5_hybrid.py",
-                                  "t5_hybrid_cpu.py:lora_only"])
+                                  "t5_hybrid_cpu.py:lora_only", "attens_paper.py:distilbert",
+                                  "attens_paper.py:electra_small", "attens_paper.py:electra_base"])
 def test_every_shipped_config_passes(spec):
     _, config = load_config(str(ROOT / "configs" / spec))
     runner(config.experiment)  # registers the experiment's own rules

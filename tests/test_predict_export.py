@@ -11,7 +11,7 @@ import pytest
 from lora_jax import export as export_cli
 from lora_jax import predict as predict_cli
 from lora_jax.classifier import train_and_evaluate
-from lora_jax.inference import load_run
+from lora_jax.runs import load_run
 from lora_jax.synthetic import make_quickstart_assets
 from tests.helpers import override, torch_logits
 

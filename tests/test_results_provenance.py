@@ -127,3 +127,14 @@ def test_the_replay_check_catches_machine_paths_and_dirty_commits():
     bad["results"][0]["git_commit"] = "a" * 40 + "+dirty"
     bad["command"] += " --config.model=/work/shared/m"
     assert len(replay_problems(bad)) == 3
+
+
+COMMITTED = sorted((ROOT / "results").rglob("*.json"))
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: str(p.relative_to(ROOT / "results")))
+def test_every_committed_result_replays(path):
+    """Each results/ file records commands a user types from the project root and clean commits."""
+    record = json.loads(path.read_text())
+    assert list(_fields(record, "command")), f"{path.name} records no command"
+    assert replay_problems(record) == []

@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 
+from lora_jax.checkpoint import restore_trainable
 from lora_jax.experiments import load_config
-from lora_jax.trainer import restore_trainable
 from t5_hybrid.synthetic import make_keyword_task
 from t5_hybrid.train import train_t5
 from tests.helpers import assert_kill9_resume_is_exact, assert_two_processes_equal_one, override
@@ -86,7 +86,7 @@ def test_export_merged_and_peft_run_in_pytorch_with_our_logits(prompt_lora_run, 
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from lora_jax import export as export_cli
-    from lora_jax.inference import load_run
+    from lora_jax.runs import load_run
     from t5_hybrid.train import RANDOM_MODELS, T5ForConditionalGeneration
 
     workdir, _ = prompt_lora_run
@@ -202,7 +202,7 @@ import json, sys, jax, numpy as np
 sys.path.insert(0, {root!r})
 from tests.test_t5_train import t5_config
 from t5_hybrid.train import train_t5
-from lora_jax.trainer import restore_trainable
+from lora_jax.checkpoint import restore_trainable
 r = train_t5(t5_config({data!r}, max_steps=4, max_eval_examples=16, eval_batch_size=16),
              {workdir!r})
 t, _ = restore_trainable({workdir!r}, "trainable")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from lora_jax.checkpoint import restore_trainable
 from lora_jax.classifier import (
     evaluate,
     make_loss_fn,
@@ -23,8 +24,8 @@ from lora_jax.classifier import (
 from lora_jax.data import make_batch
 from lora_jax.errors import UserError
 from lora_jax.experiments import load_config
+from lora_jax.sharding import Placement
 from lora_jax.synthetic import make_quickstart_assets
-from lora_jax.trainer import Placement, restore_trainable
 from tests.helpers import dot_dtypes, override
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -133,7 +134,7 @@ from lora_jax.classifier import prepare, train_and_evaluate
 from lora_jax.data import make_batch
 from lora_jax.errors import UserError
 from lora_jax.sharding import Placement
-from lora_jax.trainer import restore_trainable
+from lora_jax.checkpoint import restore_trainable
 c = quick_config(({model!r}, {data!r}), batch_size=16, num_epochs=1, max_steps=6,
                  selection_size=64, max_eval_examples=64, **{{"mesh.shape": {mesh!r}}})
 r = train_and_evaluate(c, {workdir!r})

@@ -58,11 +58,16 @@ class Embeddings(nn.Module):
         return x.astype(self.dtype)
 
 
-class SelfAttention(nn.Module):
+class EncoderPart(nn.Module):
+    """The fields every adapted part of the encoder takes: the architecture, the LoRA dropout
+    rate and the compute dtype."""
+
     config: EncoderConfig
     lora_dropout: float = 0.0
     dtype: Any = jnp.float32
 
+
+class SelfAttention(EncoderPart):
     @nn.compact
     def __call__(self, x, attention_mask, deterministic: bool):
         cfg = self.config
@@ -82,11 +87,7 @@ class SelfAttention(nn.Module):
         return dense("output")(ctx, deterministic)
 
 
-class TransformerLayer(nn.Module):
-    config: EncoderConfig
-    lora_dropout: float = 0.0
-    dtype: Any = jnp.float32
-
+class TransformerLayer(EncoderPart):
     @nn.compact
     def __call__(self, x, attention_mask, deterministic: bool):
         cfg = self.config
@@ -101,12 +102,8 @@ class TransformerLayer(nn.Module):
         return norm("output_norm")(x + drop(h))
 
 
-class Encoder(nn.Module):
+class Encoder(EncoderPart):
     """Returns last hidden states (B, T, hidden) and, for BERT, the pooled [CLS] (B, hidden)."""
-
-    config: EncoderConfig
-    lora_dropout: float = 0.0
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
