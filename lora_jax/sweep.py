@@ -170,7 +170,9 @@ def run_sweep(args, command: str) -> int:
     write_json_atomic(args.out + ".json", {"name": sweep.name, "note": args.note,
                                            **provenance(command), **code,
                                            "results": results})
-    table = table_function(sweep)(sweep, results, command, args.note)
+    shown = sweep.copy_and_resolve_references()  # the table covers what was asked for
+    shown.tasks, shown.experiments, shown.seeds = tuple(tasks), tuple(rows), tuple(seeds)
+    table = table_function(shown)(shown, results, command, args.note)
     write_table(args.out + ".md", table)
     return 0
 

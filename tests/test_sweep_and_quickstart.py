@@ -53,6 +53,27 @@ def test_markdown_table_mean_std_and_average():
     assert "Command: `cmd`" in table and "Machine: cpu" in table
 
 
+def test_a_narrowed_sweep_tables_only_the_cells_it_was_asked_for(tmp_path, monkeypatch):
+    import json
+
+    from lora_jax import results, sweep
+
+    monkeypatch.setattr(results, "uncommitted_changes", lambda: [])
+    for task, value in (("sst2", 0.8), ("cola", 0.1)):
+        cell = tmp_path / "w" / f"ft_lora_{task}_s0"
+        cell.mkdir(parents=True)
+        (cell / "results.json").write_text(json.dumps(_fake("ft_lora", task, 0, value)))
+    out = tmp_path / "t"
+    assert sweep.main(["--config", str(ROOT / "configs" / "glue_cpu.py"), "--workdir",
+                       str(tmp_path / "w"), "--only", "sst2", "--rows", "ft_lora", "--collect",
+                       "--out", str(out)]) == 0
+    table = out.with_suffix(".md").read_text()
+    assert "| | sst2 (accuracy) | average |" in table and "cola" not in table
+    assert "| FT_LoRA | 80.0 | 80.0 |" in table and "FFN" not in table
+    assert [r["task"] for r in json.loads(out.with_suffix(".json").read_text())["results"]] == [
+        "sst2"]
+
+
 @pytest.mark.slow
 def test_readme_quickstart_runs_the_four_rows(tmp_path):
     """The README's quickstart from a fresh folder: modules, then Model/FFN/FT_LoRA/AttEns."""
