@@ -8,6 +8,8 @@ import platform
 import time
 from collections.abc import Callable
 
+from benchmarks.roofline import best_gemm_rate, gemm_fields, gemm_rates
+
 
 def cpu_model() -> str:
     """The host CPU's model name (Linux /proc/cpuinfo, else `platform.processor()`): machines of
@@ -162,8 +164,6 @@ def train_step_comparison(what: str, jax_run: Callable[[int], None],
     `rounds` alternating rounds of `steps` steps each, between two roofline GEMM measurements
     (square matmuls of side `gemm_size`). Returns the comparison row (examples/s, `step_flops`
     per step against the GEMM rate) and the GEMM fields of the record."""
-    from benchmarks.roofline import best_gemm_rate, gemm_fields, gemm_rates
-
     gemm = [gemm_rates(dtype, gemm_size)]
     seconds = alternating_rounds({"jax": lambda: jax_run(steps),
                                   "torch": lambda: torch_run(steps)}, rounds)

@@ -22,21 +22,14 @@ def _type_checking_only(node: ast.AST) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _imports(tree: ast.AST):
-    """Import nodes anywhere in `tree` except in the body of ``if TYPE_CHECKING:``."""
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.Import | ast.ImportFrom):
-            yield node
-        if _type_checking_only(node):
-            yield from (n for child in node.orelse for n in _imports_of(child))
-        else:
-            yield from _imports(node)
-
-
-def _imports_of(node: ast.AST):
+def _imports(node: ast.AST):
+    """Import nodes in `node` and below, except in the body of ``if TYPE_CHECKING:``."""
     if isinstance(node, ast.Import | ast.ImportFrom):
         yield node
-    yield from _imports(node)
+        return
+    children = node.orelse if _type_checking_only(node) else ast.iter_child_nodes(node)
+    for child in children:
+        yield from _imports(child)
 
 
 def import_graph(root: pathlib.Path, packages) -> dict[str, set[str]]:
