@@ -336,7 +336,8 @@ def authors_structure(config, model_dir: str, adapter_dirs: list[str], initial: 
     from lora_jax.tasks import get_task
 
     start = time.perf_counter()
-    examples, _ = data_lib.load_examples(config, get_task(TASK))
+    examples, _ = data_lib.load_examples(data_lib.DataSource.of(config), get_task(TASK),
+                                         data_lib.SplitSizes.of(config), config.seed)
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
 
     def tensors(ex):
@@ -440,7 +441,7 @@ def measure_end_to_end(model_dir: str, data_dir: str, module_dir: str, names: li
 
     from ensemble.inference import attens_run
     from ensemble.train import train_attens
-    from lora_jax.data import load_examples
+    from lora_jax import data as data_lib
     from lora_jax.tasks import get_task
 
     logging.getLogger("lora_jax").setLevel(logging.WARNING)
@@ -455,7 +456,9 @@ def measure_end_to_end(model_dir: str, data_dir: str, module_dir: str, names: li
     t0 = time.perf_counter()
     ours = train_attens(config, os.path.join(scratch, "run"))
     ours_s = time.perf_counter() - t0
-    examples = load_examples(config, get_task(TASK))[0]  # the rows both sides read
+    # the rows both sides read
+    examples = data_lib.load_examples(data_lib.DataSource.of(config), get_task(TASK),
+                                      data_lib.SplitSizes.of(config), config.seed)[0]
     initial = initial_combiner(config, len(names), load_cfg(model_dir).hidden_size)
     theirs = authors_structure(config, model_dir, adapter_dirs, initial,
                                our_batches(config, model_dir, examples["train"], epochs))

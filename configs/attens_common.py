@@ -23,6 +23,19 @@ def attens_config(model: str, module_dir: str, modules=GLUE_MODULES) -> ml_colle
     c.k = 0  # 0: all modules
     c.task = "rte"  # target: a module task, or an unseen one (imdb, ag_news, trec, stsb)
     c.combiner = ml_collections.ConfigDict({
+        # attens (the paper) | average | scalar | merge | lorahub (ensemble/combiner.py)
+        "method": "attens",
+        # merge: the k adapters merged into one (PEFT add_weighted_adapter semantics), a head
+        "merge_method": "ties",  # linear | magnitude_prune | ties | dare_linear | dare_ties
+        "merge_density": 0.2,  # fraction of entries kept by ties / dare / magnitude_prune
+        "merge_majority_sign": "total",  # ties sign election: total | frequency
+        "merge_weights": (),  # one per module; (): 1/k each (linear, dare_linear), 1 (ties);
+        # lorahub: () = search them (then recorded here in the run's config), or fixed weights
+        # lorahub: CMA-ES (pip install 'lora-jax[lorahub]') over k weights in [-bound, bound]
+        "lorahub_evaluations": 40,  # objective evaluations (LoraHub's budget)
+        "lorahub_l1": 0.05,  # + l1 * sum |w| (LoraHub's regulariser)
+        "lorahub_bound": 1.5,
+        "lorahub_search_rows": 256,  # at most this many train and selection rows per candidate
         "num_heads": 4,
         "agg1": "mean",  # over tokens: mean (masked) | max | min | sum
         "agg2": "mean",  # over modules after attention

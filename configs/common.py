@@ -30,6 +30,7 @@ def common_config() -> ml_collections.ConfigDict:
     c.max_train_examples = 0  # 0: all (after the held-out slice)
     c.max_eval_examples = 0  # 0: all
     c.selection_size = 0.1  # held-out slice of train for model selection (fraction or count)
+    c.train_budget = 0  # few-shot: labelled train rows in all, selection slice included; 0: all
 
     # Optimisation: AdamW with warmup and a schedule (the AttEns authors' module training:
     # lr 2e-5, wd 0.01, batch 16).

@@ -1,5 +1,6 @@
 """The quickstart's table (``python -m ensemble.quickstart``): the paper's Table 2 rows Model /
-FFN / FT_LoRA / AttEns on three synthetic tasks, a tiny random BERT, fully offline.
+FFN / FT_LoRA / AttEns, and the simpler combiners Average / Scalar weights over the same k = 3
+modules, on three synthetic tasks, a tiny random BERT, fully offline.
 
 The FT_LoRA runs double as the k = 3 modules that AttEns combines. After the quickstart has made
 its assets, the same table by hand:
@@ -19,10 +20,12 @@ TASKS = ("synth_sentiment", "synth_topic", "synth_negation")
 def get_config():
     c = ml_collections.ConfigDict()
     c.name = "Quickstart smoke run: tiny random BERT, synthetic tasks, k=3 modules"
-    c.experiments = ("zero_shot", "ffn", "ft_lora", "attens")
+    c.experiments = ("zero_shot", "ffn", "ft_lora", "attens", "average", "scalar")
+    attens = "configs/attens_quickstart.py"
     c.experiment_configs = ml_collections.ConfigDict({
         "zero_shot": "configs/quickstart.py", "ffn": "configs/quickstart.py",
-        "ft_lora": "configs/quickstart.py", "attens": "configs/attens_quickstart.py"})
+        "ft_lora": "configs/quickstart.py", "attens": attens, "average": attens,
+        "scalar": attens})
     c.tasks = TASKS
     c.seeds = (0,)
     c.common = ml_collections.ConfigDict({"progress": False})
@@ -32,5 +35,11 @@ def get_config():
         "ffn": {"experiment": "ffn", "optimizer": {"learning_rate": 1e-2}},
         "ft_lora": {"experiment": "ft_lora", "num_epochs": 3},
         "attens": {"num_epochs": 4},
+        # the same cached features, other combiners (ensemble/combiner.py)
+        # a plain head wants a larger step than the attention combiner (as FFN's)
+        "average": {"num_epochs": 4, "optimizer": {"learning_rate": 1e-2},
+                    "combiner": {"method": "average"}},
+        "scalar": {"num_epochs": 4, "optimizer": {"learning_rate": 1e-2},
+                   "combiner": {"method": "scalar"}},
     })
     return c

@@ -1,4 +1,6 @@
-"""The AttEns combiner (flax.linen), exactly as ../shared/DESIGN.md fixes it.
+"""The AttEns combiner (flax.linen), exactly as ../shared/DESIGN.md fixes it, and the simpler
+combiners it is compared with (``config.combiner.method``: attens | average | scalar | merge |
+lorahub).
 
 Inputs: ``modules`` (B, k, d) = Agg1-pooled outputs of the k frozen modules; ``base`` (B, d) =
 the frozen encoder's pooled output. Then
@@ -125,11 +127,81 @@ class MultiHeadSelfAttention(nn.Module):
         return nn.Dense(d, name="out_proj")(out), weights
 
 
-def build_combiner(config, num_classes: int, hidden: int) -> AttEnsCombiner:
-    """The combiner of ``config.combiner`` and ``config.quirks`` for `num_classes` outputs over
-    base features of width `hidden`."""
+class MixCombiner(nn.Module):
+    """A trained linear head on one mix of the k module vectors, the simpler combiners AttEns
+    is compared with. Same call as `AttEnsCombiner`; no attention (None with
+    ``return_attention``).
+
+    learned_weights False (``method="average"``, AdapterHub's ``Average`` over pooled outputs;
+    the base is not used):
+
+        logits = Linear(d, C)(Dropout(LN(mean_k modules)))
+
+    learned_weights True (``method="scalar"``, PEFT #1655's learned merge weights, on outputs):
+    k + 1 softmax weights over the module vectors and the base, `module_weights(params)`,
+
+        w = softmax(theta)                  # (k + 1,), theta = 0 at the start: a plain mean
+        logits = Linear(d, C)(Dropout(LN(sum_i w_i modules_i + w_k base)))
+
+    The LayerNorm is AttEns's own before its classifier (LN_out): the comparison is of how the
+    modules are combined, not of how well a raw pooled vector is conditioned.
+    """
+
+    num_classes: int
+    learned_weights: bool = False
+    lift_dim: int | None = None
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, modules: jax.Array, base: jax.Array, deterministic: bool = True,
+                 return_attention: bool = False, row_mask: jax.Array | None = None):
+        modules = modules.astype(jnp.float32)
+        if self.lift_dim:
+            modules = nn.Dense(self.lift_dim, name="lift")(modules)
+        if self.learned_weights:
+            base = base.astype(jnp.float32)
+            if base.shape[-1] != modules.shape[-1]:
+                base = nn.Dense(modules.shape[-1], name="base_lift")(base)
+            vectors = jnp.concatenate([modules, base[:, None]], axis=1)  # (B, k + 1, d)
+            theta = self.param("module_logits", nn.initializers.zeros, (vectors.shape[1],))
+            x = jnp.einsum("m,bmd->bd", jax.nn.softmax(theta), vectors)
+        else:
+            x = modules.mean(1)
+        x = Dropout(self.dropout)(nn.LayerNorm(name="ln_out")(x), deterministic=deterministic)
+        logits = nn.Dense(self.num_classes, name="classifier")(x)
+        return (logits, None) if return_attention else logits
+
+
+def module_weights(params) -> list[float] | None:
+    """The k + 1 softmax weights (modules, then the base) of a learned-weights `MixCombiner`'s
+    variables; None for the other combiners."""
+    p = params.get("params", params)
+    if "module_logits" not in p:
+        return None
+    return [round(float(w), 5) for w in jax.nn.softmax(jnp.asarray(p["module_logits"]))]
+
+
+# config.combiner.method -> what combines the k modules: attention over their outputs (the
+# paper), their mean, learned scalar weights, or a weight-space merge into one adapter whose
+# output a linear head reads (`lora_jax.merge`, or LoraHub's searched sum, `ensemble.lorahub`;
+# the head is the average MixCombiner of one slot)
+COMBINER_METHODS = ("attens", "average", "scalar", "merge", "lorahub")
+
+
+def combiner_method(config) -> str:
+    """``config.combiner.method``; runs saved before the key existed are AttEns."""
+    return config.combiner.get("method", "attens")
+
+
+def build_combiner(config, num_classes: int, hidden: int) -> nn.Module:
+    """The combiner of ``config.combiner`` (its ``method``) and ``config.quirks`` for
+    `num_classes` outputs over base features of width `hidden`."""
     c, q = config.combiner, config.quirks
+    lift_dim = hidden if c.output == "logits" else None
+    method = combiner_method(config)
+    if method in ("average", "scalar", "merge", "lorahub"):
+        return MixCombiner(num_classes, method == "scalar", lift_dim, c.dropout)
     return AttEnsCombiner(num_classes=num_classes, num_heads=c.num_heads, agg2=c.agg2,
-                          lift_dim=hidden if c.output == "logits" else None, dropout=c.dropout,
+                          lift_dim=lift_dim, dropout=c.dropout,
                           attend_across_batch=q.attend_across_batch,
                           shared_layernorm=q.shared_layernorm)

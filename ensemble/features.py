@@ -36,12 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ensemble.combiner import AGGREGATIONS
+from ensemble.combiner import AGGREGATIONS, combiner_method
+from ensemble.lorahub import require_cma
 from ensemble.modules import ModuleSet, load_module_set
 from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
 from lora_jax.distributed import BatchShare, barrier, is_main_process, map_batches, map_encoded
 from lora_jax.errors import UserError
+from lora_jax.merge import merge_adapters, weighted_sum
 from lora_jax.models import Encoder
 from lora_jax.models.encoder import POOLINGS, pool
 from lora_jax.models.hf_import import load_pretrained, place_pretrained
@@ -285,6 +287,16 @@ def cached_features(cache_dir: str, settings: dict, texts, compute: Callable):
 def check_feature_config(config) -> None:
     """The combiner keys a config may spell wrong, named in the error."""
     c = config.combiner
+    method = combiner_method(config)  # method and merge_* values: checked as config rules
+    if method == "lorahub":
+        require_cma()
+    if method in ("merge", "lorahub") and c.output == "logits":
+        raise UserError(f"combiner.method={method!r} merges the adapters, not their heads; use "
+                        "combiner.output='hidden'")
+    combiner_quirks = [k for k in ("attend_across_batch", "shared_layernorm") if config.quirks[k]]
+    if method != "attens" and combiner_quirks:
+        raise UserError(f"quirks.{combiner_quirks[0]} changes the attention combiner; "
+                        f"combiner.method={method!r} has none, turn the quirk off")
     if c.agg1 not in AGG1:
         raise UserError(f"combiner.agg1 {c.agg1!r} is unknown; use one of {', '.join(AGG1)}")
     if c.agg2 not in AGGREGATIONS:
@@ -310,23 +322,65 @@ def feature_settings(config, model_params, tokenizer, stacked, heads, modules: l
             "padded_lengths": list(pad_to), "dtype": config.dtype}
 
 
+def merge_weights(config, k: int) -> tuple[float, ...]:
+    """``config.combiner.merge_weights``, or by default 1/k each for the merges that sum
+    (linear, magnitude_prune, dare_linear: the merge is then a mean) and 1 each for the TIES
+    merges (their disjoint mean already divides)."""
+    c = config.combiner
+    weights = tuple(float(w) for w in c.merge_weights)
+    if not weights:
+        return (1.0 if c.merge_method.endswith("ties") else 1.0 / k,) * k
+    if len(weights) != k:
+        raise UserError(f"combiner.merge_weights has {len(weights)} weights for k={k} modules; "
+                        "give one per module or none")
+    return weights
+
+
+def merged_adapter(config, module_set: ModuleSet, k: int) -> dict:
+    """The first k modules' adapters merged into one: ``method='merge'`` as PEFT's
+    add_weighted_adapter (``config.combiner.merge_*``; DARE masks drawn from ``config.seed``),
+    ``'lorahub'`` summed with its weights (``merge_weights``, found by `ensemble.lorahub`)."""
+    c = config.combiner
+    loras = [m.lora for m in module_set.modules[:k]]
+    if combiner_method(config) == "lorahub":
+        return weighted_sum(loras, merge_weights(config, k))
+    return merge_adapters(loras, merge_weights(config, k), c.merge_method, c.merge_density,
+                          c.merge_majority_sign, key=jax.random.PRNGKey(config.seed))
+
+
+def merges_adapters(config) -> bool:
+    """Whether the features come from ONE merged adapter (merge, or lorahub once its weights
+    are known) instead of every module's own."""
+    method = combiner_method(config)
+    return method == "merge" or (method == "lorahub" and bool(config.combiner.merge_weights))
+
+
 @dataclasses.dataclass
 class FeatureExtractor:
-    """The frozen side of AttEns: the base encoder with the first k modules stacked (plus the
-    all-zero base slot), and how its rows are tokenized and padded."""
+    """The frozen side of AttEns: the base encoder with the modules stacked (plus the all-zero
+    base slot), and how its rows are tokenized and padded. Every module of the set has a slot
+    (the cache then serves every k); with ``combiner.method='merge'`` one slot holds the merge
+    of the first k."""
 
     module_set: ModuleSet
-    k: int
+    k: int  # modules combined: the first k of the set
+    slots: int  # feature vectors per row a combiner reads: k, or 1 for a merge
     model: str
     tokenizer: Any
     base_params: dict
-    stacked: dict  # every module's adapters (k_all + 1 on the leading axis)
+    stacked: dict  # the slots' adapters (every module's, or the merge; + 1 on the leading axis)
     heads: tuple  # (kernels (k_all, d, Cmax), biases (k_all, Cmax))
     feature_fn: Any
     max_length: int
     pad_to: tuple[int, ...]  # padded lengths of feature batches
     pad_id: int
     hidden_size: int  # d of the base features
+
+    def with_adapters(self, adapters: list[dict]) -> FeatureExtractor:
+        """The same extractor with `adapters` (adapter trees shaped like the modules') in its
+        slots instead, e.g. a merge of the modules."""
+        return dataclasses.replace(self, stacked=with_base_slot(stack_trees(adapters)),
+                                   slots=len(adapters))
 
     def features(self, enc: data_lib.Encoded, batch_size: int, put=lambda b: b,
                  desc: str = "features", progress: bool = False, rows=None,
@@ -365,8 +419,11 @@ def build_feature_extractor(config) -> FeatureExtractor:
     initialised = encoder.init(jax.random.PRNGKey(config.seed), ids)["params"]
     base_params = lora_lib.cast_floating(place_pretrained(initialised, pretrained),
                                          lora_lib.DTYPES[config.param_dtype])
+    adapters, slots = [m.lora for m in mset.modules], k
+    if merges_adapters(config):
+        adapters, slots = [merged_adapter(config, mset, k)], 1
     try:
-        stacked = with_base_slot(stack_trees([m.lora for m in mset.modules]))
+        stacked = with_base_slot(stack_trees(adapters))
         heads = stack_heads([m.head for m in mset.modules]) if (
             config.combiner.output == "logits") else ()
         jax.eval_shape(lambda: encoder.apply({"params": base_params, "lora": jax.tree_util.tree_map(
@@ -382,7 +439,7 @@ def build_feature_extractor(config) -> FeatureExtractor:
     # never depend on the batch it lands in; otherwise the usual length buckets.
     pad_to = ((max_len,) if config.quirks.count_padding
               else data_lib.bucket_lengths(max_len, config.buckets))
-    return FeatureExtractor(mset, k, model, tokenizer, base_params, stacked, heads, feature_fn,
+    return FeatureExtractor(mset, k, slots, model, tokenizer, base_params, stacked, heads, feature_fn,
                             max_len, pad_to, tokenizer.pad_token_id or 0, enc_cfg.hidden_size)
 
 

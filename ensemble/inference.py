@@ -24,7 +24,7 @@ from lora_jax.tasks import Task, resolve_task
 class AttensRun(ClassificationRun):
     task: Task
     extractor: FeatureExtractor
-    combiner: Any  # AttEnsCombiner
+    combiner: Any  # a combiner of ensemble.combiner (build_combiner)
     params: dict  # the combiner's best parameters
     batch_size: int  # the run's eval_batch_size (the batch-axis quirk depends on it)
     feature_batch_size: int
@@ -35,7 +35,7 @@ class AttensRun(ClassificationRun):
         enc = data_lib.encode(data_lib.Examples(texts, np.zeros(len(texts), np.int32)),
                               fx.tokenizer, fx.max_length)
         modules, base = fx.features(enc, self.feature_batch_size, progress=progress)
-        split = FeatureSplit(modules[:, : fx.k], base, enc.labels, 0.0, False)
+        split = FeatureSplit(modules[:, : fx.slots], base, enc.labels, 0.0, False)
         apply = jax.jit(lambda p, b: self.combiner.apply(p, b["modules"], b["base"],
                                                          row_mask=b["weights"] > 0))
         return map_combiner(lambda b: apply(self.params, b), split, self.batch_size)

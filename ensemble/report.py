@@ -3,7 +3,8 @@ shape) and a heatmap of the combiner's attention over modules, from one sweep's 
 
     python -m ensemble.report --sweep results/attens_minilm_l3.json --out results/attens_minilm_l3
 
-Writes <out>.md, <out>_k_sweep.png and <out>_attention.png (matplotlib: pip install -e ".[plots]").
+Writes <out>.md, <out>_k_sweep.png, <out>_attention.png and, for a sweep with a few-shot
+budget axis, <out>_budgets.png (matplotlib: pip install -e ".[plots]").
 """
 
 from __future__ import annotations
@@ -16,10 +17,83 @@ from collections.abc import Sequence
 import numpy as np
 
 from lora_jax.cli import ArgumentParser, fail
-from lora_jax.report import STD_LABEL, cell_scores, row_of, score_table
+from lora_jax.metrics import paired_bootstrap, unpack_array
+from lora_jax.report import ROW_NAMES, STD_LABEL, cell_scores, main_score, row_of, score_table
 from lora_jax.writers import write_table
 
 ROWS = ("zero_shot", "ffn", "ft_lora", "attens")
+# combiner method -> what it is, for the rows beside the paper's (named as lora_jax.report's)
+METHOD_DESCRIPTIONS = {
+    "average": "a linear head on the mean of the module outputs",
+    "scalar": "a linear head on a learned softmax mix of the module outputs and the base",
+}
+
+
+def method_of(result: dict) -> str:
+    """The combiner method of an AttEns-experiment run (runs from before methods: attens)."""
+    return result.get("method", "attens")
+
+
+def is_attens(result: dict) -> bool:
+    """A run of the paper's attention combiner (any k)."""
+    return result["experiment"] == "attens" and method_of(result) == "attens"
+
+
+def table_rows(results: Sequence[dict]) -> list[str]:
+    """The paper's rows, then each other combination method's sweep row, in run order."""
+    extra = [row_of(r) for r in results if r["experiment"] == "attens" and not is_attens(r)]
+    return [*ROWS, *dict.fromkeys(extra)]
+
+
+def row_methods(results: Sequence[dict]) -> dict[str, str]:
+    """{sweep row: combiner method} of the rows beside the paper's."""
+    return {row_of(r): method_of(r) for r in results
+            if r["experiment"] == "attens" and not is_attens(r)}
+
+
+def train_budget(result: dict) -> int:
+    """The labelled train rows the run was allowed (0: all of train)."""
+    return int(result.get("config", {}).get("train_budget", 0))
+
+
+def budget_curves(results: Sequence[dict], rows: Sequence[str]
+                  ) -> tuple[list[int], dict[str, dict[int, float]]]:
+    """(budgets, smallest first, 0 = all of train, last; row -> {budget: mean main score over
+    the targets and seeds}) where a row has every target at that budget."""
+    budgets = sorted({train_budget(r) for r in results}, key=lambda b: b or float("inf"))
+    targets = list(dict.fromkeys(r["task"] for r in results))
+    curves: dict[str, dict[int, float]] = {}
+    for row in rows:
+        for b in budgets:
+            cell = [r for r in results if row_of(r) == row and train_budget(r) == b]
+            per_task = [[main_score(r) for r in cell if r["task"] == t] for t in targets]
+            if all(per_task):
+                curves.setdefault(row, {})[b] = float(np.mean([np.mean(v) for v in per_task]))
+    return budgets, curves
+
+
+def plot_budgets(budgets: list[int], curves: dict[str, dict[int, float]], names: dict[str, str],
+                 path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    at = {b: i for i, b in enumerate(budgets)}
+    for row, points in curves.items():
+        bs = [b for b in budgets if b in points]
+        ax.plot([at[b] for b in bs], [points[b] for b in bs], marker="o",
+                label=names.get(row, row))
+    ax.set_xticks(range(len(budgets)), [str(b) if b else "all" for b in budgets])
+    ax.set_xlabel("labelled target rows (train + selection)")
+    ax.set_ylabel("mean validation score over targets (x100)")
+    ax.set_title("score vs few-shot budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def split_tasks(results: Sequence[dict]) -> tuple[list[str], list[str]]:
@@ -43,7 +117,7 @@ def k_sweep(results: Sequence[dict]) -> dict[str, dict[int, float]]:
     would compare different things)."""
     acc: dict[str, dict[int, dict[int, float]]] = {}
     for r in results:
-        if r["experiment"] == "attens":
+        if is_attens(r):
             acc.setdefault(r["task"], {}).setdefault(k_of(r), {})[r["seed"]] = (
                 100 * next(iter(r["metrics"].values()))[r["main_metric"]])
     curves = {}
@@ -110,6 +184,60 @@ def plot_attention(targets, modules, weights: np.ndarray, path: str) -> None:
     plt.close(fig)
 
 
+def row_predictions(results: Sequence[dict], row: str, task: str
+                    ) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """(per-seed predictions on the task's first reported split, its labels) of a row, from
+    the packed per-row outputs of its results (runs recorded before those were kept: none)."""
+    preds, labels = [], None
+    for r in results:
+        rows = r.get("predictions", {})
+        if row_of(r) == row and r["task"] == task and rows:
+            split = rows[next(iter(r["metrics"]))]
+            y = unpack_array(split["labels"])
+            if labels is not None and not np.array_equal(y, labels):
+                return [], None  # seeds scored on other rows: no paired test
+            preds.append(unpack_array(split["predictions"]))
+            labels = y
+    return preds, labels
+
+
+PAIRED = "paired bootstrap over the validation rows (1000 resamples), 95% interval"
+
+
+def paired_tests(results: Sequence[dict], rows: Sequence[str], tasks: Sequence[str],
+                 names: dict[str, str], baselines=("ft_lora", "attens")) -> list[str]:
+    """Markdown lines: every row's difference to each baseline per target (mean over seeds,
+    x100) with its paired-bootstrap interval, and a plain sentence of what is significant."""
+    metric = {r["task"]: r["main_metric"] for r in results}
+    header = "| target | row | " + " | ".join(f"vs {names.get(b, b)}" for b in baselines) + " |"
+    lines, wins, losses = [header, "|---" * (len(baselines) + 2) + "|"], [], []
+    for task in tasks:
+        base = {b: row_predictions(results, b, task) for b in baselines}
+        for row in rows:
+            mine, labels = row_predictions(results, row, task)
+            if not mine:
+                continue
+            cells = []
+            for b in baselines:
+                theirs, their_labels = base[b]
+                if row == b or not theirs or not np.array_equal(labels, their_labels):
+                    cells.append("–")
+                    continue
+                diff, lo, hi = paired_bootstrap(metric[task], mine, theirs, labels)
+                mark = "*" if lo > 0 or hi < 0 else ""
+                cells.append(f"{100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}")
+                if mark:
+                    (wins if diff > 0 else losses).append(
+                        f"{names.get(row, row)} vs {names.get(b, b)} on {task}")
+            lines.append(f"| {task} | {names.get(row, row)} | " + " | ".join(cells) + " |")
+    if len(lines) == 2:
+        return []
+    said = (f"Significantly ahead: {', '.join(wins) or 'none'}. Significantly behind: "
+            f"{', '.join(losses) or 'none'}. Every other difference is within its interval.")
+    return [f"Difference in the main score x100 (mean over seeds), {PAIRED}; * = the interval "
+            "excludes 0.", "", *lines, "", said]
+
+
 def verdict(results: Sequence[dict], tasks: Sequence[str]) -> str:
     """One honest sentence: does AttEns beat FT_LoRA on average, and where not."""
     cells = cell_scores(results)
@@ -130,15 +258,34 @@ def build_report(sweep: dict, out: str, sweep_path: str = "") -> str:
     """The report's markdown; `out` is the stem of the .md/.png files, `sweep_path` the sweep
     .json it was built from (for the command line it prints)."""
     sweep_path = sweep_path or out + ".json"
-    results = sweep["results"]
+    every_budget = sweep["results"]
+    results = [r for r in every_budget if not train_budget(r)]  # the tables: all of train
     seen, unseen = split_tasks(results)
     attens = [r for r in results if r["experiment"] == "attens"]
+    rows, methods = table_rows(results), row_methods(results)
+    names = {row: ROW_NAMES.get(m, row) for row, m in methods.items()}
     lines = [f"# {sweep['name']}", ""]
     lines += ["## Table 2: target tasks that have a module", "",
-              score_table(results, ROWS, seen), "", verdict(results, seen), ""]
+              score_table(results, rows, seen, names), "", verdict(results, seen), ""]
     if unseen:
         lines += ["## Table 3: unseen target tasks (no module trained on them)", "",
-                  score_table(results, ROWS, unseen), "", verdict(results, unseen), ""]
+                  score_table(results, rows, unseen, names), "", verdict(results, unseen), ""]
+    tests = paired_tests(results, rows, seen + unseen, {**ROW_NAMES, **names})
+    if tests:
+        lines += ["## Paired tests against FT_LoRA and AttEns", "", *tests, ""]
+    budgets, by_budget = budget_curves(every_budget, rows)
+    if len(budgets) > 1:
+        lines += ["## Few-shot: score against the labelled target rows", "",
+                  "Mean over every target (and seed) of the main score x100; a row is shown at "
+                  "a budget where it has every target. The selection slice comes out of the "
+                  "same budget.", "",
+                  "| | " + " | ".join(str(b) if b else "all" for b in budgets) + " |",
+                  "|---" * (len(budgets) + 1) + "|"]
+        lines += [f"| {names.get(row, ROW_NAMES.get(row, row))} | " + " | ".join(
+            f"{c[b]:.1f}" if b in c else "–" for b in budgets) + " |"
+            for row, c in by_budget.items()]
+        lines += ["", f"![few-shot]({os.path.basename(out)}_budgets.png)", ""]
+        plot_budgets(budgets, by_budget, {**ROW_NAMES, **names}, out + "_budgets.png")
     curves = k_sweep(results)
     if curves:
         ks = sorted({k for c in curves.values() for k in c})
@@ -159,11 +306,11 @@ def build_report(sweep: dict, out: str, sweep_path: str = "") -> str:
         plot_attention(targets, modules, weights, out + "_attention.png")
     if attens:
         lines += ["## AttEns time: feature extraction (once, cached) vs combiner training", "",
-                  "| target | seed | k | feature extraction s per split | "
-                  "cache hit | combiner training s | epochs | train rows |", "|---" * 8 + "|"]
+                  "| row | target | seed | k | feature extraction s per split | "
+                  "cache hit | combiner training s | epochs | train rows |", "|---" * 9 + "|"]
         for r in attens:
             fs = ", ".join(f"{k} {v:.0f}" for k, v in r["feature_seconds"].items())
-            lines.append(f"| {r['task']} | {r['seed']} | {r['k']} | {fs} | "
+            lines.append(f"| {row_of(r)} | {r['task']} | {r['seed']} | {r['k']} | {fs} | "
                          f"{all(r['feature_cache_hits'].values())} | "
                          f"{r['train_seconds']:.1f} | {r['epochs']} | "
                          f"{r['sizes'].get('train')} |")
@@ -180,7 +327,9 @@ def build_report(sweep: dict, out: str, sweep_path: str = "") -> str:
               "k sweep: the seeds that every k of a target has, seed 0 here).",
               "- Rows: Model = frozen encoder + untrained head; FFN = frozen encoder + trained "
               "linear head; FT_LoRA = single-task LoRA (r=4, alpha=32, q/k/v); AttEns = "
-              "combiner over the frozen modules.",
+              "combiner over the frozen modules" + "".join(
+                  f"; {names[row]} = {METHOD_DESCRIPTIONS[m]}" for row, m in methods.items()
+                  if m in METHOD_DESCRIPTIONS) + ".",
               "- Rows per target: " + "; ".join(
                   f"{r['task']}: " + ", ".join(f"{k} {v}" for k, v in r["sizes"].items())
                   for r in attens if r["seed"] == 0 and row_of(r) == "attens") + ".",

@@ -24,11 +24,13 @@ import os
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ensemble.combiner import AttEnsCombiner, build_combiner
+from ensemble import lorahub
+from ensemble.combiner import COMBINER_METHODS, build_combiner, combiner_method, module_weights
 from ensemble.features import (
     FeatureSplit,
     build_feature_extractor,
@@ -36,6 +38,8 @@ from ensemble.features import (
     feature_batch,
     feature_settings,
     map_combiner,
+    merge_weights,
+    merged_adapter,
 )
 from ensemble.modules import ModuleSet
 from lora_jax import data as data_lib
@@ -46,13 +50,16 @@ from lora_jax.config_check import (
     POSITIVE,
     PROBABILITY,
     boolean,
+    number,
+    one_of,
     register_rules,
     validate_config,
 )
 from lora_jax.distributed import BatchShare
 from lora_jax.errors import UserError
+from lora_jax.merge import MAJORITY_SIGN_METHODS, MERGE_METHODS
 from lora_jax.results import selection_protocol
-from lora_jax.sharding import Placement, check_divisible_by_devices, mesh_of
+from lora_jax.sharding import Placement, mesh_of
 from lora_jax.tasks import Task, resolve_task
 
 log = logging.getLogger("lora_jax.attens")
@@ -60,6 +67,12 @@ log = logging.getLogger("lora_jax.attens")
 register_rules({
     "k": NON_NEGATIVE, "feature_batch_size": POSITIVE,
     "combiner.num_heads": POSITIVE, "combiner.dropout": PROBABILITY,
+    "combiner.method": one_of(*COMBINER_METHODS),
+    "combiner.merge_method": one_of(*MERGE_METHODS),
+    "combiner.merge_density": number(0.0, 1.0, lo_open=True),
+    "combiner.merge_majority_sign": one_of(*MAJORITY_SIGN_METHODS),
+    "combiner.lorahub_evaluations": POSITIVE, "combiner.lorahub_search_rows": POSITIVE,
+    "combiner.lorahub_l1": number(0.0), "combiner.lorahub_bound": number(0.0, lo_open=True),
     "quirks.attend_across_batch": boolean, "quirks.shared_layernorm": boolean,
     "quirks.count_padding": boolean, "quirks.encoder_dropout": boolean,
 })
@@ -79,6 +92,7 @@ class AttensSetup:
     feature_buckets: tuple[int, ...]
     sources: dict[str, str]
     share: BatchShare  # the rows of every global batch this process feeds
+    search: dict | None = None  # lorahub's weight search (`ensemble.lorahub.search_weights`)
 
 
 def prepare_attens(config) -> AttensSetup:
@@ -86,19 +100,34 @@ def prepare_attens(config) -> AttensSetup:
     validate_config(config)
     if config.num_epochs < 1:
         raise UserError("AttEns trains a combiner: num_epochs must be at least 1")
-    batch_sizes = {k: config[k] for k in ("batch_size", "eval_batch_size", "feature_batch_size")}
-    check_divisible_by_devices(mesh_of(config), **batch_sizes)
+    share = BatchShare.of_this_process(mesh_of(config), batch_size=config.batch_size,
+                                       eval_batch_size=config.eval_batch_size,
+                                       feature_batch_size=config.feature_batch_size)
     task = resolve_task(config)
-    share = BatchShare.of_this_process(**batch_sizes)
     fx = build_feature_extractor(config)
-    examples, sources = data_lib.load_examples(config, task)
+    examples, sources = data_lib.load_examples(data_lib.DataSource.of(config), task,
+                                               data_lib.SplitSizes.of(config), config.seed)
     encoded = {name: data_lib.encode(ex, fx.tokenizer, fx.max_length)
                for name, ex in examples.items()}
+    place = Placement.from_config(config)
+    search = None
+    if combiner_method(config) == "lorahub" and not config.combiner.merge_weights:
+        if "selection" not in encoded:
+            raise UserError("combiner.method='lorahub' scores its candidates on the selection "
+                            "slice; set selection_size > 0")
+        search = lorahub.search_weights(
+            config, fx, encoded["train"], encoded["selection"], task.num_labels,
+            task.is_regression, trainer.weighted_loss_and_predictions,
+            lambda ex, enc, rows: ex.features(enc, config.feature_batch_size, place.put_batch,
+                                              rows=rows, share=share, out_sharding=place.batch))
+        log.info("lorahub on %s: weights %s (objective %.4f after %d evaluations)", task.name,
+                 search["weights"], search["objective"], len(search["history"]))
+        config.combiner.merge_weights = tuple(search["weights"])  # the run's config: its merge
+        fx = fx.with_adapters([merged_adapter(config, fx.module_set, fx.k)])
     settings = feature_settings(config, fx.base_params, fx.tokenizer, fx.stacked, fx.heads,
                                 fx.module_set.tasks, fx.max_length, fx.pad_to)
-    place = Placement.from_config(config)
     splits = {}
-    k = fx.k
+    slots = fx.slots
     for name, enc in encoded.items():
         compute = lambda idx, enc=enc, name=name: fx.features(
             enc, config.feature_batch_size, place.put_batch, f"features {task.name}/{name}",
@@ -107,17 +136,17 @@ def prepare_attens(config) -> AttensSetup:
                                                         examples[name].texts, compute)
         log.info("features %s/%s: %d rows, %d computed (%.1f s), %d from the cache", task.name,
                  name, len(enc), n_new, seconds, len(enc) - n_new)
-        splits[name] = FeatureSplit(modules[:, :k], base, enc.labels, seconds, n_new == 0)
-    k_stacked = jax.tree_util.tree_map(
-        lambda x: jnp.concatenate([x[:k], x[-1:]]), fx.stacked)  # first k modules + base slot
-    frozen = {"base": fx.base_params, "adapters": k_stacked,
-              "heads": jax.tree_util.tree_map(lambda x: x[:k], fx.heads)
+        splits[name] = FeatureSplit(modules[:, :slots], base, enc.labels, seconds, n_new == 0)
+    read = jax.tree_util.tree_map(
+        lambda x: jnp.concatenate([x[:slots], x[-1:]]), fx.stacked)  # read slots + base slot
+    frozen = {"base": fx.base_params, "adapters": read,
+              "heads": jax.tree_util.tree_map(lambda x: x[:slots], fx.heads)
               } if config.quirks.encoder_dropout else {}
-    return AttensSetup(config, task, fx.module_set, k, splits, encoded, fx.feature_fn, frozen,
-                       fx.pad_id, fx.pad_to, sources, share)
+    return AttensSetup(config, task, fx.module_set, fx.k, splits, encoded, fx.feature_fn, frozen,
+                       fx.pad_id, fx.pad_to, sources, share, search)
 
 
-def init_combiner(combiner: AttEnsCombiner, seed: int, modules, base) -> dict:
+def init_combiner(combiner: nn.Module, seed: int, modules, base) -> dict:
     """The combiner's initial variables: a function of the seed and of the shapes of a batch's
     modules (B, k, D) and base (B, d) only, not of their values."""
     return jax.jit(combiner.init)(jax.random.PRNGKey(seed), modules, base)
@@ -125,15 +154,16 @@ def init_combiner(combiner: AttEnsCombiner, seed: int, modules, base) -> dict:
 
 def evaluate_combiner(predict, params, split: FeatureSplit, task: Task, batch_size: int,
                       put=lambda b: b, share: BatchShare | None = None):
-    """(metrics, mean attention (k, k) over examples and heads, or None with the batch
-    quirk)."""
+    """(metrics, mean attention (k, k) over examples and heads (None with the batch quirk or
+    a combiner without attention), (predictions, labels))."""
     preds, att = map_combiner(lambda batch: predict(params, batch), split, batch_size, put,
                               share)
     mean_att = None if att is None else att.mean(0)
-    return metrics_lib.compute(task.metrics, preds, split.labels), mean_att
+    return (metrics_lib.compute(task.metrics, preds, split.labels), mean_att,
+            (preds, split.labels))
 
 
-def make_loss_fn(setup: AttensSetup, combiner: AttEnsCombiner) -> trainer.LossFn:
+def make_loss_fn(setup: AttensSetup, combiner: nn.Module) -> trainer.LossFn:
     regression = setup.task.is_regression
 
     def loss_fn(params, frozen, batch, rng):
@@ -167,7 +197,7 @@ def experiment(setup: AttensSetup) -> trainer.Experiment:
                                      row_mask=batch["weights"] > 0, return_attention=True)
         pred = trainer.weighted_loss_and_predictions(logits, batch["labels"], batch["weights"],
                                                      task.is_regression)[1]
-        return pred, None if cfg.quirks.attend_across_batch else att.mean(1)
+        return pred, None if att is None or cfg.quirks.attend_across_batch else att.mean(1)
 
     if cfg.quirks.encoder_dropout:
         tokens = setup.encoded["train"]
@@ -181,21 +211,28 @@ def experiment(setup: AttensSetup) -> trainer.Experiment:
     reported_attention: dict[str, np.ndarray] = {}
 
     def evaluate(p, _frozen, split, workdir):
-        scores, att = evaluate_combiner(predict, p, setup.splits[split], task,
-                                        cfg.eval_batch_size, place.put_batch, setup.share)
+        scores, att, rows = evaluate_combiner(predict, p, setup.splits[split], task,
+                                              cfg.eval_batch_size, place.put_batch, setup.share)
         if workdir is not None and att is not None:
             reported_attention.setdefault(split, att)
-        return scores
+        return scores, rows
 
     modules = setup.module_set.tasks[: setup.k]
 
-    def extra(_best) -> dict:
+    def extra(best) -> dict:
         attention = next(iter(reported_attention.values()), None)
+        weights = module_weights(best)
         return {
             "k": setup.k, "modules": modules, "unseen": task.name not in setup.module_set.tasks,
+            "method": combiner_method(cfg),
             "attention": None if attention is None else {
                 "modules": modules, "matrix": attention.round(5).tolist(),
                 "mean_received": attention.mean(0).round(5).tolist()},
+            "module_weights": None if weights is None else dict(zip([*modules, "base"], weights,
+                                                                    strict=True)),
+            "merge_weights": dict(zip(modules, merge_weights(cfg, setup.k), strict=True))
+            if combiner_method(cfg) in ("merge", "lorahub") else None,
+            "lorahub_search": setup.search,
             "feature_seconds": {n: round(s.seconds, 2) for n, s in setup.splits.items()},
             "feature_cache_hits": {n: s.cached for n, s in setup.splits.items()},
             "quirks": cfg.quirks.to_dict(), "combiner": cfg.combiner.to_dict()}

@@ -28,7 +28,7 @@ from lora_jax.models import EncoderConfig, SequenceClassifier
 from lora_jax.models.encoder import POOLINGS
 from lora_jax.models.hf_import import Pretrained, load_pretrained, place_pretrained
 from lora_jax.results import selection_protocol
-from lora_jax.sharding import Placement, check_divisible_by_devices, mesh_of
+from lora_jax.sharding import Placement, mesh_of
 from lora_jax.tasks import Task, resolve_task
 
 log = logging.getLogger(__name__)
@@ -147,14 +147,17 @@ def prepare(config, with_data: bool = True) -> Setup:
     prediction) data. Writes nothing."""
     validate_config(config)
     task = resolve_task(config)
-    batch_sizes = {k: config[k] for k in ("batch_size", "eval_batch_size")}
-    check_divisible_by_devices(mesh_of(config), **batch_sizes)
+    share = BatchShare.of_this_process(mesh_of(config), batch_size=config.batch_size,
+                                       eval_batch_size=config.eval_batch_size)
     if config.experiment == "zero_shot":
         config.num_epochs = 0
     patterns = trainable_patterns(config)
-    share = BatchShare.of_this_process(**batch_sizes)
     # the data before the model: a bad row is reported before seconds of model loading
-    examples, sources = data_lib.load_examples(config, task) if with_data else ({}, {})
+    examples, sources = {}, {}
+    if with_data:
+        examples, sources = data_lib.load_examples(
+            data_lib.DataSource.of(config), task, data_lib.SplitSizes.of(config), config.seed,
+            train=config.num_epochs > 0)
     pretrained = load_pretrained(config.model)
     model_dir, enc_cfg = pretrained.model_dir, pretrained.config
     model = build_model(config, enc_cfg, task)
@@ -192,13 +195,13 @@ def make_predict_step(model: SequenceClassifier, regression: bool):
 
 
 def evaluate(predict, trainable, frozen, enc: data_lib.Encoded, task: Task, setup: Setup,
-             put, desc: str = "eval") -> dict[str, float]:
-    """Metrics of `task` on one encoded split (predictions of every process gathered back to
-    example order)."""
+             put, desc: str = "eval") -> tuple[dict[str, float], tuple]:
+    """(metrics of `task`, (predictions, labels)) on one encoded split (predictions of every
+    process gathered back to example order)."""
     preds = map_encoded(lambda batch: predict(trainable, frozen, batch), enc,
                         setup.config.eval_batch_size, setup.buckets, setup.pad_id, put=put,
                         share=setup.share, desc=desc, progress=setup.config.progress)
-    return metrics_lib.compute(task.metrics, preds, enc.labels)
+    return metrics_lib.compute(task.metrics, preds, enc.labels), (preds, enc.labels)
 
 
 def experiment(setup: Setup) -> trainer.Experiment:

@@ -91,6 +91,7 @@ RULES: dict[str, Rule] = {
     "num_epochs": NON_NEGATIVE, "max_steps": NON_NEGATIVE,
     "max_length": integer(2, 1_000_000), "buckets": positive_lengths,
     "max_train_examples": NON_NEGATIVE, "max_eval_examples": NON_NEGATIVE,
+    "train_budget": NON_NEGATIVE,
     "selection_size": fraction_or_count, "length_grouping": boolean,
     "seed": NON_NEGATIVE,
     "log_every_steps": POSITIVE, "eval_every_steps": NON_NEGATIVE,

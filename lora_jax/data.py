@@ -1,8 +1,8 @@
 """Data: read a task's splits, validate them, tokenize, and cut them into padded batches.
 
-Flow: `load_split` (rows as dicts, from local files / hub / TFDS / user files, all read with
-`datasets`) -> `examples_from_rows` (texts + labels, every row checked) -> `load_examples`
-(held-out selection slice, size caps) -> `load_tokenizer` + `encode` (token ids, fast
+Flow: `DataSource.load` (rows as dicts, from local files / hub / TFDS / user files, all read
+with `datasets`) -> `examples_from_rows` (texts + labels, every row checked) -> `load_examples`
+(`SplitSizes.cut`: held-out selection slice, size caps) -> `load_tokenizer` + `encode` (token ids, fast
 tokenizer) -> `train_order` / `eval_order` (index batches) -> `make_batch` (numpy arrays padded
 to one of a few bucket lengths, so jit compiles a bounded number of shapes).
 """
@@ -14,7 +14,7 @@ import dataclasses
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -109,23 +109,44 @@ def _tfds_rows(task: Task, split: str) -> list[dict]:
     return [{k: decode(v) for k, v in row.items()} for row in ds]
 
 
-def load_split(task: Task, split: str, source: str, data_dir: str = "",
-               data_files: dict | None = None) -> tuple[list[dict], str]:
-    """(rows, where): the rows of `split` and a description of where they came from."""
-    data_files = data_files or {}
-    if split in data_files:
-        return read_rows(data_files[split]), data_files[split]
-    if source == "local":
-        path = local_split_path(data_dir, task, split)
-        return read_rows(path), path
-    if source == "hub":
-        return _hub_rows(task, split), f"hub:{'/'.join(task.hub)}"
-    if source == "tfds":
-        return _tfds_rows(task, split), f"tfds:{task.tfds}"
-    if source == "files":
-        raise UserError(f"config.data_files has no {split!r} entry; add "
-                        f"--config.data_files.{split}=PATH")
-    raise UserError(f"unknown data_source {source!r}; use local, hub, tfds or files")
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """Where a task's splits are read from.
+
+    kind: ``local`` (``<data_dir>/<task path>/<split>.<ext>``, the ../shared/data layout), ``hub``
+    (the task's Hugging Face dataset), ``tfds`` (its TFDS name) or ``files`` (only `files`).
+    files: split name -> one file; a split named here is read from it whatever the kind.
+    """
+
+    kind: str
+    data_dir: str = ""
+    files: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, config) -> DataSource:
+        """From ``config.data_source`` / ``data_dir`` / ``data_files``; ``auto`` is local if
+        data_dir is set, files if any data_files entry is, else hub."""
+        files = {k: v for k, v in config.data_files.items() if v}
+        kind = config.data_source
+        if kind == "auto":
+            kind = "local" if config.data_dir else "files" if files else "hub"
+        return cls(kind, config.data_dir, files)
+
+    def load(self, task: Task, split: str) -> tuple[list[dict], str]:
+        """(rows, where): the rows of `split` and a description of where they came from."""
+        if split in self.files:
+            return read_rows(self.files[split]), self.files[split]
+        if self.kind == "local":
+            path = local_split_path(self.data_dir, task, split)
+            return read_rows(path), path
+        if self.kind == "hub":
+            return _hub_rows(task, split), f"hub:{'/'.join(task.hub)}"
+        if self.kind == "tfds":
+            return _tfds_rows(task, split), f"tfds:{task.tfds}"
+        if self.kind == "files":
+            raise UserError(f"config.data_files has no {split!r} entry; add "
+                            f"--config.data_files.{split}=PATH")
+        raise UserError(f"unknown data_source {self.kind!r}; use local, hub, tfds or files")
 
 
 # ----------------------------------------------------------------------------- examples
@@ -200,17 +221,6 @@ def hold_out(train: Examples, size: float, seed: int) -> tuple[Examples, Example
     return train.subset(np.sort(perm[k:])), train.subset(np.sort(perm[:k]))
 
 
-def data_source_of(config) -> str:
-    """The config's data source; ``auto`` = local if data_dir, files if data_files, else hub."""
-    if config.data_source != "auto":
-        return config.data_source
-    if config.data_dir:
-        return "local"
-    if any(config.data_files.values()):
-        return "files"
-    return "hub"
-
-
 EVAL_SUBSET_SEED = 20240601  # fixed: every seed is scored on the same eval rows
 
 
@@ -221,32 +231,67 @@ def random_subset(n: int, size: int, seed: int) -> np.ndarray | None:
     return np.sort(np.random.default_rng(seed).permutation(n)[:size])
 
 
-def load_examples(config, task: Task) -> tuple[dict[str, Examples], dict[str, str]]:
-    """Train / selection / eval splits of a classification task as Examples, after the held-out
-    selection slice and the size caps; and where each split came from."""
-    source = data_source_of(config)
-    files = {k: v for k, v in config.data_files.items() if v}
+def cap(split, n: int, seed: int):
+    """A seeded random `n` rows of `split` (Examples, or anything with len and subset; all of
+    them when n is 0 or not smaller), in their original order."""
+    keep = random_subset(len(split), n, seed)
+    return split if keep is None else split.subset(keep)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSizes:
+    """How a task's splits are cut before tokenizing, the same for every kind of task.
+
+    train_budget: the labelled target rows a run may see in all (few-shot), drawn from train
+    with the seed before anything else, so the selection slice comes out of the same budget
+    (0: all of train). selection_size: the slice of train held out for model selection (a
+    fraction below 1, or a count; 0: none). max_train_examples / max_eval_examples: random caps
+    (0: all).
+    """
+
+    selection_size: float = 0
+    max_train_examples: int = 0
+    max_eval_examples: int = 0
+    train_budget: int = 0
+
+    @classmethod
+    def of(cls, config) -> SplitSizes:
+        return cls(config.selection_size, config.max_train_examples, config.max_eval_examples,
+                   config.train_budget)
+
+    def cut(self, splits: dict, seed: int, selection_from_train: bool) -> dict:
+        """{name: split} after the cuts: train cut to its budget (seed + 2); when
+        `selection_from_train`, a seeded ``selection`` slice of train held out (`hold_out`);
+        train capped with seed + 1; every other split capped with `EVAL_SUBSET_SEED` (some
+        splits are sorted by label), so every seed is scored on the same rows."""
+        out = dict(splits)
+        if "train" in out:
+            if self.train_budget > len(out["train"]):
+                raise UserError(f"train_budget={self.train_budget} is larger than the "
+                                f"{len(out['train'])} rows of the train split; use at most "
+                                f"{len(out['train'])} or 0 for all")
+            out["train"] = cap(out["train"], self.train_budget, seed + 2)
+            if selection_from_train:
+                out["train"], out["selection"] = hold_out(out["train"], self.selection_size, seed)
+            out["train"] = cap(out["train"], self.max_train_examples, seed + 1)
+        return {name: split if name == "train" else cap(split, self.max_eval_examples,
+                                                        EVAL_SUBSET_SEED)
+                for name, split in out.items()}
+
+
+def load_examples(source: DataSource, task: Task, sizes: SplitSizes, seed: int,
+                  train: bool = True) -> tuple[dict[str, Examples], dict[str, str]]:
+    """The train (when `train`), selection and reported splits of a classification task as
+    Examples, cut by `sizes` (selection held out of train when sizes.selection_size); and where
+    each split came from. Train is read without `train` only to hold out the selection slice."""
     sources, out = {}, {}
-    for split in ("train", *task.eval_splits):
-        if split == "train" and config.num_epochs == 0 and config.selection_size == 0:
-            continue
-        rows, where = load_split(task, split, source, config.data_dir, files)
+    for split in (*(["train"] if train or sizes.selection_size else []), *task.eval_splits):
+        rows, where = source.load(task, split)
         sources[split] = where
         out[split] = examples_from_rows(rows, task, where)
-    if "train" in out:
-        if config.selection_size:
-            out["train"], out["selection"] = hold_out(out["train"], config.selection_size,
-                                                      config.seed)
-        keep = random_subset(len(out["train"]), config.max_train_examples, config.seed + 1)
-        if keep is not None:
-            out["train"] = out["train"].subset(keep)
-        if config.num_epochs == 0:
-            del out["train"]
-    for split in (*task.eval_splits, "selection"):  # a random subset (some splits are sorted
-        if split in out:  # by label), the same rows for every seed
-            keep = random_subset(len(out[split]), config.max_eval_examples, EVAL_SUBSET_SEED)
-            if keep is not None:
-                out[split] = out[split].subset(keep)
+    out = sizes.cut(out, seed, selection_from_train=bool(sizes.selection_size))
+    if not train:
+        out.pop("train", None)  # its source stays: the selection slice came from it
     return out, sources
 
 

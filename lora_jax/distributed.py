@@ -1,7 +1,7 @@
 """Several processes, one run: JAX's multi-process runtime and which rows each process feeds.
 
     initialize()                       # from the environment, before any JAX work
-    share = BatchShare.of_this_process(batch_size=config.batch_size)
+    share = BatchShare.of_this_process(mesh_of(config), batch_size=config.batch_size)
     for step_rows in data.train_order(enc.lengths, batch_size, seed, epoch, grouping):
         batch = make_batch(enc, share.part(step_rows, batch_size), ...)  # this process's rows
 
@@ -29,6 +29,7 @@ import numpy as np
 
 from lora_jax import data as data_lib
 from lora_jax.errors import UserError
+from lora_jax.sharding import check_divisible_by_devices
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,17 @@ class BatchShare:
     count: int = 1
 
     @classmethod
-    def of_this_process(cls, **batch_sizes: int) -> BatchShare:
-        """This process's share, after checking that every given batch size (by config key)
-        splits evenly over the processes."""
+    def of_this_process(cls, mesh: tuple[int, ...] | None = None,
+                        **batch_sizes: int) -> BatchShare:
+        """This process's share, after checking that every given batch size (by config key:
+        ``batch_size=32``) splits evenly over the processes and over the devices, and that the
+        mesh shape (``config.mesh.shape``; None: the default) fits the devices."""
         count = jax.process_count()
         for key, value in batch_sizes.items():
             if value and value % count:
                 raise UserError(f"{key} {value} cannot be split evenly over {count} processes; "
                                 f"use a multiple of {count}")
+        check_divisible_by_devices(mesh, **batch_sizes)
         return cls(jax.process_index(), count)
 
     def part_size(self, batch_size: int) -> int:

@@ -119,7 +119,7 @@ def merge(params: Mapping, lora: Mapping) -> dict:
     """Base params with every adapter folded in: kernel + (alpha / r) * A @ B, each adapter with
     its own alpha."""
     merged = traverse_util.flatten_dict(params)
-    for path, leaves in _adapters(lora).items():
+    for path, leaves in adapter_layers(lora).items():
         a, b = leaves["A"], leaves["B"]
         kernel = merged[(*path, "kernel")]
         delta = (leaves[ALPHA] / a.shape[-1]) * (a.astype(jnp.float32) @ b.astype(jnp.float32))
@@ -127,7 +127,8 @@ def merge(params: Mapping, lora: Mapping) -> dict:
     return traverse_util.unflatten_dict(merged)
 
 
-def _adapters(lora: Mapping) -> dict[tuple, dict]:
+def adapter_layers(lora: Mapping) -> dict[tuple, dict]:
+    """{layer path: {"A": (in, r), "B": (r, out), "alpha": ()}} of a ``lora`` tree."""
     flat = traverse_util.flatten_dict(lora)
     grouped: dict[tuple, dict] = {}
     for path, leaf in flat.items():
@@ -182,7 +183,7 @@ def combine(*trees: Mapping) -> dict:
 def adapter_alphas(lora: Mapping) -> dict[str, float]:
     """{module path: alpha} of every adapter in a ``lora`` tree (for export and reports)."""
     return {"/".join(map(str, path)): float(leaves[ALPHA])
-            for path, leaves in _adapters(lora).items()}
+            for path, leaves in adapter_layers(lora).items()}
 
 
 def _leaf_name(path) -> str | None:

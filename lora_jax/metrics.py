@@ -6,6 +6,9 @@ predictions and targets (N,). Every function returns a python float.
 
 from __future__ import annotations
 
+import base64
+import zlib
+
 import numpy as np
 
 
@@ -66,3 +69,40 @@ METRICS = {"accuracy": accuracy, "f1": f1, "matthews": matthews, "pearson": pear
 
 def compute(names, pred, label) -> dict[str, float]:
     return {name: METRICS[name](pred, label) for name in names}
+
+
+# ----------------------------------------------------------------------------- per-row outputs
+
+
+def pack_array(x: np.ndarray) -> str:
+    """A 1-D int or float array as ``"<dtype>:<base64 of its zlib-compressed bytes>"``: a run's
+    per-row predictions and labels fit in its results.json (class ids as int16, regression
+    values as float32, exactly)."""
+    x = np.asarray(x)
+    x = x.astype(np.int16) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)
+    return f"{x.dtype.name}:" + base64.b64encode(zlib.compress(x.tobytes(), 9)).decode("ascii")
+
+
+def unpack_array(packed: str) -> np.ndarray:
+    dtype, _, data = packed.partition(":")
+    return np.frombuffer(zlib.decompress(base64.b64decode(data)), np.dtype(dtype))
+
+
+def paired_bootstrap(metric: str, preds_a, preds_b, labels: np.ndarray, resamples: int = 1000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """(difference, 2.5th, 97.5th percentile) of ``mean over seeds of metric(a) - mean over
+    seeds of metric(b)`` on the same rows, the percentiles over `resamples` resamples of the
+    rows with replacement (paired: both sides get the same rows). preds_a / preds_b: one
+    (N,) prediction array per seed; labels (N,)."""
+    fn = METRICS[metric]
+    labels = np.asarray(labels)
+
+    def diff(idx):
+        return (float(np.mean([fn(p[idx], labels[idx]) for p in preds_a]))
+                - float(np.mean([fn(p[idx], labels[idx]) for p in preds_b])))
+
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    draws = [diff(rng.integers(0, n, n)) for _ in range(resamples)]
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return diff(np.arange(n)), float(lo), float(hi)

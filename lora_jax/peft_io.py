@@ -26,7 +26,7 @@ import re
 import numpy as np
 
 from lora_jax.errors import UserError
-from lora_jax.lora import ALPHA, LoRASpec, adapter_alphas
+from lora_jax.lora import ALPHA, LoRASpec, adapter_alphas, adapter_layers
 from lora_jax.models import EncoderConfig
 from lora_jax.models.hf_import import (
     ARCH_PREFIX,
@@ -212,13 +212,8 @@ def lora_config_dict(*, r: int, alpha: float, dropout: float, targets, task_type
 def lora_tensors(lora_tree: dict, names: dict[Path, str]) -> tuple[dict[str, np.ndarray], set]:
     """PEFT tensors of every adapter in `lora_tree` (named by `names`: Flax path -> PEFT module
     name) and the set of adapted module names."""
-    from flax import traverse_util
-
-    grouped: dict[Path, dict] = {}
-    for path, leaf in traverse_util.flatten_dict(lora_tree).items():
-        grouped.setdefault(path[:-1], {})[path[-1]] = leaf
     tensors, modules = {}, set()
-    for path, leaves in grouped.items():
+    for path, leaves in adapter_layers(lora_tree).items():
         if path not in names:
             raise UserError(f"adapter at {'/'.join(path)} has no PEFT name for this model")
         hf = names[path]

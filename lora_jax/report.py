@@ -42,7 +42,7 @@ def load_results(paths: Iterable[str]) -> list[dict]:
 
 
 ROW_NAMES = {"zero_shot": "Model", "ffn": "FFN", "ft_lora": "FT_LoRA", "full": "Full FT",
-             "attens": "AttEns"}
+             "attens": "AttEns", "average": "Average", "scalar": "Scalar weights"}
 
 
 def main_score(result: dict) -> float:

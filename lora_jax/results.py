@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import jax
 
 from lora_jax.errors import UserError
+from lora_jax.metrics import pack_array
 
 if TYPE_CHECKING:  # annotations only: the trainer imports this module
     from lora_jax.checkpoint import Best
@@ -168,8 +169,10 @@ def selection_protocol(sizes: dict[str, int], eval_splits) -> str:
 
 def results_record(exp: Experiment, metrics: dict, selection_metrics: dict | None, best: Best,
                    stats: dict, n_trainable: int, n_total: int, wall_seconds: float,
-                   placement: dict | None = None) -> dict:
-    """The one results record (results.json) of every experiment."""
+                   placement: dict | None = None, predictions: dict | None = None) -> dict:
+    """The one results record (results.json) of every experiment. predictions: {reported
+    split: (per-row predictions (N,), labels (N,))}, stored packed
+    (`lora_jax.metrics.pack_array`) as ``{"predictions", "labels"}``."""
     cfg = exp.config
     record = {"task": exp.task.name, "experiment": exp.name, "model": exp.model,
               "main_metric": exp.task.main_metric, "metrics": metrics}
@@ -187,5 +190,8 @@ def results_record(exp: Experiment, metrics: dict, selection_metrics: dict | Non
     })
     if exp.extra is not None:
         record.update(exp.extra(best.trainable))
+    if predictions:
+        record["predictions"] = {split: {"predictions": pack_array(p), "labels": pack_array(y)}
+                                 for split, (p, y) in predictions.items()}
     record["config"] = cfg.to_dict()
     return record

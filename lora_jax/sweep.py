@@ -6,6 +6,13 @@
 Each cell runs `configs/<experiment>.py` with the sweep's overrides in
 <workdir>/<experiment>_<task>_s<seed>; a cell whose results.json exists is reused and one
 with checkpoints but no results resumes, so an interrupted sweep continues where it stopped.
+``--reuse FILE`` carries finished cells across machines: a cell missing from the workdir whose
+result FILE (an earlier ``<out>.json`` of this sweep, committed by a session that ran out of
+time) records, with the same config where both have a key, counts as finished and its
+results.json (with its own commit and command) is restored from FILE.
+A sweep with ``budgets`` (name -> overrides, e.g. ``{"n16": {"train_budget": 16}}``: the
+few-shot axis) runs every cell once per budget, in <workdir>/<experiment>_<task>_<budget>_s<seed>,
+and tables each budget apart.
 Writes <out>.json (every run's results) and
 <out>.md (rows = experiments, columns = tasks + average, mean ± sample std over seeds; a sweep config
 can name its own table writer as ``table = "module:function"``).
@@ -41,8 +48,9 @@ def apply_overrides(config, overrides) -> None:
             config[key] = value
 
 
-def cell_config(sweep, experiment: str, task: str, seed: int, repo: str):
-    """The config of one cell: its row's config file + common, then task, then row overrides.
+def cell_config(sweep, experiment: str, task: str, seed: int, repo: str, budget: str = ""):
+    """The config of one cell: its row's config file + common, then task, then row overrides,
+    then the budget's (``sweep.budgets[budget]``; "" for none).
 
     A row's config file is ``sweep.experiment_configs[row]`` when given (relative to the repo),
     else ``configs/<row>.py``; so rows such as ``attens_k3`` can share configs/attens_*.py.
@@ -52,6 +60,8 @@ def cell_config(sweep, experiment: str, task: str, seed: int, repo: str):
     apply_overrides(config, sweep.common)
     apply_overrides(config, sweep.task_overrides.get(task, {}))
     apply_overrides(config, sweep.experiment_overrides.get(experiment, {}))
+    if budget:
+        apply_overrides(config, sweep.budgets[budget])
     config.task, config.seed = task, seed
     if config.experiment == "zero_shot":
         config.num_epochs, config.selection_size = 0, 0
@@ -69,7 +79,7 @@ def markdown_table(sweep, results: list[dict], command: str, note: str = "") -> 
     timing = "; ".join(f"{r['task']} {r['train_seconds']:.0f} s ({r['train_examples_per_s']} ex/s)"
                        for r in ft)
     return "\n".join([
-        f"# {sweep.name}", "", score_table(results, sweep.experiments, sweep.tasks), "",
+        f"# {sweep.name}", "", *budget_tables(sweep, results),
         f"Scores x100 on validation: accuracy, except CoLA (Matthews) and STS-B (Pearson); "
         f"seeds {list(sweep.seeds)}" + (f" ({STD_LABEL})" if len(sweep.seeds) > 1 else "") + ".",
         f"- Model: `{first['model']}`; pooling `{pooling_of(first['config'])}`; dtype "
@@ -83,6 +93,31 @@ def markdown_table(sweep, results: list[dict], command: str, note: str = "") -> 
         *([f"- Note: {note}"] if note else []),
         f"- Command: `{command}`",
     ]) + "\n"
+
+
+def budget_of(result: dict) -> str:
+    """The sweep budget a result ran at ("" in a sweep without budgets)."""
+    return result.get("sweep_budget", "")
+
+
+def budget_names(sweep) -> list[str]:
+    """The sweep's budgets, smallest ``train_budget`` first, those without one (all of train)
+    last; [] for a sweep without budgets."""
+    budgets = dict(sweep.get("budgets", {}))
+    size = lambda name: budgets[name].get("train_budget", 0) or float("inf")
+    return sorted(budgets, key=lambda name: (size(name), name))
+
+
+def budget_tables(sweep, results: list[dict]) -> list[str]:
+    """Markdown lines: the score table, or one per budget under its own heading."""
+    budgets = budget_names(sweep) or [""]
+    lines = []
+    for budget in budgets:
+        if budget:
+            lines += [f"## Budget {budget}", ""]
+        lines += [score_table([r for r in results if budget_of(r) == budget], sweep.experiments,
+                              sweep.tasks), ""]
+    return lines
 
 
 def table_function(sweep):
@@ -112,9 +147,14 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="comma list of tasks to run (default all)")
     parser.add_argument("--rows", default="", help="comma list of experiments/rows (default all)")
     parser.add_argument("--seeds", default="", help="comma list of seeds to run (default all)")
+    parser.add_argument("--budgets", default="",
+                        help="comma list of the sweep's budgets to run (default all)")
     parser.add_argument("--note", default="", help="a remark printed under the table")
     parser.add_argument("--collect", action="store_true",
                         help="only gather finished cells (results.json); run nothing")
+    parser.add_argument("--reuse", default="", metavar="FILE",
+                        help="an earlier --out .json of this sweep: its cells count as finished "
+                             "where the workdir has none and their config agrees")
     add_allow_dirty(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
@@ -123,13 +163,62 @@ def main(argv=None) -> int:
     return run_main(lambda: run_sweep(args, command))
 
 
-def cell_command(args, experiment: str, task: str, seed: int) -> str:
+def cell_command(args, experiment: str, task: str, seed: int, budget: str = "") -> str:
     """The command that runs (or collects) exactly one cell of the sweep, as typed from the
     project root."""
     return module_command("lora_jax.sweep", [
         "--config", args.config, "--workdir", args.workdir, "--out", args.out, "--only", task,
-        "--rows", experiment, "--seeds", str(seed), *(["--allow-dirty"] if args.allow_dirty
-                                                      else [])])
+        "--rows", experiment, "--seeds", str(seed), *(["--budgets", budget] if budget else []),
+        *(["--allow-dirty"] if args.allow_dirty else [])])
+
+
+def cell_dir(workdir: str, experiment: str, task: str, seed: int, budget: str = "") -> str:
+    return os.path.join(workdir, "_".join([experiment, task, *([budget] if budget else []),
+                                           f"s{seed}"]))
+
+
+def flat_config(config: dict) -> dict:
+    """{dotted key: JSON value} of a config dict (tuples as lists), without ``resume`` (set by
+    the sweep for a cell that was interrupted)."""
+    flat, stack = {}, [("", json.loads(json.dumps(config)))]
+    while stack:
+        prefix, node = stack.pop()
+        for key, value in node.items():
+            if isinstance(value, dict):
+                stack.append((f"{prefix}{key}.", value))
+            elif f"{prefix}{key}" != "resume":
+                flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def reusable_cells(path: str) -> dict[tuple, dict]:
+    """{(row, task, seed, budget): result} of an earlier sweep file."""
+    if not os.path.isfile(path):
+        raise UserError(f"--reuse {path} does not exist; give an earlier --out .json of this "
+                        "sweep")
+    with open(path) as f:
+        earlier = json.load(f)
+    return {(r["sweep_row"], r["task"], r["seed"], r.get("sweep_budget", "")): r
+            for r in earlier.get("results", [])}
+
+
+def restore_cell(done: str, recorded: dict, config) -> bool:
+    """Write `recorded` (an earlier result of this cell) as the cell's results.json when its
+    config agrees with the cell's on every key both have (a key the cell leaves empty, such as
+    lorahub's ``merge_weights``, is the run's to fill in); False (the cell runs) otherwise."""
+    ours, theirs = flat_config(config.to_dict()), flat_config(recorded.get("config", {}))
+    differ = sorted(k for k in ours.keys() & theirs.keys()
+                    if ours[k] != theirs[k] and ours[k] not in ([], ""))
+    if differ or not theirs:
+        logging.getLogger("lora_jax").warning(
+            "sweep: not reusing the recorded %s %s seed %d: its config differs in %s",
+            recorded["sweep_row"], recorded["task"], recorded["seed"],
+            ", ".join(differ[:5]) or "everything")
+        return False
+    os.makedirs(os.path.dirname(done), exist_ok=True)
+    write_json_atomic(done, {k: v for k, v in recorded.items()
+                             if k not in ("sweep_row", "sweep_budget")})
+    return True
 
 
 def run_sweep(args, command: str) -> int:
@@ -138,30 +227,37 @@ def run_sweep(args, command: str) -> int:
     tasks = selected(args.only, sweep.tasks, "task(s)")
     rows = selected(args.rows, sweep.experiments, "row(s)")
     seeds = selected(args.seeds, sweep.seeds, "seed(s)")
+    budgets = selected(args.budgets, budget_names(sweep), "budget(s)") or [""]
     row_seeds = dict(sweep.get("row_seeds", {}))
-    cells = [(seed, task, exp) for seed in seeds for task in tasks for exp in rows
-             if seed in row_seeds.get(exp, sweep.seeds)]
+    cells = [(seed, task, exp, budget) for seed in seeds for budget in budgets for task in tasks
+             for exp in rows if seed in row_seeds.get(exp, sweep.seeds)]
     if not args.collect:  # every cell's config is checked before the first one runs
-        for seed, task, exp in cells:
-            config = cell_config(sweep, exp, task, seed, ROOT)
+        for seed, task, exp, budget in cells:
+            config = cell_config(sweep, exp, task, seed, ROOT, budget)
             runner(config.experiment)  # imports it, so its own config rules are registered
             validate_config(config)
+    reuse = reusable_cells(args.reuse) if args.reuse else {}
     results = []
-    for seed, task, exp in cells:
-        workdir = os.path.join(args.workdir, f"{exp}_{task}_s{seed}")
+    for seed, task, exp, budget in cells:
+        workdir = cell_dir(args.workdir, exp, task, seed, budget)
         done = os.path.join(workdir, "results.json")
+        tags = {"sweep_row": exp, **({"sweep_budget": budget} if budget else {})}
+        recorded = reuse.get((exp, task, seed, budget))
+        if recorded is not None and not os.path.isfile(done):
+            restore_cell(done, recorded, cell_config(sweep, exp, task, seed, ROOT, budget))
         if os.path.isfile(done):
             with open(done) as f:
-                results.append({**json.load(f), "sweep_row": exp})
+                results.append({**json.load(f), **tags})
             continue
         if args.collect:
             continue
-        logging.getLogger("lora_jax").info("sweep: %s %s seed %d", exp, task, seed)
-        config = cell_config(sweep, exp, task, seed, ROOT)
+        logging.getLogger("lora_jax").info("sweep: %s %s%s seed %d", exp, task,
+                                           f" budget {budget}" if budget else "", seed)
+        config = cell_config(sweep, exp, task, seed, ROOT, budget)
         ckpts = os.path.join(workdir, "checkpoints")
         config.resume = os.path.isdir(ckpts) and bool(os.listdir(ckpts))
         result = run(config, workdir)
-        result.update(code, command=cell_command(args, exp, task, seed), sweep_row=exp)
+        result.update(code, command=cell_command(args, exp, task, seed, budget), **tags)
         write_json_atomic(done, result)
         results.append(result)
     if not results:
@@ -172,6 +268,8 @@ def run_sweep(args, command: str) -> int:
                                            "results": results})
     shown = sweep.copy_and_resolve_references()  # the table covers what was asked for
     shown.tasks, shown.experiments, shown.seeds = tuple(tasks), tuple(rows), tuple(seeds)
+    if "budgets" in shown:
+        shown.budgets = ml_collections.ConfigDict({b: shown.budgets[b] for b in budgets})
     table = table_function(shown)(shown, results, command, args.note)
     write_table(args.out + ".md", table)
     return 0

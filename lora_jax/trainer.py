@@ -269,9 +269,12 @@ def train_loop(cfg, lengths: np.ndarray, workdir: str, place: Placement, trainab
 class Experiment:
     """What an experiment plugs into `run_experiment`.
 
-    evaluate(trainable, frozen, split, workdir) -> {metric: value} scores one split; `workdir`
-    is set for the final report (an experiment may write per-split files there, e.g. samples)
-    and None during selection. extra(best_trainable) -> more results fields.
+    evaluate(trainable, frozen, split, workdir) -> ({metric: value}, (predictions (N,),
+    labels (N,)) or None) scores one split; `workdir` is set for the final report (an
+    experiment may write per-split files there, e.g. samples) and None during selection. The
+    reported splits' per-row predictions and labels go into results.json (for paired tests
+    between runs on the same rows).
+    extra(best_trainable) -> more results fields.
     """
 
     name: str  # results["experiment"]
@@ -321,7 +324,7 @@ def run_experiment(exp: Experiment, workdir: str, wall_start: float) -> dict[str
         best, stats = train_loop(
             cfg, exp.train_lengths, workdir, place, trainable, frozen, writer,
             loss_fn=exp.loss_fn, batch_of=exp.batch_of,
-            select=lambda params: exp.evaluate(params, frozen, exp.selection_split, None),
+            select=lambda params: exp.evaluate(params, frozen, exp.selection_split, None)[0],
             selection_name=exp.selection_split, main_metric=task.main_metric,
             desc=exp.desc or f"{exp.name} {task.name}", meta=exp.meta, share=exp.share)
         if stats["interrupted"]:
@@ -329,13 +332,16 @@ def run_experiment(exp: Experiment, workdir: str, wall_start: float) -> dict[str
             log.info("stopped at step %d of %d as asked (stop_after_steps); continue with "
                      "--config.resume=True", stats["last_step"], stats["total_steps"])
             return {"stopped_at_step": stats["last_step"], "total_steps": stats["total_steps"]}
-    metrics = {split: exp.evaluate(best.trainable, frozen, split, workdir)
-               for split in task.eval_splits}
+    reported = {split: exp.evaluate(best.trainable, frozen, split, workdir)
+                for split in task.eval_splits}
+    metrics = {split: scores for split, (scores, _) in reported.items()}
     selection_metrics = None
     if exp.selection_split in exp.sizes and exp.selection_split not in task.eval_splits:
-        selection_metrics = exp.evaluate(best.trainable, frozen, exp.selection_split, None)
+        selection_metrics = exp.evaluate(best.trainable, frozen, exp.selection_split, None)[0]
     results = results_record(exp, metrics, selection_metrics, best, stats, n_trainable, n_total,
-                             time.perf_counter() - wall_start, placement)
+                             time.perf_counter() - wall_start, placement,
+                             {split: rows for split, (_, rows) in reported.items()
+                              if rows is not None})
     main_split = task.eval_splits[0]
     writer.write(stats["last_step"], {f"{main_split}/{task.main_metric}":
                                       metrics[main_split][task.main_metric]})

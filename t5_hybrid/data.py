@@ -2,7 +2,7 @@
 padded batches.
 
 `load_pairs` reads the train / selection / reported splits of a `lora_jax.tasks.Task` of kind
-seq2seq (through `lora_jax.data.load_split`, like every task) and turns rows into texts with
+seq2seq (through `lora_jax.data.DataSource`, like every task) and turns rows into texts with
 the task's `source_fn` / `target_fn`; `encode_pairs` tokenizes (EOS-terminated, truncated);
 `make_batch` pads a batch to bucket lengths for jit.
 """
@@ -105,34 +105,28 @@ def make_batch(pairs: Pairs, idx: np.ndarray, batch_size: int, source_buckets: S
                 label_mask=label_mask)
 
 
-def load_pairs(config, task: Task, prefix: str) -> tuple[dict[str, tuple], dict, str]:
-    """{split: (sources, targets)} for train, selection and reported splits, and the sources."""
-    source = data_lib.data_source_of(config)
-    files = {k: v for k, v in config.data_files.items() if v}
-    selection = config.selection_split or task.selection_split
+def load_pairs(source: data_lib.DataSource, task: Task, prefix: str, *, train: bool = True,
+               train_split: str = "train", selection_split: str = "",
+               skip_empty_rows: bool = False) -> tuple[dict[str, tuple], dict, str]:
+    """({split: (sources, targets)}, {split: where it came from}, the selection split's name)
+    for train (read from `train_split`, when `train`), the selection split and the task's
+    reported splits. selection_split: a split name, ``heldout`` (a slice of train, named
+    ``selection``) or "" for the task's own choice."""
+    selection = selection_split or task.selection_split
     selection = "" if selection == "heldout" else selection  # a held-out slice of train
-    if config.num_epochs and config.train_split in (selection, *task.eval_splits):
-        raise UserError(f"train_split {config.train_split!r} is also the selection or a reported "
+    if train and train_split in (selection, *task.eval_splits):
+        raise UserError(f"train_split {train_split!r} is also the selection or a reported "
                         f"split of {task.name!r} (selection {selection or 'heldout'!r}, reported "
                         f"{', '.join(task.eval_splits)}); pass --config.selection_split=heldout "
                         "or another train_split")
-    wanted = list(dict.fromkeys([*(["train"] if config.num_epochs else []),
+    wanted = list(dict.fromkeys([*([train_split] if train else []),
                                  *([selection] if selection else []), *task.eval_splits]))
-    if config.train_split != "train" and config.num_epochs:
-        wanted[0] = config.train_split
     out, where_from = {}, {}
     for split in wanted:
-        rows, where = data_lib.load_split(task, split, source, config.data_dir, files)
-        where_from[split] = where
-        out[split] = pairs_from_rows(rows, task, where, prefix, config.skip_empty_rows)
-    if config.num_epochs and config.train_split != "train":
-        out["train"] = out.pop(config.train_split)
-        where_from["train"] = where_from.pop(config.train_split)
-    name = selection or "selection"
-    return out, where_from, name
+        rows, where = source.load(task, split)
+        name = "train" if train and split == train_split else split
+        where_from[name] = where
+        out[name] = pairs_from_rows(rows, task, where, prefix, skip_empty_rows)
+    return out, where_from, selection or "selection"
 
 
-def cap(pairs: Pairs, n: int, seed: int) -> Pairs:
-    """A seeded random `n` of the pairs (all of them when n is 0 or not smaller)."""
-    keep = data_lib.random_subset(len(pairs), n, seed)
-    return pairs if keep is None else pairs.subset(keep)

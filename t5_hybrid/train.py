@@ -31,12 +31,12 @@ from lora_jax import trainer
 from lora_jax.config_check import NON_NEGATIVE, POSITIVE, boolean, register_rules, validate_config
 from lora_jax.distributed import BatchShare, is_main_process
 from lora_jax.errors import UserError
-from lora_jax.sharding import Placement, check_divisible_by_devices, mesh_of
+from lora_jax.sharding import Placement, mesh_of
 from lora_jax.tasks import Task
 from t5_hybrid import adapters
 from t5_hybrid import metrics as metrics_lib
 from t5_hybrid.config import T5Config
-from t5_hybrid.data import Pairs, cap, encode_pairs, load_pairs, make_batch, text_pairs
+from t5_hybrid.data import Pairs, encode_pairs, load_pairs, make_batch, text_pairs
 from t5_hybrid.generate import generate_texts, make_generate
 from t5_hybrid.hf_import import load_pretrained
 from t5_hybrid.model import T5ForConditionalGeneration, shift_right
@@ -110,26 +110,22 @@ def prepare(config, with_data: bool = True) -> Setup:
     adapters.check_variant(config.variant)
     if config.variant == "base":
         config.num_epochs = 0
-    batch_sizes = {k: config[k] for k in ("batch_size", "eval_batch_size")}
-    check_divisible_by_devices(mesh_of(config), **batch_sizes)
-    share = BatchShare.of_this_process(**batch_sizes)
+    share = BatchShare.of_this_process(mesh_of(config), batch_size=config.batch_size,
+                                       eval_batch_size=config.eval_batch_size)
     prefix = task.prefix if adapters.uses_prefix(config.variant) else ""
     # the data before the model: a bad row is reported before seconds of model loading
-    raw, sources, selection_name = (load_pairs(config, task, prefix) if with_data
-                                    else ({}, {}, "selection"))
+    raw, sources, selection_name = (
+        load_pairs(data_lib.DataSource.of(config), task, prefix, train=config.num_epochs > 0,
+                   train_split=config.train_split, selection_split=config.selection_split,
+                   skip_empty_rows=config.skip_empty_rows)
+        if with_data else ({}, {}, "selection"))
     t5_config, params, tokenizer = load_model(config)
     max_src = config.max_source_length or task.max_source_length
     max_tgt = config.max_target_length or task.max_target_length
     # held-out slice and caps first (seeded over whole splits), then tokenize
-    splits = {k: text_pairs(*v) for k, v in raw.items()}
-    if "train" in splits:
-        if selection_name == "selection":
-            splits["train"], splits["selection"] = data_lib.hold_out(
-                splits["train"], config.selection_size, config.seed)
-        splits["train"] = cap(splits["train"], config.max_train_examples, config.seed + 1)
-    for name in list(splits):
-        if name != "train":
-            splits[name] = cap(splits[name], config.max_eval_examples, data_lib.EVAL_SUBSET_SEED)
+    splits = data_lib.SplitSizes.of(config).cut(
+        {k: text_pairs(*v) for k, v in raw.items()}, config.seed,
+        selection_from_train=selection_name == "selection")
     splits = {k: encode_pairs(v, tokenizer, max_src, max_tgt, sources.get(k, k))
               for k, v in splits.items()}
     model = T5ForConditionalGeneration(t5_config, lora_dropout=config.lora.dropout,
@@ -209,7 +205,7 @@ def experiment(setup: Setup) -> trainer.Experiment:
         if workdir is not None and is_main_process():
             write_samples(os.path.join(workdir, f"samples_{split}.jsonl"), setup.splits[split],
                           predictions)
-        return scores
+        return scores, None  # generated texts: in the samples files
 
     sizes = {k: len(v) for k, v in setup.splits.items()}
     decoding = "greedy" if cfg.num_beams == 1 else f"beam {cfg.num_beams}"

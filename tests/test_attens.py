@@ -9,7 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ensemble.combiner import AGGREGATIONS, AttEnsCombiner
+from ensemble.combiner import (
+    AGGREGATIONS,
+    AttEnsCombiner,
+    MixCombiner,
+    module_weights,
+)
 from ensemble.features import (
     aggregate_tokens,
     fold_adapters,
@@ -369,3 +374,36 @@ def test_module_saved_without_alpha_gets_its_recorded_alpha():
     assert {float(a) for a in lora.adapter_alphas(filled).values()} == {32.0}
     kept = with_alpha(adapters[0], 32.0)  # an adapter with its own alpha keeps it
     assert {float(a) for a in lora.adapter_alphas(kept).values()} == {2.0}
+
+
+def layer_norm(x, eps=1e-6):
+    """flax's LayerNorm at its initial scale 1 and bias 0."""
+    x = np.asarray(x, np.float64)
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
+
+
+def test_average_and_scalar_combiners_compute_their_formulas():
+    rng = np.random.default_rng(0)
+    modules = jnp.asarray(rng.normal(size=(5, 3, 8)), jnp.float32)
+    base = jnp.asarray(rng.normal(size=(5, 8)), jnp.float32)
+    avg = MixCombiner(num_classes=4)
+    p = avg.init(jax.random.PRNGKey(0), modules, base)
+    w, b = p["params"]["classifier"]["kernel"], p["params"]["classifier"]["bias"]
+    np.testing.assert_allclose(avg.apply(p, modules, base), layer_norm(modules.mean(1)) @ w + b,
+                               atol=1e-5)
+    logits, attention = avg.apply(p, modules, base, return_attention=True)
+    assert attention is None and logits.shape == (5, 4)
+    np.testing.assert_allclose(avg.apply(p, modules, base + 100.0), logits, atol=1e-5)  # no base
+
+    mix = MixCombiner(num_classes=4, learned_weights=True)
+    p = mix.init(jax.random.PRNGKey(0), modules, base)
+    assert module_weights(p) == [0.25] * 4  # a plain mean over the 3 modules and the base
+    theta = jnp.asarray([2.0, -1.0, 0.5, 0.0])
+    p = {"params": {**p["params"], "module_logits": theta}}
+    weights = np.exp(theta) / np.exp(theta).sum()
+    mixed = np.einsum("m,bmd->bd", weights, np.concatenate([modules, base[:, None]], 1))
+    w, b = p["params"]["classifier"]["kernel"], p["params"]["classifier"]["bias"]
+    np.testing.assert_allclose(mix.apply(p, modules, base), layer_norm(mixed) @ w + b,
+                               atol=1e-5)
+    np.testing.assert_allclose(module_weights(p), weights, atol=1e-5)
+    assert module_weights(AttEnsCombiner(4).init(jax.random.PRNGKey(0), modules, base)) is None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from ensemble.report import build_report, k_sweep, verdict
+from lora_jax.report import row_of
 
 pytest.importorskip("matplotlib")
 
@@ -65,3 +67,72 @@ def test_k_sweep_averages_every_k_over_the_same_seeds():
     results = [_r("attens", "a", 0, 0.80), _r("attens", "a", 1, 0.90),
                _r("attens_k1", "a", 0, 0.70, k=1)]
     assert k_sweep(results)["a"] == {1: 70.0, 3: 80.0}
+
+
+def test_combination_methods_get_their_own_rows_and_stay_out_of_the_k_sweep(tmp_path):
+    sweep = _sweep()
+    for task, score in (("a", 0.70), ("b", 0.58), ("imdb", 0.66)):
+        for row, method in (("average", "average"), ("mix", "scalar")):
+            r = _r("attens_" + row, task, 0, score + (row == "mix") * 0.1,
+                   unseen=task == "imdb")
+            r.update(sweep_row=row, method=method)
+            sweep["results"].append(r)
+    text = build_report(sweep, str(tmp_path / "attens"))
+    assert "| Average | 70.0 | 58.0 | 64.0 |" in text
+    assert "| Scalar weights | 80.0 | 68.0 | 74.0 |" in text
+    assert "| Average | 66.0 | 66.0 |" in text  # the unseen table has the rows too
+    assert "Scalar weights = a linear head on a learned softmax mix" in text
+    assert "| a | 81.0 | 83.0 | 85.0 |" in text  # the k=3 point is AttEns alone
+    assert k_sweep(sweep["results"])["a"] == {1: 81.0, 2: 83.0, 3: 85.0}
+    assert "| average | a | 0 | 3 |" in text  # its time row
+
+
+def test_a_budget_axis_gets_a_few_shot_table_and_plot_and_stays_out_of_tables_2_and_3(tmp_path):
+    sweep = _sweep()
+    for budget, score in ((16, 0.52), (64, 0.61)):
+        for row in ("ft_lora", "attens"):
+            for task in ("a", "b", "imdb"):
+                r = _r(row, task, 0, score + (row == "attens") * 0.1, unseen=task == "imdb")
+                r.update(config={"train_budget": budget}, sweep_budget=f"n{budget}")
+                sweep["results"].append(r)
+    text = build_report(sweep, str(tmp_path / "attens"))
+    assert "| FT_LoRA | 81.0 ± 1.4 | 60.0 ± 0.0 | 70.5 |" in text  # tables 2/3: all of train
+    assert "| | 16 | 64 | all |" in text
+    assert "| FT_LoRA | 52.0 | 61.0 | 70.3 |" in text  # mean over the three targets
+    assert "| AttEns | 62.0 | 71.0 | 71.7 |" in text
+    data = (tmp_path / "attens_budgets.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+    assert "Few-shot" not in build_report(_sweep(), str(tmp_path / "plain"))
+
+
+def test_paired_tests_use_the_recorded_rows_and_say_what_is_significant(tmp_path):
+    from lora_jax.metrics import pack_array
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    right = lambda p: np.where(rng.random(300) < p, labels, 1 - labels)
+    sweep = _sweep()
+    accuracy = {"ft_lora": 0.70, "attens": 0.85, "average": 0.71}
+    for r in sweep["results"]:
+        if r["task"] == "a" and row_of(r) in accuracy:
+            preds = right(accuracy[row_of(r)])
+            r["predictions"] = {"validation": {"predictions": pack_array(preds),
+                                               "labels": pack_array(labels)}}
+            r["metrics"] = {"validation": {"accuracy": float(np.mean(preds == labels))}}
+    for seed in (0, 1):
+        extra = _r("attens_average", "a", seed, 0.0)
+        preds = right(0.71)
+        extra.update(sweep_row="average", method="average", metrics={
+            "validation": {"accuracy": float(np.mean(preds == labels))}}, predictions={
+            "validation": {"predictions": pack_array(preds), "labels": pack_array(labels)}})
+        sweep["results"].append(extra)
+    text = build_report(sweep, str(tmp_path / "attens")).split("## Paired tests")[1].split(
+        "\n## ")[0]
+    line = next(ln for ln in text.splitlines() if ln.startswith("| a | AttEns |"))
+    assert line.split("|")[4].strip() == "–" and line.split("|")[3].strip().endswith("*")
+    average = next(ln for ln in text.splitlines() if ln.startswith("| a | Average |"))
+    assert not average.split("|")[3].strip().endswith("*")  # within noise of FT_LoRA
+    assert average.split("|")[4].strip().endswith("*")  # and clearly behind AttEns
+    assert "Significantly ahead: AttEns vs FT_LoRA on a." in text
+    assert "Average vs AttEns on a" in text.split("Significantly behind:")[1]
+    assert "| b |" not in text  # no per-row outputs recorded for b: no test

@@ -15,6 +15,7 @@ from ensemble.train import train_attens
 from lora_jax.checkpoint import restore_trainable
 from lora_jax.errors import UserError
 from lora_jax.experiments import load_config
+from lora_jax.metrics import unpack_array
 from lora_jax.synthetic import make_quickstart_assets
 from tests.helpers import (
     assert_kill9_resume_is_exact,
@@ -245,6 +246,68 @@ def test_predict_on_an_attens_run_gives_its_reported_metrics(module_set, tmp_pat
     printed = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert printed["metrics"] == results["metrics"]["validation"]
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 120
+
+
+@pytest.mark.parametrize("method", ["average", "scalar", "merge", "lorahub"])
+def test_combination_methods_train_on_the_same_features_and_predict_their_metrics(
+        module_set, tmp_path, capsys, method):
+    from lora_jax import predict as predict_cli
+
+    if method == "lorahub":
+        pytest.importorskip("cma")
+    root, model, data = module_set
+    results = train_attens(attens_config(root, model, data, num_epochs=2, **{
+        "combiner.method": method, "combiner.lorahub_evaluations": 6}), str(tmp_path / "run"))
+    # how well each method does is the quickstart test's and the reports' business
+    assert results["method"] == method and results["attention"] is None
+    rows = results["predictions"]["validation"]
+    assert np.mean(unpack_array(rows["predictions"]) == unpack_array(rows["labels"])) == \
+        results["metrics"]["validation"]["accuracy"]
+    search = results["lorahub_search"]
+    if method == "lorahub":  # the weights it found are the run's config: predict merges them
+        assert len(search["history"]) == 6 and search["objective"] == min(search["history"])
+        assert list(results["merge_weights"].values()) == search["weights"] == list(
+            results["config"]["combiner"]["merge_weights"])
+        assert search["search_rows"] == {"train": 256, "selection": 200}
+    else:
+        assert search is None
+        assert results["merge_weights"] == ({"synth_sentiment": 1.0, "synth_topic": 1.0}
+                                            if method == "merge" else None)  # ties: 1 each
+    weights = results["module_weights"]
+    if method == "scalar":
+        assert list(weights) == ["synth_sentiment", "synth_topic", "base"]
+        assert abs(sum(weights.values()) - 1) < 1e-4 and len(set(weights.values())) == 3
+    else:
+        assert weights is None
+    validation = pathlib.Path(data) / "synth/sentiment/validation.jsonl.gz"
+    assert predict_cli.main(["--workdir", str(tmp_path / "run"), "--input", str(validation),
+                             "--output", str(tmp_path / "p.jsonl"), "--evaluate",
+                             "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert printed["metrics"] == results["metrics"]["validation"]
+
+
+def test_an_unknown_method_or_an_attention_quirk_without_attention_is_refused(module_set,
+                                                                              tmp_path):
+    root, model, data = module_set
+    with pytest.raises(UserError, match="combiner.method='mean' must be one of attens, "
+                                        "average, scalar, merge, lorahub"):
+        train_attens(attens_config(root, model, data, **{"combiner.method": "mean"}),
+                     str(tmp_path / "a"))
+    with pytest.raises(UserError, match=r"combiner.merge_density=1.5 must be <= 1.0"):
+        train_attens(attens_config(root, model, data, **{"combiner.method": "merge",
+                                                         "combiner.merge_density": 1.5}),
+                     str(tmp_path / "a"))
+    with pytest.raises(UserError, match="combiner.merge_weights has 3 weights for k=2"):
+        train_attens(attens_config(root, model, data, **{"combiner.method": "merge",
+                                                         "combiner.merge_weights": (1, 1, 1)}),
+                     str(tmp_path / "a"))
+    with pytest.raises(UserError, match="quirks.shared_layernorm changes the attention "
+                                        "combiner; combiner.method='average' has none"):
+        train_attens(attens_config(root, model, data, **{"combiner.method": "average",
+                                                         "quirks.shared_layernorm": True}),
+                     str(tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_a_module_set_from_pytorch_made_peft_adapters_trains_attens(module_set, tmp_path):

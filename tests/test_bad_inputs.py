@@ -85,6 +85,9 @@ def _cases(root: pathlib.Path, model: str, data: str) -> dict[str, Case]:
     assert typo != text, "configs/quickstart_sweep.py changed: update this case"
     typo_sweep.write_text(typo)
     two = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    no_cma = root / "no_cma"  # shadows an installed cma, as if the extra were not installed
+    (no_cma / "cma").mkdir(parents=True)
+    (no_cma / "cma" / "__init__.py").write_text("raise ImportError('no cma here')\n")
     t5 = [str(ROOT / "train.py"), "--config", f"{ROOT / 'configs' / 't5_hybrid_cpu.py'}:prompt_lora",
           f"--workdir={root / 'workdir'}"]
     wikisql = {"question": "who?", "table": {"header": []},
@@ -148,6 +151,16 @@ def _cases(root: pathlib.Path, model: str, data: str) -> dict[str, Case]:
                                              "feature_batch_size 3 is not divisible", env=two),
         "attens num_epochs=0": Case(attens + ["--config.num_epochs=0"],
                                     "num_epochs must be at least 1"),
+        "attens unknown method": Case(attens + ["--config.combiner.method=fusion2"],
+                                      "combiner.method='fusion2' must be one of attens"),
+        "attens merge density": Case(attens + ["--config.combiner.method=merge",
+                                               "--config.combiner.merge_density=1.5"],
+                                     "combiner.merge_density=1.5 must be <= 1.0"),
+        "attens lorahub without cma": Case(attens + ["--config.combiner.method=lorahub"],
+                                           "pip install 'lora-jax[lorahub]'",
+                                           env={"PYTHONPATH": f"{no_cma}{os.pathsep}{ROOT}"}),
+        "few-shot budget above train": Case(train + ["--config.train_budget=100000"],
+                                            "train_budget=100000 is larger than the"),
         # T5 through train.py
         "t5 task": Case(t5 + [f"--config.data_dir={data}", "--config.task=sst3"],
                         "unknown t5 task 'sst3'"),

@@ -50,12 +50,12 @@ def test_registry_covers_the_paper_tasks():
 def test_local_layout_and_missing_split(tmp_path):
     write_jsonl_gz(tmp_path / "glue" / "sst2" / "train.jsonl.gz", ROWS)
     task = get_task("sst2")
-    rows, where = data.load_split(task, "train", "local", str(tmp_path))
+    rows, where = data.DataSource("local", str(tmp_path)).load(task, "train")
     assert len(rows) == 2 and where.endswith("glue/sst2/train.jsonl.gz")
     with pytest.raises(UserError, match="no 'validation' split for task 'sst2'"):
-        data.load_split(task, "validation", "local", str(tmp_path))
+        data.DataSource("local", str(tmp_path)).load(task, "validation")
     with pytest.raises(UserError, match="data_dir .* does not exist"):
-        data.load_split(task, "train", "local", str(tmp_path / "nope"))
+        data.DataSource("local", str(tmp_path / "nope")).load(task, "train")
 
 
 def test_user_files_and_custom_task(tmp_path):
@@ -63,7 +63,7 @@ def test_user_files_and_custom_task(tmp_path):
     path.write_text("review,stars\nnice,2\nmeh,1\nugh,0\n")
     task = custom_task({"name": "mine", "text_keys": ["review"], "label_key": "stars",
                         "num_labels": 3})
-    rows, _ = data.load_split(task, "train", "files", data_files={"train": str(path)})
+    rows, _ = data.DataSource("files", files={"train": str(path)}).load(task, "train")
     ex = data.examples_from_rows(rows, task, str(path))
     np.testing.assert_array_equal(ex.labels, [2, 1, 0])
     with pytest.raises(UserError, match="missing 'num_labels'"):
@@ -104,6 +104,58 @@ def test_hold_out_is_disjoint_and_seeded():
     assert len(data.hold_out(ex, 30, seed=0)[1]) == 30
     with pytest.raises(UserError, match="selection_size"):
         data.hold_out(ex, 100, seed=0)
+
+
+def test_split_sizes_cut_examples_and_t5_pairs_alike():
+    from t5_hybrid.data import text_pairs
+
+    n = 100
+    ex = data.Examples([(str(i),) for i in range(n)], np.arange(n) % 2)
+    pairs = text_pairs([str(i) for i in range(n)], [f"t{i}" for i in range(n)])
+    sizes = data.SplitSizes(selection_size=0.2, max_train_examples=50, max_eval_examples=30)
+    cuts = []
+    for seed in (0, 1):
+        a = sizes.cut({"train": ex, "validation": ex}, seed, selection_from_train=True)
+        b = sizes.cut({"train": pairs, "validation": pairs}, seed, selection_from_train=True)
+        assert {k: len(v) for k, v in a.items()} == {"train": 50, "selection": 20,
+                                                    "validation": 30}
+        for name in a:  # the same rows, whatever the kind of split
+            assert [t[0] for t in a[name].texts] == b[name].sources
+        assert not set(a["train"].texts) & set(a["selection"].texts)
+        cuts.append(a)
+    assert cuts[0]["validation"].texts == cuts[1]["validation"].texts  # every seed: same rows
+    assert cuts[0]["train"].texts != cuts[1]["train"].texts  # seeded train rows
+    assert cuts[0]["selection"].texts != cuts[1]["selection"].texts
+    again = sizes.cut({"train": ex, "validation": ex}, 1, selection_from_train=True)
+    assert again["train"].texts == cuts[1]["train"].texts
+    few = data.SplitSizes(selection_size=0.25, train_budget=16)
+    budget = [few.cut({"train": ex}, seed, selection_from_train=True) for seed in (0, 1)]
+    assert [len(b["train"]) for b in budget] == [12, 12] and len(budget[0]["selection"]) == 4
+    seen = set(budget[0]["train"].texts) | set(budget[0]["selection"].texts)
+    assert len(seen) == 16  # the selection slice comes out of the 16 rows
+    assert seen != set(budget[1]["train"].texts) | set(budget[1]["selection"].texts)  # per seed
+    with pytest.raises(UserError, match="train_budget=101 is larger than the 100 rows"):
+        data.SplitSizes(train_budget=101).cut({"train": ex}, 0, selection_from_train=False)
+    no_selection = data.SplitSizes().cut({"train": ex}, 0, selection_from_train=False)
+    assert list(no_selection) == ["train"] and no_selection["train"] is ex
+
+
+def test_data_source_of_a_config_resolves_auto():
+    import ml_collections
+
+    def source(**kw):
+        c = ml_collections.ConfigDict({"data_source": "auto", "data_dir": "",
+                                       "data_files": {"train": "", "validation": ""}})
+        c.update(kw)
+        return data.DataSource.of(c)
+
+    assert source() == data.DataSource("hub")
+    assert source(data_dir="d") == data.DataSource("local", "d")
+    assert source(data_files={"train": "t.csv", "validation": ""}) == data.DataSource(
+        "files", "", {"train": "t.csv"})
+    assert source(data_source="tfds", data_dir="d").kind == "tfds"
+    with pytest.raises(UserError, match="unknown data_source 'ftp'"):
+        source(data_source="ftp").load(get_task("sst2"), "train")
 
 
 def test_batches_use_bounded_shapes():
@@ -154,17 +206,17 @@ def test_hub_dataset_offline_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="from the Hugging Face Hub .*--config.data_dir"):
-        data.load_split(get_task("rte"), "train", "hub")
+        data.DataSource("hub").load(get_task("rte"), "train")
 
 
 def test_real_glue_files_validate(data_dir):
     for name in ("sst2", "cola", "mrpc", "rte", "stsb", "wnli"):
         task = get_task(name)
         for split in ("train", "validation"):
-            rows, where = data.load_split(task, split, "local", str(data_dir))
+            rows, where = data.DataSource("local", str(data_dir)).load(task, split)
             ex = data.examples_from_rows(rows, task, where)
             assert len(ex) == len(rows) > 0
     trec = get_task("trec")
-    ex = data.examples_from_rows(*data.load_split(trec, "validation", "local", str(data_dir))[:1],
-                                 trec, "trec")
+    rows, _ = data.DataSource("local", str(data_dir)).load(trec, "validation")
+    ex = data.examples_from_rows(rows, trec, "trec")
     assert set(np.unique(ex.labels)) == set(range(6))

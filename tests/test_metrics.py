@@ -45,3 +45,35 @@ def test_regression_metrics_equal_scipy():
 def test_compute_returns_named_floats():
     out = metrics.compute(("matthews", "accuracy"), np.array([1, 0, 1]), np.array([1, 0, 0]))
     assert set(out) == {"matthews", "accuracy"} and all(isinstance(v, float) for v in out.values())
+
+
+def test_packed_per_row_outputs_round_trip_exactly():
+    classes = np.array([0, 5, 2, 2, 1, 0], np.int32)
+    values = np.array([0.125, -3.5, 4.999, 1e-7], np.float32)
+    assert np.array_equal(metrics.unpack_array(metrics.pack_array(classes)), classes)
+    assert metrics.unpack_array(metrics.pack_array(classes)).dtype == np.int16
+    assert np.array_equal(metrics.unpack_array(metrics.pack_array(values)), values)
+    assert metrics.pack_array(classes).startswith("int16:")
+    many = np.random.default_rng(0).integers(0, 2, 5000)
+    assert len(metrics.pack_array(many)) < 1500  # a few bits per binary row, not 16
+
+
+def test_paired_bootstrap_agrees_with_scipy_and_sees_a_real_difference():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    a = np.where(rng.random(400) < 0.80, labels, 1 - labels)  # about 80% right
+    b = np.where(rng.random(400) < 0.72, labels, 1 - labels)  # about 72%
+    diff, lo, hi = metrics.paired_bootstrap("accuracy", [a], [b], labels, resamples=4000)
+    assert diff == pytest.approx(np.mean(a == labels) - np.mean(b == labels))
+    ours = (lo, hi)
+    theirs = scipy.stats.bootstrap(
+        (a == labels, b == labels), lambda x, y: np.mean(x) - np.mean(y), paired=True,
+        vectorized=False, n_resamples=4000, method="percentile",
+        rng=np.random.default_rng(1)).confidence_interval
+    assert np.allclose(ours, (theirs.low, theirs.high), atol=0.01)
+    assert lo > 0  # 8 points on 400 rows: significant
+    same = metrics.paired_bootstrap("accuracy", [a], [a.copy()], labels, resamples=200)
+    assert same == (0.0, 0.0, 0.0)
+    single = metrics.paired_bootstrap("matthews", [a], [b], labels, resamples=10)[0]
+    seeds = metrics.paired_bootstrap("matthews", [a, b], [b, b], labels, resamples=10)[0]
+    assert seeds == pytest.approx(single / 2)  # the mean over the seeds on each side

@@ -74,9 +74,98 @@ def test_a_narrowed_sweep_tables_only_the_cells_it_was_asked_for(tmp_path, monke
         "sst2"]
 
 
+BUDGET_SWEEP = """
+import ml_collections
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.name = "few-shot"
+    c.experiments = ("ffn", "ft_lora")
+    c.tasks = ("sst2",)
+    c.seeds = (0,)
+    c.common = ml_collections.ConfigDict({"selection_size": 0.1})
+    c.task_overrides = ml_collections.ConfigDict({})
+    c.experiment_overrides = ml_collections.ConfigDict({"ft_lora": {"selection_size": 500}})
+    c.budgets = ml_collections.ConfigDict({"n16": {"train_budget": 16, "selection_size": 0.25},
+                                           "full": {}})
+    return c
+"""
+
+
+def test_a_budget_axis_runs_each_cell_per_budget_and_tables_each_apart(tmp_path, monkeypatch,
+                                                                       capsys):
+    import argparse
+    import json
+
+    from lora_jax import results, sweep
+
+    (tmp_path / "few.py").write_text(BUDGET_SWEEP)
+    _, config = load_config(str(tmp_path / "few.py"))
+    few = cell_config(config, "ft_lora", "sst2", 0, str(ROOT), "n16")
+    assert (few.train_budget, few.selection_size) == (16, 0.25)  # the budget's overrides last
+    full = cell_config(config, "ft_lora", "sst2", 0, str(ROOT), "full")
+    assert (full.train_budget, full.selection_size) == (0, 500)
+    monkeypatch.setattr(results, "uncommitted_changes", lambda: [])
+    for budget, value in (("n16", 0.6), ("full", 0.8)):
+        for exp in ("ffn", "ft_lora"):
+            cell = tmp_path / "w" / f"{exp}_sst2_{budget}_s0"
+            cell.mkdir(parents=True)
+            (cell / "results.json").write_text(json.dumps(_fake(exp, "sst2", 0, value)))
+    out = tmp_path / "t"
+    args = ["--config", str(tmp_path / "few.py"), "--workdir", str(tmp_path / "w"), "--collect",
+            "--out", str(out)]
+    assert sweep.main(args) == 0
+    table = out.with_suffix(".md").read_text()
+    assert table.index("## Budget n16") < table.index("| FT_LoRA | 60.0 | 60.0 |") < table.index(
+        "## Budget full") < table.index("| FT_LoRA | 80.0 | 80.0 |")
+    cells = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert [(r["sweep_row"], r["sweep_budget"]) for r in cells] == [
+        ("ffn", "n16"), ("ft_lora", "n16"), ("ffn", "full"), ("ft_lora", "full")]
+    assert sweep.main([*args, "--budgets", "full"]) == 0
+    assert "n16" not in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit) as bad:
+        sweep.main([*args, "--budgets", "n8"])
+    assert bad.value.code == 2
+    assert "error: budget(s) n8 not in this sweep (it has n16, full)" in capsys.readouterr().err
+    typed = argparse.Namespace(config="c.py", workdir="w", out="o", allow_dirty=False)
+    assert sweep.cell_command(typed, "ffn", "sst2", 0, "n16").endswith(
+        "--rows ffn --seeds 0 --budgets n16")
+
+
+def test_reuse_restores_recorded_cells_whose_config_agrees(tmp_path, monkeypatch):
+    import json
+
+    from lora_jax import results, sweep
+
+    monkeypatch.setattr(results, "uncommitted_changes", lambda: [])
+    _, config = load_config(str(ROOT / "configs" / "glue_cpu.py"))
+    recorded = []
+    for task, value in (("sst2", 0.8), ("cola", 0.1)):
+        cell = cell_config(config, "ft_lora", task, 0, str(ROOT)).to_dict()
+        r = {**_fake("ft_lora", task, 0, value), "sweep_row": "ft_lora", "git_commit": "abc",
+             "command": f"python -m lora_jax.sweep ... --only {task}",
+             "config": {**cell, "resume": True, "new_key_of_then": 1}}
+        recorded.append(r)
+    recorded[1]["config"]["max_length"] = 99  # cola ran with another config: not reused
+    (tmp_path / "earlier.json").write_text(json.dumps({"results": recorded}))
+    out = tmp_path / "t"
+    args = ["--config", str(ROOT / "configs" / "glue_cpu.py"), "--workdir", str(tmp_path / "w"),
+            "--rows", "ft_lora", "--only", "sst2,cola", "--collect", "--out", str(out),
+            "--reuse", str(tmp_path / "earlier.json")]
+    assert sweep.main(args) == 0
+    restored = json.loads((tmp_path / "w" / "ft_lora_sst2_s0" / "results.json").read_text())
+    assert restored["git_commit"] == "abc" and restored["command"].endswith("--only sst2")
+    assert not (tmp_path / "w" / "ft_lora_cola_s0").exists()
+    cells = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert [(r["task"], r["sweep_row"]) for r in cells] == [("sst2", "ft_lora")]
+    with pytest.raises(SystemExit):
+        sweep.main([*args[:-1], str(tmp_path / "nowhere.json")])
+
+
 @pytest.mark.slow
-def test_readme_quickstart_runs_the_four_rows(tmp_path):
-    """The README's quickstart from a fresh folder: modules, then Model/FFN/FT_LoRA/AttEns."""
+def test_readme_quickstart_runs_every_row(tmp_path):
+    """The README's quickstart from a fresh folder: modules, then Model/FFN/FT_LoRA/AttEns and
+    the Average / Scalar-weights combiners."""
     import shutil
 
     work = tmp_path / "repo"
@@ -87,13 +176,15 @@ def test_readme_quickstart_runs_the_four_rows(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
             for ln in proc.stdout.splitlines() if ln.startswith("| ") and "---" not in ln}
-    assert [r for r in rows if r] == ["Model", "FFN", "FT_LoRA", "AttEns"]
+    assert [r for r in rows if r] == ["Model", "FFN", "FT_LoRA", "AttEns", "Average",
+                                      "Scalar weights"]
     average = {r: float(v[-1]) for r, v in rows.items() if r}
     assert average["FT_LoRA"] > average["FFN"] > average["Model"] + 10  # each row learns more
-    assert average["AttEns"] > average["FFN"] + 5  # the combiner uses the modules
+    for combiner in ("AttEns", "Average", "Scalar weights"):  # each combiner uses the modules
+        assert average[combiner] > average["FFN"] + 5, combiner
     assert "SMOKE RUN" in proc.stdout
-    done = list((work / "runs" / "quickstart").glob("attens_*_s0/results.json"))
-    assert len(done) == 3
+    for row in ("attens", "average", "scalar"):
+        assert len(list((work / "runs" / "quickstart").glob(f"{row}_*_s0/results.json"))) == 3
     again = subprocess.run([sys.executable, "-m", "ensemble.quickstart", "--keep"], cwd=work,
                            capture_output=True, text=True, timeout=600,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})  # reuses the runs

@@ -24,6 +24,7 @@ from lora_jax.classifier import (
 from lora_jax.data import make_batch
 from lora_jax.errors import UserError
 from lora_jax.experiments import load_config
+from lora_jax.metrics import unpack_array
 from lora_jax.sharding import Placement
 from lora_jax.synthetic import make_quickstart_assets
 from tests.helpers import dot_dtypes, override
@@ -58,6 +59,10 @@ def test_end_to_end_writes_everything_and_learns(assets, tmp_path):
     assert above_chance(results["selection_metrics"]["accuracy"], sizes["selection"])
     assert results["trainable_params"] == 2 * 2 * 3 * 64 * 4 + 64 * 2 + 2
     assert json.loads((tmp_path / "results.json").read_text())["task"] == "synth_sentiment"
+    rows = results["predictions"]["validation"]  # per-row outputs, for paired tests
+    preds, labels = unpack_array(rows["predictions"]), unpack_array(rows["labels"])
+    assert len(preds) == sizes["validation"] and set(np.unique(labels)) == {0, 1}
+    assert np.mean(preds == labels) == results["metrics"]["validation"]["accuracy"]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in x for x in lines) and any("selection/accuracy" in x for x in lines)
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
@@ -111,8 +116,8 @@ def test_ffn_and_zero_shot_train_only_the_head(assets, tmp_path):
     setup = prepare(quick_config(assets, experiment="ffn"))
     place = Placement.all_devices()
     predict = jax.jit(make_predict_step(setup.model, False))
-    again = evaluate(predict, head, setup.frozen, setup.splits["validation"], setup.task, setup,
-                     place.put_batch)
+    again, _ = evaluate(predict, head, setup.frozen, setup.splits["validation"], setup.task,
+                        setup, place.put_batch)
     assert again == ffn["metrics"]["validation"]
     zs = train_and_evaluate(quick_config(assets, experiment="zero_shot", selection_size=0),
                             str(tmp_path / "zs"))
