@@ -100,7 +100,8 @@ def search_weights(config, extractor, train, held, num_outputs: int, regression:
     """LoraHub's weights for the first k modules of `extractor` (`ensemble.features.
     FeatureExtractor`) on the encoded `train` and `held` (selection) rows, at most
     ``combiner.lorahub_search_rows`` of each (a seeded sample). features(extractor, enc, rows)
-    -> (modules (n, 1, D), base (n, d)). Returns {"weights", "objective", "history"}."""
+    -> (modules (n, 1, D), base (n, d)). Returns {"weights", "objective", "history" (every
+    evaluation's objective), "search_rows" (how many train and selection rows it scored)}."""
     c = config.combiner
     require_cma()
     picked = [random_subset(len(enc), c.lorahub_search_rows, config.seed + i)
