@@ -39,14 +39,8 @@ def is_attens(result: dict) -> bool:
     return result["experiment"] == "attens" and method_of(result) == "attens"
 
 
-def table_rows(results: Sequence[dict]) -> list[str]:
-    """The paper's rows, then each other combination method's sweep row, in run order."""
-    extra = [row_of(r) for r in results if r["experiment"] == "attens" and not is_attens(r)]
-    return [*ROWS, *dict.fromkeys(extra)]
-
-
 def row_methods(results: Sequence[dict]) -> dict[str, str]:
-    """{sweep row: combiner method} of the rows beside the paper's."""
+    """{sweep row: combiner method} of the rows beside the paper's, in run order."""
     return {row_of(r): method_of(r) for r in results
             if r["experiment"] == "attens" and not is_attens(r)}
 
@@ -262,7 +256,8 @@ def build_report(sweep: dict, out: str, sweep_path: str = "") -> str:
     results = [r for r in every_budget if not train_budget(r)]  # the tables: all of train
     seen, unseen = split_tasks(results)
     attens = [r for r in results if r["experiment"] == "attens"]
-    rows, methods = table_rows(results), row_methods(results)
+    methods = row_methods(results)
+    rows = [*ROWS, *methods]  # the paper's rows, then each other combination method's
     names = {row: ROW_NAMES.get(m, row) for row, m in methods.items()}
     lines = [f"# {sweep['name']}", ""]
     lines += ["## Table 2: target tasks that have a module", "",
