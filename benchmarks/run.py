@@ -20,6 +20,9 @@ a fraction of a large GEMM's rate measured in the same run (see benchmarks/roofl
   attens_end_to_end       our AttEns run (features once, 20 combiner epochs) vs the authors'
                           structure in PyTorch + PEFT (k + 1 encoder passes every step),
                           one round each, benchmarks/attens.py
+  routing                 one batch of 32 x 128 whose rows name n = 1, 4, 16 adapters: our
+                          per-row routed pass vs PEFT's mixed batch (adapter_names) and vs our
+                          one-adapter batch, benchmarks/routing.py
 
 `--model random-bert-base` benchmarks a randomly initialised BERT-base (written to a temporary
 folder with a WordPiece vocabulary of the synthetic task; no download), for machines without the
@@ -35,7 +38,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks import attens, t5_generate, t5_train, train_throughput
+from benchmarks import attens, routing, t5_generate, t5_train, train_throughput
 from benchmarks.common import emit, environment, machine_slug
 from lora_jax.cli import ArgumentParser, fail
 from lora_jax.errors import UserError
@@ -45,14 +48,17 @@ from lora_jax.results import add_allow_dirty, code_state
 # t5 generation (batch, source, new, rounds): a round is one call per side (0.25-2 s on 2 cores)
 # and single greedy calls in one process ran at 3620-4772 tokens/s, so it takes more rounds;
 # attens (k, train rows, validation rows, epochs, length, feature batch, feature length);
-# gemm: the side of the roofline's square matmul
+# routing (adapter counts, batch, length, rounds); gemm: the side of the roofline's square matmul
 SCALES = {
     "full": dict(steps=20, rounds=3, shapes=((32, 64), (32, 128)), t5_train=(16, 64, 16, 10),
-                 t5_generate=(16, 64, 64, 9), attens=(6, 512, 256, 20, 64, 32, 128), gemm=2048),
+                 t5_generate=(16, 64, 64, 9), attens=(6, 512, 256, 20, 64, 32, 128),
+                 routing=((1, 4, 16), 32, 128, 5), gemm=2048),
     "quick": dict(steps=8, rounds=3, shapes=((32, 64), (32, 128)), t5_train=(16, 64, 16, 4),
-                  t5_generate=(16, 64, 64, 3), attens=(6, 192, 96, 20, 64, 32, 128), gemm=2048),
+                  t5_generate=(16, 64, 64, 3), attens=(6, 192, 96, 20, 64, 32, 128),
+                  routing=((1, 4, 16), 32, 128, 3), gemm=2048),
     "smoke": dict(steps=2, rounds=2, shapes=((4, 16),), t5_train=(2, 8, 4, 2),
-                  t5_generate=(2, 8, 4, 2), attens=(2, 32, 16, 2, 16, 4, 16), gemm=256),
+                  t5_generate=(2, 8, 4, 2), attens=(2, 32, 16, 2, 16, 4, 16),
+                  routing=((1, 2), 4, 16, 2), gemm=256),
 }
 
 
@@ -186,6 +192,9 @@ def main() -> int:
         k, n_train, n_val, epochs, length, f_batch, f_length = scale["attens"]
         benchmarks["attens_features"], benchmarks["attens_end_to_end"] = attens.measure(
             model, k, n_train, n_val, epochs, length, f_batch, f_length, rounds, gemm)
+        print("per-row adapter routing ...", file=sys.stderr)
+        ns, r_batch, r_length, r_rounds = scale["routing"]
+        benchmarks["routing"] = routing.measure(model, ns, r_batch, r_length, r_rounds, gemm)
     results = {"benchmarks": benchmarks, "model": a.model, "dtype": a.dtype, "scale": scale,
                "wall_s": round(time.perf_counter() - start),
                "environment": {**environment(), **code}}

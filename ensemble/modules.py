@@ -181,3 +181,25 @@ def load_module_set(set_dir: str, tasks: list[str] | tuple[str, ...] = ()) -> Mo
     spec = LoRASpec(r=lo["r"], alpha=lo["alpha"], dropout=lo["dropout"],
                     targets=tuple(lo["targets"]))
     return ModuleSet(index["model"], spec, index["pooling"], index["max_length"], modules)
+
+
+def routed_adapters(path: str):
+    """The modules of the module set at `path` as named adapters for per-row routing
+    (`lora_jax.adapter_bank`, entry point ``lora_jax.adapter_sets``), named by task; None when
+    `path` is not a module set."""
+    from lora_jax.adapter_bank import NamedAdapter
+    from lora_jax.tasks import custom_task, get_task, task_names
+
+    if not os.path.isfile(os.path.join(path, "moduleset.json")):
+        return None
+    found = load_module_set(path)
+    out = []
+    for m in found.modules:
+        task = (get_task(m.task) if m.task in task_names() else custom_task(
+            {"name": m.task, "text_keys": ["text"], "num_labels": m.num_labels}))
+        head_kind = m.meta.get("head", "linear")
+        out.append((m.task, NamedAdapter(m.task, task, m.lora, m.head, head_kind,
+                                         m.meta.get("pooling", found.pooling),
+                                         int(m.meta.get("max_length", found.max_length)),
+                                         os.path.join(path, m.task))))
+    return out

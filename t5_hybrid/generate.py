@@ -22,6 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lora_jax import routing
 from lora_jax.distributed import BatchShare, map_batches
 from lora_jax.errors import UserError
 from t5_hybrid.data import Pairs, make_batch
@@ -219,6 +220,7 @@ def beam_search(model: T5ForConditionalGeneration, variables, input_ids, attenti
         cache = model.apply(variables, states, 0, method=model.init_cache)
         cache = jax.tree_util.tree_map(lambda c: jnp.repeat(c, k, 0), cache)
     states, mask = jnp.repeat(states, k, 0), jnp.repeat(mask, k, 0)
+    variables = routing.repeat_routed(variables, k)  # per-row adapters follow their beams
     seqs = jnp.full((batch, k, max_new_tokens + 1), cfg.pad_token_id, jnp.int32)
     seqs = seqs.at[:, :, 0].set(cfg.decoder_start_token_id)
     alive_logp = jnp.tile(jnp.asarray([0.0] + [-jnp.inf] * (k - 1), jnp.float32), (batch, 1))

@@ -4,7 +4,8 @@ soft prompt and an explicit key/value cache for incremental decoding.
 Variables:
   ``params``  the pretrained model (frozen in prompt/LoRA training);
   ``lora``    adapters for any `LoRADense` (attention q/k/v/o, feed-forward), see `lora_jax.lora`;
-  ``prompt``  ``{"embedding": (P, d_model)}``: P soft tokens prepended to the encoder input.
+  ``prompt``  ``{"embedding": (P, d_model)}``: P soft tokens prepended to the encoder input
+              (routed, one prompt per row: ``{"embedding": (B, P, d), "mask": (B, P)}``).
 
 Entry points (all pure; use ``model.apply(variables, ..., method=...)``):
   `__call__`   teacher-forced logits (B, T, vocab) float32;
@@ -252,8 +253,13 @@ class T5ForConditionalGeneration(T5Module):
         if self.has_variable(PROMPT_COLLECTION, "embedding"):
             prompt = self.get_variable(PROMPT_COLLECTION, "embedding").astype(x.dtype)
             batch = x.shape[0]
-            x = jnp.concatenate([jnp.broadcast_to(prompt, (batch, *prompt.shape)), x], 1)
-            mask = jnp.concatenate([jnp.ones((batch, prompt.shape[0]), jnp.int32), mask], 1)
+            if prompt.ndim == 3:  # one prompt per row, left-padded (lora_jax.routing)
+                prompt_mask = self.get_variable(PROMPT_COLLECTION, "mask").astype(jnp.int32)
+            else:
+                prompt = jnp.broadcast_to(prompt, (batch, *prompt.shape))
+                prompt_mask = jnp.ones(prompt.shape[:2], jnp.int32)
+            x = jnp.concatenate([prompt, x], 1)
+            mask = jnp.concatenate([prompt_mask, mask], 1)
         return x, mask
 
     def encode(self, input_ids: jax.Array, attention_mask: jax.Array,

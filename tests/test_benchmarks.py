@@ -169,7 +169,7 @@ def test_benchmark_run_smoke_writes_json_and_table(minilm_l3, tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == results
     benches = results["benchmarks"]
     assert set(benches) == {"train_l16", "t5_train", "t5_generate", "attens_features",
-                            "attens_end_to_end"}
+                            "attens_end_to_end", "routing"}
     env = results["environment"]
     assert env["command"].startswith("python -m benchmarks.run --smoke")
     assert env["git_commit"] and env["machine"] and env["cpu"] and env["date"]
@@ -192,6 +192,11 @@ def test_benchmark_run_smoke_writes_json_and_table(minilm_l3, tmp_path):
     assert train["ours_fraction_of_gemm"] == pytest.approx(
         train["ours_gflops"] / benches["train_l16"]["gemm_gflops"], rel=1e-12)
     assert f"{100 * train['ours_fraction_of_gemm']:.0f}%" in table
+    routing = benches["routing"]
+    # per n: routed vs PEFT's mixed batch, PEFT mixed vs PEFT single, routed vs ours single;
+    # the routed logits were checked against PEFT's before timing
+    assert len(routing["comparisons"]) == 3 * len(routing["adapters"]) == 6
+    assert max(routing["max_logit_difference_vs_peft"].values()) < 1e-4
     greedy, beam = benches["t5_generate"]["comparisons"]
     assert greedy["same_tokens_as_transformers"] is True, greedy
     assert len(greedy["ours_rounds"]) == benches["t5_generate"]["rounds"] == results["scale"][

@@ -8,7 +8,9 @@ so the base tree is never copied or mutated. A `LoRADense` whose scope has ``lor
 ``lora/B`` (r, out) and ``lora/alpha`` (a scalar) computes
 ``y = x W0 + b + (alpha / r) * dropout(x) A B``; without them it is a plain Dense. The adapter
 carries its own alpha, so an adapter is never scaled by another adapter's setting. Which kernels
-get adapters is decided by `lora_jax.lora.init_lora`, not here.
+get adapters is decided by `lora_jax.lora.init_lora`, not here. With ``lora/scale`` (B,) in
+place of alpha, A (B, in, r) and B (B, r, out) hold one adapter per batch row
+(`lora_jax.routing`): ``y_i = x_i W0 + b + scale_i * x_i A_i B_i``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import jax
 import jax.numpy as jnp
 
 LORA_COLLECTION = "lora"
+# A routed adapter (one per batch row, `lora_jax.routing`) carries its scale (alpha / r of the
+# adapter each row took) instead of alpha: padded ranks do not change it.
+ROUTED_SCALE = "scale"
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -171,6 +176,8 @@ class LoRADense(nn.Module):
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
+        if self.has_variable(LORA_COLLECTION, ROUTED_SCALE):
+            return y + self._routed_update(x, deterministic)
         if self.has_variable(LORA_COLLECTION, "A"):
             a = self.get_variable(LORA_COLLECTION, "A")
             b = self.get_variable(LORA_COLLECTION, "B")
@@ -183,3 +190,19 @@ class LoRADense(nn.Module):
             x_drop = Dropout(self.lora_dropout)(x, deterministic=deterministic)
             y = y + scale * jnp.dot(jnp.dot(x_drop, a.astype(self.dtype)), b.astype(self.dtype))
         return y
+
+    def _routed_update(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        """``scale_i * (x_i A_i) B_i`` for every batch row i: the per-row adapters of
+        `lora_jax.routing.route` (A (B, in, R), B (B, R, out), scale (B,)), two batched einsums
+        over the rows, whatever adapter each row took."""
+        a = self.get_variable(LORA_COLLECTION, "A")
+        b = self.get_variable(LORA_COLLECTION, "B")
+        scale = jax.lax.stop_gradient(self.get_variable(LORA_COLLECTION, ROUTED_SCALE))
+        if a.ndim != 3 or a.shape[0] != x.shape[0]:
+            raise ValueError(f"the routed adapter of {'/'.join(self.scope.path)} has A of shape "
+                             f"{a.shape}, not (batch={x.shape[0]}, in, r): route it with "
+                             "lora_jax.routing.route for this batch")
+        x_drop = Dropout(self.lora_dropout)(x, deterministic=deterministic)
+        low = jnp.einsum("b...i,bir->b...r", x_drop, a.astype(self.dtype))
+        delta = jnp.einsum("b...r,bro->b...o", low, b.astype(self.dtype))
+        return scale.astype(self.dtype).reshape(-1, *[1] * (x.ndim - 1)) * delta
