@@ -11,17 +11,47 @@ from collections.abc import Callable
 from benchmarks.roofline import best_gemm_rate, gemm_fields, gemm_rates
 
 
-def cpu_model() -> str:
-    """The host CPU's model name (Linux /proc/cpuinfo, else `platform.processor()`): machines of
-    the same kind and core count differ from one session to the next."""
+def _cpuinfo_field(name: str) -> str:
+    """The first value of `name` in Linux's /proc/cpuinfo ("" elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return ""
+
+
+def cpu_model() -> str:
+    """The host CPU's model name (Linux /proc/cpuinfo, else `platform.processor()`): machines of
+    the same kind and core count differ from one session to the next."""
+    return _cpuinfo_field("model name") or platform.processor() or "unknown"
+
+
+# The vector and matrix extensions that decide XLA:CPU's and PyTorch's kernels (x86: SSE to
+# AVX-512 and AMX; Arm: NEON/SVE), in the names /proc/cpuinfo uses.
+VECTOR_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl",
+                     "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+                     "amx_int8", "asimd", "sve", "sve2")
+
+
+def cpu_vector_extensions() -> list[str]:
+    """Which of `VECTOR_EXTENSIONS` the host CPU reports, in that order ([] off Linux)."""
+    flags = set((_cpuinfo_field("flags") or _cpuinfo_field("Features")).split())
+    return [x for x in VECTOR_EXTENSIONS if x in flags]
+
+
+def cpu_family_slug(model: str) -> str:
+    """The vendor and family of a CPU model name, file-name safe: "Intel(R) Xeon(R) Processor"
+    -> "intel_xeon", "AMD EPYC 7B13" -> "amd_epyc"; "" when nothing is left."""
+    import re
+
+    words = re.sub(r"\((r|tm)\)", " ", model.lower()).split()
+    words = [re.sub(r"[^a-z0-9]+", "", w) for w in words
+             if w not in {"processor", "cpu", "core", "unknown"}]
+    return "_".join(w for w in words[:2] if w)
 
 
 def environment() -> dict:
@@ -42,6 +72,8 @@ def environment() -> dict:
             "machine": f"{platform.machine()} {dev.platform.upper()} ({dev.device_kind}), "
                        f"{os.cpu_count()} CPU cores",
             "cpu": cpu_model(),
+            "cpu_vector_extensions": cpu_vector_extensions(),
+            "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "malloc_keeps_heap": lora_jax.MALLOC_KEEPS_HEAP,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -50,14 +82,17 @@ def environment() -> dict:
 
 
 def machine_slug() -> str:
-    """A short file-name-safe name of this machine: "cpu_2cores", "gpu_nvidia_h100_80gb_hbm3"."""
+    """A short file-name-safe name of this machine: "cpu_2cores_intel_xeon",
+    "gpu_nvidia_h100_80gb_hbm3". CPUs are named by vendor and family too, since the same core
+    count of two vendors gives other figures (results/ keeps one file per machine kind)."""
     import re
 
     import jax
 
     dev = jax.devices()[0]
     if dev.platform == "cpu":
-        return f"cpu_{os.cpu_count()}cores"
+        family = cpu_family_slug(cpu_model())
+        return f"cpu_{os.cpu_count()}cores" + (f"_{family}" if family else "")
     return re.sub(r"[^a-z0-9]+", "_", f"{dev.platform}_{dev.device_kind}".lower()).strip("_")
 
 

@@ -104,8 +104,10 @@ def measure(model_dir: str, ns: tuple[int, ...], batch: int, length: int, rounds
         pm = peft.PeftModel.from_pretrained(base, dirs[0], adapter_name=adapters[0].name)
         for a, path in zip(adapters[1:], dirs[1:], strict=True):
             pm.load_adapter(path, adapter_name=a.name)
-    pm.eval()
-    torch_ids, torch_mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # each side on its default device
+    pm.eval().to(device)
+    torch_ids = torch.tensor(ids, dtype=torch.long, device=device)
+    torch_mask = torch.tensor(mask, device=device)
     single_model = SequenceClassifier(cfg, LABELS, head="hf")
     single = jax.jit(lambda v, b: single_model.apply(v, b["input_ids"], b["attention_mask"],
                                                      b["token_type_ids"]))
@@ -117,7 +119,7 @@ def measure(model_dir: str, ns: tuple[int, ...], batch: int, length: int, rounds
     def peft_one_adapter():
         pm.set_adapter(adapters[0].name)
         with torch.no_grad():
-            return pm(input_ids=torch_ids, attention_mask=torch_mask).logits.numpy()
+            return pm(input_ids=torch_ids, attention_mask=torch_mask).logits.cpu().numpy()
 
     for n in ns:
         index = np.arange(batch, dtype=np.int32) % n
@@ -132,7 +134,7 @@ def measure(model_dir: str, ns: tuple[int, ...], batch: int, length: int, rounds
         def peft_mixed(names=names):
             with torch.no_grad():
                 return pm(input_ids=torch_ids, attention_mask=torch_mask,
-                          adapter_names=names).logits.numpy()
+                          adapter_names=names).logits.cpu().numpy()
 
         runs = {"routed": lambda r=routed, b=b: jax.block_until_ready(r(encoder_params, b)),
                 "peft": peft_mixed,

@@ -139,7 +139,9 @@ def markdown(results: dict) -> str:
         f"{results['wall_s']} s; peer = PyTorch {env['torch']} (+ PEFT), ours = JAX {env['jax']}, "
         f"{results['dtype']}. Medians of alternating rounds [slowest-fastest round]; % of GEMM = "
         "achieved matmul FLOP/s over a large GEMM's rate measured in the same run "
-        "(benchmarks/roofline.py).", "", *rows, *notes, "", settings(env), ""])
+        "(benchmarks/roofline.py).", "", *rows, *notes, "", settings(env), ""]
+        + ([f"CPU vector extensions: {', '.join(env['cpu_vector_extensions']) or 'none'}.", ""]
+           if "cpu_vector_extensions" in env else []))
 
 
 def settings(env: dict) -> str:
@@ -147,8 +149,23 @@ def settings(env: dict) -> str:
     malloc = ("glibc malloc keeps freed heap memory (lora_jax/host_malloc.py)"
               if env.get("malloc_keeps_heap") else "glibc malloc defaults")
     return (f"Process settings for both sides: XLA_FLAGS `{env.get('xla_flags') or '(none)'}`; "
-            f"{malloc}. Peak resident memory of the benchmark process (both sides, every "
+            f"{malloc}"
+            + (f"; JAX default matmul precision `{env['jax_default_matmul_precision']}`"
+               if env.get("jax_default_matmul_precision") else "")
+            + ". Peak resident memory of the benchmark process (both sides, every "
             f"model): {env.get('peak_rss_mb', '?')} MB.")
+
+
+def full_fp32_matmuls() -> None:
+    """On a GPU, float32 matmuls at full precision, as PyTorch's are by default
+    (``torch.backends.cuda.matmul.allow_tf32`` is False): XLA's default there rounds their inputs
+    to TF32, which would compare unequal work and break the rows' 1e-4 parity checks. bfloat16
+    matmuls are unaffected; a CPU computes float32 in full either way. The environment records
+    the setting."""
+    import jax
+
+    if jax.default_backend() != "cpu":
+        jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def main() -> int:
@@ -171,6 +188,7 @@ def main() -> int:
         code = code_state(os.path.join(a.out_dir, "bench.json"), a.allow_dirty)
     except UserError as e:
         fail(str(e))
+    full_fp32_matmuls()
     scale = SCALES["smoke" if a.smoke else "quick" if a.quick else "full"]
     steps, rounds, gemm = scale["steps"], scale["rounds"], scale["gemm"]
     start = time.perf_counter()

@@ -174,6 +174,12 @@ def test_benchmark_run_smoke_writes_json_and_table(minilm_l3, tmp_path):
     assert env["command"].startswith("python -m benchmarks.run --smoke")
     assert env["git_commit"] and env["machine"] and env["cpu"] and env["date"]
     table = json_file.with_suffix(".md").read_text()
+    # the CPU is named in the file's name and its table, with its vector extensions
+    from benchmarks.common import cpu_family_slug, cpu_vector_extensions
+
+    assert json_file.stem.endswith(cpu_family_slug(env["cpu"]))
+    assert env["cpu_vector_extensions"] == cpu_vector_extensions()
+    assert f"CPU vector extensions: {', '.join(env['cpu_vector_extensions']) or 'none'}." in table
     for name, bench in benches.items():
         for row in bench["comparisons"]:
             assert f"| {name}: {row['what']} |" in table and ratio_text(row["ratio"]) in table
@@ -223,6 +229,16 @@ def test_benchmark_run_smoke_writes_json_and_table(minilm_l3, tmp_path):
     assert paired["only_ours_right"] - paired["only_theirs_right"] == round(
         (acc["ours"] - acc["authors_structure"]) * rows)  # unrounded accuracies: exact counts
     assert f"McNemar exact p = {shown(paired['mcnemar_p'], 4)}" in table
+
+
+def test_cpu_family_slug_names_vendor_and_family():
+    """Result files are named per machine kind: two vendors' 2-core machines never share one."""
+    from benchmarks.common import cpu_family_slug
+
+    assert cpu_family_slug("Intel(R) Xeon(R) Processor") == "intel_xeon"
+    assert cpu_family_slug("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz") == "intel_xeon"
+    assert cpu_family_slug("AMD EPYC 7B13 64-Core Processor") == "amd_epyc"
+    assert cpu_family_slug("unknown") == ""
 
 
 def test_paired_accuracy_counts_discordant_rows_and_mcnemars_exact_p():
