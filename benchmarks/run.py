@@ -156,6 +156,12 @@ def settings(env: dict) -> str:
             f"model): {env.get('peak_rss_mb', '?')} MB.")
 
 
+def progress(start: float, text: str) -> None:
+    """One progress line on stderr with the seconds since `start`: a run stopped by a time
+    limit still shows which benchmark took the time."""
+    print(f"[{time.perf_counter() - start:.0f} s] {text}", file=sys.stderr, flush=True)
+
+
 def full_fp32_matmuls() -> None:
     """On a GPU, float32 matmuls at full precision, as PyTorch's are by default
     (``torch.backends.cuda.matmul.allow_tf32`` is False): XLA's default there rounds their inputs
@@ -196,21 +202,21 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = random_bert_base(tmp) if a.model == "random-bert-base" else a.model
         for batch, length in scale["shapes"]:
-            print(f"train step, batch {batch}, length {length} ...", file=sys.stderr)
+            progress(start, f"train step, batch {batch}, length {length} ...")
             benchmarks[f"train_l{length}"] = train_throughput.measure(
                 model, batch, length, steps, rounds, a.dtype, gemm)
-        print("T5 train step ...", file=sys.stderr)
+        progress(start, "T5 train step ...")
         batch, source, target, t5_steps = scale["t5_train"]
         benchmarks["t5_train"] = t5_train.measure(batch, source, target, t5_steps, rounds,
                                                   a.dtype, gemm)
-        print("T5 generation ...", file=sys.stderr)
+        progress(start, "T5 generation ...")
         benchmarks["t5_generate"] = t5_generate.measure(*scale["t5_generate"], dtype=a.dtype,
                                                         gemm_size=gemm)
-        print("AttEns features and end to end ...", file=sys.stderr)
+        progress(start, "AttEns features and end to end ...")
         k, n_train, n_val, epochs, length, f_batch, f_length = scale["attens"]
         benchmarks["attens_features"], benchmarks["attens_end_to_end"] = attens.measure(
             model, k, n_train, n_val, epochs, length, f_batch, f_length, rounds, gemm)
-        print("per-row adapter routing ...", file=sys.stderr)
+        progress(start, "per-row adapter routing ...")
         ns, r_batch, r_length, r_rounds = scale["routing"]
         benchmarks["routing"] = routing.measure(model, ns, r_batch, r_length, r_rounds, gemm)
     results = {"benchmarks": benchmarks, "model": a.model, "dtype": a.dtype, "scale": scale,

@@ -28,6 +28,10 @@ LORA_COLLECTION = "lora"
 # A routed adapter (one per batch row, `lora_jax.routing`) carries its scale (alpha / r of the
 # adapter each row took) instead of alpha: padded ranks do not change it.
 ROUTED_SCALE = "scale"
+# A fused layer (`lora_jax.fusion`): k stacked adapters, their scales (k,) under FUSION_SCALE and
+# the fusion's own query/key/value kernels (out, out).
+FUSION_SCALE = "fusion_scale"
+FUSION_KERNELS = ("fusion_query", "fusion_key", "fusion_value")
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -176,6 +180,8 @@ class LoRADense(nn.Module):
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
+        if self.has_variable(LORA_COLLECTION, FUSION_SCALE):
+            return y + self._fused_update(x, y, deterministic)
         if self.has_variable(LORA_COLLECTION, ROUTED_SCALE):
             return y + self._routed_update(x, deterministic)
         if self.has_variable(LORA_COLLECTION, "A"):
@@ -206,3 +212,30 @@ class LoRADense(nn.Module):
         low = jnp.einsum("b...i,bir->b...r", x_drop, a.astype(self.dtype))
         delta = jnp.einsum("b...r,bro->b...o", low, b.astype(self.dtype))
         return scale.astype(self.dtype).reshape(-1, *[1] * (x.ndim - 1)) * delta
+
+    def _fused_update(self, x: jax.Array, y: jax.Array, deterministic: bool) -> jax.Array:
+        """AdapterFusion over the k stacked LoRA deltas of this layer (`lora_jax.fusion`):
+
+            delta_i = scale_i (x A_i) B_i                       (..., k, out), every module
+            p       = softmax_i((y Wq) . (delta_i Wk) / sqrt(out))   query: this layer's output
+            update  = sum_i p_i (delta_i Wv)                     Wv starts as the identity
+
+        with A (k, in, R), B (k, R, out), scale (k,) and Wq, Wk, Wv (out, out); `y` is the
+        frozen layer's own output x W0 + b. The k deltas come from two batched einsums (one
+        pass, no loop over modules)."""
+        a = self.get_variable(LORA_COLLECTION, "A").astype(self.dtype)
+        b = self.get_variable(LORA_COLLECTION, "B").astype(self.dtype)
+        scale = self.get_variable(LORA_COLLECTION, FUSION_SCALE).astype(self.dtype)
+        query, key, value = (self.get_variable(LORA_COLLECTION, name).astype(self.dtype)
+                             for name in FUSION_KERNELS)
+        if a.ndim != 3 or scale.shape != (a.shape[0],):
+            raise ValueError(f"the fused adapters of {'/'.join(self.scope.path)} have A of shape "
+                             f"{a.shape} and {FUSION_SCALE} of shape {scale.shape}, not (k, in, "
+                             "r) and (k,): build them with lora_jax.fusion.init_fusion")
+        x_drop = Dropout(self.lora_dropout)(x, deterministic=deterministic)
+        low = jnp.einsum("...i,kir->...kr", x_drop, a)
+        deltas = jnp.einsum("...kr,kro->...ko", low, b) * scale[:, None]
+        scores = jnp.einsum("...o,...ko->...k", jnp.dot(y, query), jnp.dot(deltas, key))
+        weights = jax.nn.softmax(scores / jnp.sqrt(jnp.asarray(y.shape[-1], self.dtype)), axis=-1)
+        self.sow("intermediates", "fusion_weights", weights)
+        return jnp.einsum("...k,...ko->...o", weights, jnp.dot(deltas, value))
