@@ -23,7 +23,8 @@ def attens_config(model: str, module_dir: str, modules=GLUE_MODULES) -> ml_colle
     c.k = 0  # 0: all modules
     c.task = "rte"  # target: a module task, or an unseen one (imdb, ag_news, trec, stsb)
     c.combiner = ml_collections.ConfigDict({
-        # attens (the paper) | average | scalar | merge | lorahub (ensemble/combiner.py)
+        # attens (the paper) | average | scalar | merge | lorahub (ensemble/combiner.py) |
+        # fusion (AdapterFusion inside every adapted layer, ensemble/fusion.py: no cache)
         "method": "attens",
         # merge: the k adapters merged into one (PEFT add_weighted_adapter semantics), a head
         "merge_method": "ties",  # linear | magnitude_prune | ties | dare_linear | dare_ties

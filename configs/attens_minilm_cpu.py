@@ -11,6 +11,12 @@ Then the combiner on a target (a module task, or unseen: imdb, trec):
     python train.py --config configs/attens_minilm_cpu.py --workdir runs/attens/rte \
       --config.task=rte
 
+Another way to combine the same modules (combiner.method: average | scalar | merge | lorahub |
+fusion; ensemble/combiner.py, ensemble/fusion.py), e.g. AdapterFusion inside every layer:
+
+    python train.py --config configs/attens_minilm_cpu.py --workdir runs/attens/rte_fusion \
+      --config.task=rte --config.combiner.method=fusion --config.optimizer.learning_rate=1e-2
+
 The full reproduction (all targets, 3 seeds, the k sweep) is configs/attens_cpu_sweep.py.
 """
 

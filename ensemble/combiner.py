@@ -182,10 +182,11 @@ def module_weights(params) -> list[float] | None:
 
 
 # config.combiner.method -> what combines the k modules: attention over their outputs (the
-# paper), their mean, learned scalar weights, or a weight-space merge into one adapter whose
+# paper), their mean, learned scalar weights, a weight-space merge into one adapter whose
 # output a linear head reads (`lora_jax.merge`, or LoraHub's searched sum, `ensemble.lorahub`;
-# the head is the average MixCombiner of one slot)
-COMBINER_METHODS = ("attens", "average", "scalar", "merge", "lorahub")
+# the head is the average MixCombiner of one slot), or AdapterFusion over the modules' deltas
+# inside every adapted layer (`ensemble.fusion`, trained through the encoder, no feature cache)
+COMBINER_METHODS = ("attens", "average", "scalar", "merge", "lorahub", "fusion")
 
 
 def combiner_method(config) -> str:
@@ -199,6 +200,9 @@ def build_combiner(config, num_classes: int, hidden: int) -> nn.Module:
     c, q = config.combiner, config.quirks
     lift_dim = hidden if c.output == "logits" else None
     method = combiner_method(config)
+    if method == "fusion":
+        raise ValueError("combiner.method='fusion' sits inside the encoder; ensemble.fusion "
+                         "builds its model")
     if method in ("average", "scalar", "merge", "lorahub"):
         return MixCombiner(num_classes, method == "scalar", lift_dim, c.dropout)
     return AttEnsCombiner(num_classes=num_classes, num_heads=c.num_heads, agg2=c.agg2,

@@ -375,6 +375,7 @@ class FeatureExtractor:
     pad_to: tuple[int, ...]  # padded lengths of feature batches
     pad_id: int
     hidden_size: int  # d of the base features
+    encoder_config: Any = None  # the base encoder's EncoderConfig
 
     def with_adapters(self, adapters: list[dict]) -> FeatureExtractor:
         """The same extractor with `adapters` (adapter trees shaped like the modules') in its
@@ -440,7 +441,8 @@ def build_feature_extractor(config) -> FeatureExtractor:
     pad_to = ((max_len,) if config.quirks.count_padding
               else data_lib.bucket_lengths(max_len, config.buckets))
     return FeatureExtractor(mset, k, slots, model, tokenizer, base_params, stacked, heads, feature_fn,
-                            max_len, pad_to, tokenizer.pad_token_id or 0, enc_cfg.hidden_size)
+                            max_len, pad_to, tokenizer.pad_token_id or 0, enc_cfg.hidden_size,
+                            enc_cfg)
 
 
 # ----------------------------------------------------------------------------- cached splits

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ensemble.combiner import build_combiner
+from ensemble.combiner import build_combiner, combiner_method
 from ensemble.features import FeatureExtractor, FeatureSplit, build_feature_extractor, map_combiner
 from lora_jax import data as data_lib
 from lora_jax.checkpoint import restore_trainable
@@ -46,10 +46,14 @@ class AttensRun(ClassificationRun):
                         "<module run>)")
 
 
-def attens_run(workdir: str, results: dict) -> AttensRun:
-    """The AttEns run in `workdir` with its best combiner."""
+def attens_run(workdir: str, results: dict) -> ClassificationRun:
+    """The AttEns run in `workdir` with its best combiner (a fusion run: `FusionRun`)."""
     config = run_config(results)
     config.progress = False
+    if combiner_method(config) == "fusion":
+        from ensemble.fusion import fusion_run
+
+        return fusion_run(workdir, config)
     task = resolve_task(config)
     fx = build_feature_extractor(config)
     combiner = build_combiner(config, task.num_labels, fx.hidden_size)

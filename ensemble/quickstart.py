@@ -4,7 +4,8 @@ Builds the quickstart assets (a tiny random BERT and three synthetic tasks, see
 `lora_jax.synthetic`), trains one FT_LoRA module per task and exports them as a module set
 (`ensemble.train_modules`), then runs the paper's Table 2 rows on every task - Model (untrained
 head), FFN (trained head), FT_LoRA (the modules themselves), AttEns (the attention combiner
-over the k = 3 frozen modules) and the simpler combiners Average and Scalar weights - with
+over the k = 3 frozen modules), the simpler combiners Average and Scalar weights, and Fusion
+(AdapterFusion over the modules' deltas inside every layer) - with
 `lora_jax.sweep`, and prints the table. Run it from the
 repository root (it reads configs/quickstart_sweep.py). A few minutes on 2 CPU cores.
 """
@@ -58,8 +59,8 @@ def main(argv=None) -> int:
                              "--out", os.path.join(WORKDIR, "modules")])
     if rc:
         return rc
-    print("2/2 Model, FFN, AttEns and the Average / Scalar-weights combiners (k=3 modules) on "
-          "every task\n")
+    print("2/2 Model, FFN, AttEns and the Average / Scalar-weights / Fusion combiners (k=3 "
+          "modules) on every task\n")
     rc = sweep.main(["--config", SWEEP, "--workdir", WORKDIR,
                      "--out", os.path.join(WORKDIR, "table")])
     if rc:

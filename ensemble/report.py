@@ -26,6 +26,10 @@ ROWS = ("zero_shot", "ffn", "ft_lora", "attens")
 METHOD_DESCRIPTIONS = {
     "average": "a linear head on the mean of the module outputs",
     "scalar": "a linear head on a learned softmax mix of the module outputs and the base",
+    "merge": "a linear head on the output of the modules merged into one adapter",
+    "lorahub": "a linear head on the output of the modules summed with CMA-ES-searched weights",
+    "fusion": "attention over the modules' LoRA deltas inside every adapted layer "
+              "(AdapterFusion), fusion and head trained through the encoder",
 }
 
 

@@ -251,6 +251,10 @@ def experiment(setup: AttensSetup) -> trainer.Experiment:
 
 def train_attens(config, workdir: str) -> dict[str, Any]:
     """Fit the combiner; returns (and writes) the shared results record plus AttEns fields."""
+    if combiner_method(config) == "fusion":  # inside the encoder: its own model, no cache
+        from ensemble.fusion import train_fusion
+
+        return train_fusion(config, workdir)
     wall_start = time.perf_counter()
     setup = prepare_attens(config)
     return trainer.run_experiment(experiment(setup), os.fspath(workdir), wall_start)

@@ -248,7 +248,7 @@ def test_predict_on_an_attens_run_gives_its_reported_metrics(module_set, tmp_pat
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 120
 
 
-@pytest.mark.parametrize("method", ["average", "scalar", "merge", "lorahub"])
+@pytest.mark.parametrize("method", ["average", "scalar", "merge", "lorahub", "fusion"])
 def test_combination_methods_train_on_the_same_features_and_predict_their_metrics(
         module_set, tmp_path, capsys, method):
     from lora_jax import predict as predict_cli
@@ -285,6 +285,37 @@ def test_combination_methods_train_on_the_same_features_and_predict_their_metric
                              "--no-progress"]) == 0
     printed = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert printed["metrics"] == results["metrics"]["validation"]
+
+
+def test_fusion_trains_only_its_kernels_and_head(module_set, tmp_path):
+    """combiner.method='fusion': the modules and the base stay bit-identical, every fusion
+    kernel moves, and what it cannot honour is refused by name before anything is written."""
+    from ensemble.fusion import prepare
+
+    root, model, data = module_set
+    config = attens_config(root, model, data, num_epochs=1, **{"combiner.method": "fusion"})
+    setup, modules = prepare(config)
+    assert modules == ["synth_sentiment", "synth_topic"]
+    results = train_attens(config, str(tmp_path / "run"))
+    assert results["method"] == "fusion" and results["k"] == 2 and results["total_steps"] == 25
+    best, _ = restore_trainable(str(tmp_path / "run"), "best_trainable")
+    flat_best = dict(jax.tree_util.tree_leaves_with_path(best))
+    flat_start = dict(jax.tree_util.tree_leaves_with_path(setup.trainable))
+    assert flat_best.keys() == flat_start.keys()
+    kernels = [p for p in flat_start if "fusion_" in jax.tree_util.keystr(p)]
+    assert len(kernels) == 3 * 3 * 2  # query/key/value x adapted projections x layers
+    assert all(np.abs(np.asarray(flat_best[p]) - np.asarray(flat_start[p])).max() > 0
+               for p in kernels)
+    # what stays frozen: the modules' A/B/scales and the base, never in the trainable tree
+    frozen = jax.tree_util.tree_leaves_with_path(setup.frozen["lora"])
+    assert {jax.tree_util.keystr(p).split("'")[-2] for p, _ in frozen} == {
+        "A", "B", "fusion_scale"}
+    for kw, match in [({"combiner.output": "logits"}, "use combiner.output='hidden'"),
+                      ({"quirks.count_padding": True}, "quirks.count_padding reproduces")]:
+        with pytest.raises(UserError, match=match):
+            train_attens(attens_config(root, model, data, **{"combiner.method": "fusion", **kw}),
+                         str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_an_unknown_method_or_an_attention_quirk_without_attention_is_refused(module_set,

@@ -153,6 +153,10 @@ def _cases(root: pathlib.Path, model: str, data: str) -> dict[str, Case]:
                                     "num_epochs must be at least 1"),
         "attens unknown method": Case(attens + ["--config.combiner.method=fusion2"],
                                       "combiner.method='fusion2' must be one of attens"),
+        "attens fusion over logits": Case(attens + ["--config.combiner.method=fusion",
+                                                    "--config.combiner.output=logits"],
+                                          "combiner.method='fusion' attends over the modules' "
+                                          "deltas"),
         "attens merge density": Case(attens + ["--config.combiner.method=merge",
                                                "--config.combiner.merge_density=1.5"],
                                      "combiner.merge_density=1.5 must be <= 1.0"),

@@ -165,7 +165,7 @@ def test_reuse_restores_recorded_cells_whose_config_agrees(tmp_path, monkeypatch
 @pytest.mark.slow
 def test_readme_quickstart_runs_every_row(tmp_path):
     """The README's quickstart from a fresh folder: modules, then Model/FFN/FT_LoRA/AttEns and
-    the Average / Scalar-weights combiners."""
+    the Average / Scalar-weights / Fusion combiners."""
     import shutil
 
     work = tmp_path / "repo"
@@ -177,13 +177,13 @@ def test_readme_quickstart_runs_every_row(tmp_path):
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
             for ln in proc.stdout.splitlines() if ln.startswith("| ") and "---" not in ln}
     assert [r for r in rows if r] == ["Model", "FFN", "FT_LoRA", "AttEns", "Average",
-                                      "Scalar weights"]
+                                      "Scalar weights", "Fusion"]
     average = {r: float(v[-1]) for r, v in rows.items() if r}
     assert average["FT_LoRA"] > average["FFN"] > average["Model"] + 10  # each row learns more
-    for combiner in ("AttEns", "Average", "Scalar weights"):  # each combiner uses the modules
+    for combiner in ("AttEns", "Average", "Scalar weights", "Fusion"):  # each uses the modules
         assert average[combiner] > average["FFN"] + 5, combiner
     assert "SMOKE RUN" in proc.stdout
-    for row in ("attens", "average", "scalar"):
+    for row in ("attens", "average", "scalar", "fusion"):
         assert len(list((work / "runs" / "quickstart").glob(f"{row}_*_s0/results.json"))) == 3
     again = subprocess.run([sys.executable, "-m", "ensemble.quickstart", "--keep"], cwd=work,
                            capture_output=True, text=True, timeout=600,
