@@ -35,7 +35,7 @@ from lora_jax.errors import UserError
 from lora_jax.lora import adapter_layers
 from lora_jax.models import Encoder
 from lora_jax.models.encoder import HFClassificationHead, pool
-from lora_jax.models.hf_import import load_pretrained
+from lora_jax.models.hf_import import Pretrained, load_pretrained, place_pretrained
 from lora_jax.tasks import Task
 
 ADAPTER_SETS_GROUP = "lora_jax.adapter_sets"
@@ -147,6 +147,44 @@ def check_fits(adapter: NamedAdapter, encoder_params: Mapping, model: str) -> No
                                 f"other base weights than {model} ({'/'.join(key)} differs)")
 
 
+def reads_pooler(adapter: NamedAdapter, model_type: str) -> bool:
+    """Whether the adapter's head reads the encoder's pooled output (BERT's pooler)."""
+    return adapter.pooling == "pooler" or (adapter.head_kind == "hf" and model_type == "bert")
+
+
+def complete_encoder(encoder: Encoder, pre: Pretrained, adapters: Sequence[NamedAdapter],
+                     model: str) -> dict:
+    """The checkpoint's encoder weights with the leaves it lacks (``pre.missing``, e.g. the
+    pooler of a sentence-transformers BERT) filled in, as a run that trained on it fills them:
+    from seed 0, which changes nothing for heads that do not read them; a head that reads the
+    pooler takes it from its adapter's own training run when every such adapter agrees on one,
+    else it is refused by name."""
+    if not pre.missing:
+        return pre.encoder
+    ids = jnp.zeros((1, 8), jnp.int32)
+    flat = traverse_util.flatten_dict(place_pretrained(
+        jax.jit(encoder.init)(jax.random.PRNGKey(0), ids)["params"], pre.encoder))
+    missing = [tuple(m.split("/")) for m in pre.missing]
+    pooler = [p for p in missing if p[0] == "pooler"]
+    readers = [a for a in adapters if reads_pooler(a, encoder.config.model_type)]
+    if pooler and readers:
+        found = {}
+        for a in readers:
+            theirs = traverse_util.flatten_dict(a.base_encoder or {})
+            if not all(p in theirs for p in pooler):
+                raise UserError(f"adapter {a.name!r} ({a.source}) reads BERT's pooler, which "
+                                f"{model} does not have and its adapter does not carry; route "
+                                "it with a base model that has a pooler")
+            found[a.name] = tuple(np.asarray(theirs[p]).tobytes() for p in pooler)
+            for p in pooler:
+                flat[p] = jnp.asarray(theirs[p])
+        if len(set(found.values())) > 1:
+            raise UserError(f"adapters {', '.join(found)} read BERT's pooler, which {model} does "
+                            "not have, and their runs drew different ones; route them in "
+                            "separate calls")
+    return traverse_util.unflatten_dict(flat)
+
+
 # ----------------------------------------------------------------------------- the routed model
 
 
@@ -252,8 +290,10 @@ class RoutedClassifier:
         pre = load_pretrained(model)
         for adapter in adapters:
             check_fits(adapter, pre.encoder, model)
+        encoder = Encoder(pre.config)
         tokenizer = data_lib.load_tokenizer(pre.model_dir)
-        return cls(AdapterBank.of(adapters), Encoder(pre.config), pre.encoder, tokenizer,
+        return cls(AdapterBank.of(adapters), encoder,
+                   complete_encoder(encoder, pre, adapters, model), tokenizer,
                    tokenizer.pad_token_id or 0, batch_size)
 
     @property

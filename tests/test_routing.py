@@ -245,3 +245,44 @@ def test_t5_rows_routed_over_two_prompt_lora_adapters_generate_as_each_alone():
     for row, i in enumerate(index):
         alone = np.asarray(model.apply(two[i], ids, mask, decoder_ids))
         np.testing.assert_allclose(logits[row], alone[row], atol=1e-5, rtol=1e-5)
+
+
+def test_a_checkpoint_without_a_pooler_routes_and_a_head_that_reads_it_is_refused(tmp_path):
+    """Sentence-transformers BERTs (the offline MiniLMs) ship no pooler. Heads that do not read
+    it route as each adapter alone (the pooler drawn from a seed, as training drew it); a head
+    that reads it, with no run to take it from, is refused by name."""
+    import dataclasses
+
+    import transformers
+
+    from lora_jax.adapter_bank import RoutedClassifier
+
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=48, max_position_embeddings=40), add_pooling_layer=False
+    ).save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "vocab.txt").write_text("\n".join(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(115)]]))
+    pre = load_pretrained(str(tmp_path / "base"))
+    assert "pooler/kernel" in pre.missing
+    tree = lora.init_lora(jax.random.PRNGKey(3), {"encoder": pre.encoder},
+                          lora.LoRASpec(r=2, alpha=4.0, targets=("query", "value")))["encoder"]
+    tree = jax.tree_util.tree_map_with_path(
+        lambda p, x: x if p[-1].key == "alpha" else np.asarray(
+            x + 0.3 * jax.random.normal(jax.random.PRNGKey(8), x.shape)), tree)
+    rng = np.random.default_rng(0)
+    head = {"kernel": rng.normal(0, 0.3, (32, 2)).astype(np.float32),
+            "bias": rng.normal(0, 0.3, (2,)).astype(np.float32)}
+    task = custom_task({"name": "m", "text_keys": ["text"], "num_labels": 2})
+    adapter = NamedAdapter("m", task, tree, head, "linear", "mean", 16, "test")
+    routed = RoutedClassifier.build(str(tmp_path / "base"), [adapter], batch_size=8)
+    batch = _batch([0, 0, 0], vocab=120)
+    alone = SequenceClassifier(pre.config, 2).apply(
+        {"params": {"encoder": routed.encoder_params, "head": head},
+         "lora": {"encoder": tree}}, batch["input_ids"], batch["attention_mask"],
+        batch["token_type_ids"])
+    ours = routed.bank.logits_fn(routed.encoder)(routed.encoder_params, batch)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(alone), atol=1e-5)
+    with pytest.raises(UserError, match="reads BERT's pooler"):
+        RoutedClassifier.build(str(tmp_path / "base"),
+                               [dataclasses.replace(adapter, pooling="pooler")])
