@@ -129,14 +129,7 @@ def test_the_replay_check_catches_machine_paths_and_dirty_commits():
     assert len(replay_problems(bad)) == 3
 
 
-# Written before commands were recorded as typed and not regenerated yet: its sweep (80 cells,
-# about 2.5 h on 2 cores after the GLUE modules) did not fit in the session that fixed the rest
-# (issue 27). The check runs on it and must fail (strict): once the file is regenerated the test
-# fails until its name is taken off this list.
-AWAITING_REGENERATION = {"attens_minilm_l3.json"}
-COMMITTED = [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="not regenerated yet"))
-             if p.name in AWAITING_REGENERATION else p
-             for p in sorted((ROOT / "results").rglob("*.json"))]
+COMMITTED = sorted((ROOT / "results").rglob("*.json"))
 
 
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda p: str(p.relative_to(ROOT / "results")))
