@@ -29,7 +29,7 @@ from lora_jax import lora as lora_lib
 from lora_jax.config_check import validate_config
 from lora_jax.distributed import BatchShare
 from lora_jax.errors import UserError
-from lora_jax.fusion import init_fusion
+from lora_jax.fusion import TRAINABLE_PATTERN, init_fusion
 from lora_jax.inference import ClassifierRun
 from lora_jax.models import EncoderConfig
 from lora_jax.models.encoder import Encoder
@@ -38,7 +38,7 @@ from lora_jax.sharding import mesh_of
 from lora_jax.tasks import resolve_task
 
 # what trains: the fusion kernels of every adapted layer and the head
-TRAINABLE = (r"^lora/.*/fusion_(query|key|value)$", "^params/combiner/")
+TRAINABLE = (TRAINABLE_PATTERN, "^params/combiner/")
 
 
 class FusedClassifier(nn.Module):

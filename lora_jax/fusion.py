@@ -8,7 +8,7 @@ k module deltas ``delta_i = scale_i (x A_i) B_i``: the query from ``y``, keys an
 each delta (`lora_jax.models.layers.LoRADense._fused_update`), as AdapterFusion (Pfeiffer et
 al., EACL 2021) attends over adapter outputs, here over LoRA deltas and in every adapted
 projection rather than once per transformer block. The modules stay frozen; only the fusion
-kernels (and a head) train (`fusion_trainable_mask`).
+kernels (and a head) train: `TRAINABLE_PATTERN` for `lora_jax.lora.trainable_mask`.
 
 At initialisation the query and key kernels are small (N(0, std^2)) and the value kernel is
 the identity, so every module gets weight ~1/k and the model starts close to the average of the
@@ -27,6 +27,10 @@ from flax import traverse_util
 
 from lora_jax.models.layers import FUSION_KERNELS, FUSION_SCALE, ROUTED_SCALE
 from lora_jax.routing import stack_adapters
+
+# The trainable leaves of a fused model's variables, for `lora_jax.lora.trainable_mask`: the
+# fusion kernels of every adapted layer (the modules' A, B and scales stay frozen).
+TRAINABLE_PATTERN = rf"^lora/.*/({'|'.join(FUSION_KERNELS)})$"
 
 
 def init_fusion(trees: Sequence[Mapping], names: Sequence[str], key: jax.Array,
@@ -53,9 +57,3 @@ def init_fusion(trees: Sequence[Mapping], names: Sequence[str], key: jax.Array,
         out[(*layer, FUSION_KERNELS[2])] = np.eye(width, dtype=np.float32)
     return traverse_util.unflatten_dict(out)
 
-
-def fusion_trainable_mask(lora: Mapping) -> dict:
-    """True for the fusion kernels, False for the frozen modules (A, B, scales): the optax
-    mask of a fused "lora" tree."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) in FUSION_KERNELS, lora)

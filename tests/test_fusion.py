@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from lora_jax import lora
-from lora_jax.fusion import fusion_trainable_mask, init_fusion
+from lora_jax.fusion import TRAINABLE_PATTERN, init_fusion
 from lora_jax.models import Encoder, SequenceClassifier
 from lora_jax.models.layers import FUSION_KERNELS, LoRADense
 from tests.helpers import TINY, tiny_batch
@@ -131,7 +131,8 @@ def test_zero_query_is_the_average_of_the_modules_in_every_layer():
 def test_only_the_fusion_kernels_are_trainable_and_get_gradients():
     encoder = _encoder_params()
     fused = init_fusion(_modules(encoder), list(MODULES), jax.random.PRNGKey(3))
-    mask = traverse_util.flatten_dict(fusion_trainable_mask(fused))
+    mask = traverse_util.flatten_dict(
+        lora.trainable_mask({"lora": fused}, (TRAINABLE_PATTERN,))["lora"])
     assert {path[-1] for path, on in mask.items() if on} == set(FUSION_KERNELS)
     ids, types = tiny_batch()[0], tiny_batch()[2]
     model = Encoder(TINY)
