@@ -4,7 +4,8 @@
         --tasks sst2,cola,mrpc,rte,stsb,wnli --out runs/modules/minilm_l3
 
 Each task runs the sweep's FT_LoRA cell (`configs/ft_lora.py` + the sweep's overrides) in
-<workdir>/ft_lora_<task>_s<seed>; a run that already finished is reused, so the FT_LoRA baseline
+<workdir>/ft_lora_<task>_s<seed> (``_<budget>_s<seed>``: the budget on all of train, in a sweep
+with few-shot budgets); a run that already finished is reused, so the FT_LoRA baseline
 runs of `lora_jax.sweep` double as the modules. The best checkpoint of each run (selected on its
 held-out slice) becomes <out>/<task>/.
 
@@ -28,7 +29,7 @@ from lora_jax.cli import ArgumentParser, run_main
 from lora_jax.config_check import validate_config
 from lora_jax.errors import UserError
 from lora_jax.experiments import load_config, log_packages_at_info
-from lora_jax.sweep import cell_config
+from lora_jax.sweep import cell_config, cell_dir, full_budget
 from lora_jax.tasks import resolve_task
 
 
@@ -98,13 +99,15 @@ def train_modules(args) -> int:
     tasks = _names(args.tasks, "--tasks")
     if not tasks:
         raise UserError("--tasks is empty; give a comma list such as sst2,cola,rte")
-    configs = {task: cell_config(sweep, "ft_lora", task, args.seed, repo) for task in tasks}
+    budget = full_budget(sweep)  # a sweep with few-shot budgets: the modules see all of train
+    configs = {task: cell_config(sweep, "ft_lora", task, args.seed, repo, budget)
+               for task in tasks}
     for config in configs.values():  # every module's settings are checked before any trains
         validate_config(config)
         resolve_task(config)
     metas = []
     for task in tasks:
-        run_dir = os.path.join(args.workdir, f"ft_lora_{task}_s{args.seed}")
+        run_dir = cell_dir(args.workdir, "ft_lora", task, args.seed, budget)
         if not os.path.isfile(os.path.join(run_dir, "results.json")):
             logging.getLogger("lora_jax").info("training module %s in %s", task, run_dir)
             train_and_evaluate(configs[task], run_dir)

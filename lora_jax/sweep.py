@@ -12,7 +12,8 @@ time) records, with the same config where both have a key, counts as finished an
 results.json (with its own commit and command) is restored from FILE.
 A sweep with ``budgets`` (name -> overrides, e.g. ``{"n16": {"train_budget": 16}}``: the
 few-shot axis) runs every cell once per budget, in <workdir>/<experiment>_<task>_<budget>_s<seed>,
-and tables each budget apart.
+and tables each budget apart. ``row_seeds`` / ``row_budgets`` (row -> names) run a row at only
+those seeds / budgets (a row that does not train needs one seed and one budget).
 Writes <out>.json (every run's results) and
 <out>.md (rows = experiments, columns = tasks + average, mean ± sample std over seeds; a sweep config
 can name its own table writer as ``table = "module:function"``).
@@ -106,6 +107,17 @@ def budget_names(sweep) -> list[str]:
     budgets = dict(sweep.get("budgets", {}))
     size = lambda name: budgets[name].get("train_budget", 0) or float("inf")
     return sorted(budgets, key=lambda name: (size(name), name))
+
+
+def full_budget(sweep) -> str:
+    """The name of the sweep's budget that trains on all of train ("" in a sweep without
+    budgets): the cells whose runs are the module set's."""
+    budgets = dict(sweep.get("budgets", {}))
+    full = [name for name, o in budgets.items() if not o.get("train_budget", 0)]
+    if budgets and not full:
+        raise UserError(f"the sweep's budgets {sorted(budgets)} all cap train_budget; add one "
+                        "without it (all of train), e.g. budgets.all = {}")
+    return full[0] if full else ""
 
 
 def budget_tables(sweep, results: list[dict]) -> list[str]:
@@ -229,8 +241,10 @@ def run_sweep(args, command: str) -> int:
     seeds = selected(args.seeds, sweep.seeds, "seed(s)")
     budgets = selected(args.budgets, budget_names(sweep), "budget(s)") or [""]
     row_seeds = dict(sweep.get("row_seeds", {}))
+    row_budgets = dict(sweep.get("row_budgets", {}))
     cells = [(seed, task, exp, budget) for seed in seeds for budget in budgets for task in tasks
-             for exp in rows if seed in row_seeds.get(exp, sweep.seeds)]
+             for exp in rows if seed in row_seeds.get(exp, sweep.seeds)
+             and (not budget or budget in row_budgets.get(exp, budgets))]
     if not args.collect:  # every cell's config is checked before the first one runs
         for seed, task, exp, budget in cells:
             config = cell_config(sweep, exp, task, seed, ROOT, budget)

@@ -122,7 +122,9 @@ def _normalise_name(name: str) -> str:
 
 
 def resolve_model_dir(model: str) -> str:
-    """A local Hugging Face folder, or a hub id downloaded with `snapshot_download`."""
+    """A local Hugging Face folder (``~`` expanded), or a hub id downloaded with
+    `snapshot_download`."""
+    model = os.path.expanduser(model)
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise UserError(f"model folder {model!r} has no config.json; point --config.model at "
