@@ -134,6 +134,17 @@ def test_hub_id_offline_is_a_one_line_error(monkeypatch):
         resolve_model_dir("./no/such/folder")
 
 
+def test_a_model_folder_under_home_is_found_by_its_tilde_path(tmp_path, monkeypatch):
+    """As ../shared/tools/get-minilm-l6.sh leaves it: ~/.cache/offline-models/<name>."""
+    from lora_jax.models.hf_import import resolve_model_dir
+
+    folder = tmp_path / ".cache" / "offline-models" / "m"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_model_dir("~/.cache/offline-models/m") == str(folder)
+
+
 def test_task_checkpoint_reports_unexpected_and_missing_keys(tmp_path, caplog):
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(transformers.BertConfig(**SMALL))

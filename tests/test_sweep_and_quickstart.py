@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from lora_jax.errors import UserError
@@ -130,6 +131,35 @@ def test_a_budget_axis_runs_each_cell_per_budget_and_tables_each_apart(tmp_path,
     typed = argparse.Namespace(config="c.py", workdir="w", out="o", allow_dirty=False)
     assert sweep.cell_command(typed, "ffn", "sst2", 0, "n16").endswith(
         "--rows ffn --seeds 0 --budgets n16")
+
+
+def test_row_budgets_narrow_a_row_and_the_full_budget_is_the_one_without_a_cap(
+        tmp_path, monkeypatch):
+    import json
+
+    from lora_jax import results, sweep
+
+    (tmp_path / "few.py").write_text(BUDGET_SWEEP.replace(
+        "    return c", '    c.row_budgets = ml_collections.ConfigDict({"ffn": ("full",)})\n'
+        "    return c"))
+    _, config = load_config(str(tmp_path / "few.py"))
+    assert sweep.full_budget(config) == "full"
+    monkeypatch.setattr(results, "uncommitted_changes", lambda: [])
+    for budget in ("n16", "full"):
+        for exp in ("ffn", "ft_lora"):  # ffn at n16 finished too: row_budgets leaves it out
+            cell = tmp_path / "w" / f"{exp}_sst2_{budget}_s0"
+            cell.mkdir(parents=True)
+            (cell / "results.json").write_text(json.dumps(_fake(exp, "sst2", 0, 0.7)))
+    out = tmp_path / "t"
+    assert sweep.main(["--config", str(tmp_path / "few.py"), "--workdir", str(tmp_path / "w"),
+                       "--collect", "--out", str(out)]) == 0
+    cells = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert [(r["sweep_row"], r["sweep_budget"]) for r in cells] == [
+        ("ft_lora", "n16"), ("ffn", "full"), ("ft_lora", "full")]
+    capped = ml_collections.ConfigDict({"budgets": {"n16": {"train_budget": 16}}})
+    with pytest.raises(UserError, match=r"budgets \['n16'\] all cap train_budget"):
+        sweep.full_budget(capped)
+    assert sweep.full_budget(ml_collections.ConfigDict({"seeds": (0,)})) == ""
 
 
 def test_reuse_restores_recorded_cells_whose_config_agrees(tmp_path, monkeypatch):
