@@ -49,6 +49,55 @@ def row_methods(results: Sequence[dict]) -> dict[str, str]:
             if r["experiment"] == "attens" and not is_attens(r)}
 
 
+MERGE_NAMES = {"linear": "linear", "ties": "TIES", "dare_linear": "DARE", "dare_ties": "DARE-TIES",
+               "magnitude_prune": "magnitude"}
+
+
+def method_row_names(results: Sequence[dict]) -> dict[str, str]:
+    """{sweep row: its name in the tables} of the method rows: the method's name, a merge's
+    with its merge method ("Merge (TIES)"); two rows that would share a name keep their row."""
+    names = {}
+    for r in results:
+        if r["experiment"] != "attens" or is_attens(r) or row_of(r) in names:
+            continue
+        name = ROW_NAMES.get(method_of(r), row_of(r))
+        if method_of(r) == "merge":
+            merge = r.get("config", {}).get("combiner", {}).get("merge_method", "")
+            name += f" ({MERGE_NAMES.get(merge, merge)})" if merge else ""
+        names[row_of(r)] = name
+    taken = list(names.values())
+    return {row: name if taken.count(name) == 1 else row for row, name in names.items()}
+
+
+def seeds_per_row(results: Sequence[dict], rows: Sequence[str], names: dict[str, str]) -> str:
+    """'FT_LoRA 3, AttEns 3, Model 1, ...': the seeds each row's cells have (at most)."""
+    counts = []
+    for row in rows:
+        per_task: dict[str, set] = {}
+        for r in results:
+            if row_of(r) == row:
+                per_task.setdefault(r["task"], set()).add(r["seed"])
+        if per_task:
+            counts.append(f"{names.get(row, row)} {max(len(s) for s in per_task.values())}")
+    return ", ".join(counts)
+
+
+def wall_time_table(results: Sequence[dict], rows: Sequence[str], tasks: Sequence[str],
+                    names: dict[str, str]) -> list[str]:
+    """Markdown lines: each cell's wall time (s: the whole run, data and compilation included),
+    mean over its seeds, per row and target, and the total of every cell in the file."""
+    lines = ["| | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for row in rows:
+        means = []
+        for t in tasks:
+            times = [r["wall_seconds"] for r in results
+                     if row_of(r) == row and r["task"] == t and "wall_seconds" in r]
+            means.append(f"{np.mean(times):.0f}" if times else "–")
+        if any(m != "–" for m in means):
+            lines.append(f"| {names.get(row, row)} | " + " | ".join(means) + " |")
+    return lines
+
+
 def train_budget(result: dict) -> int:
     """The labelled train rows the run was allowed (0: all of train)."""
     return int(result.get("config", {}).get("train_budget", 0))
@@ -103,6 +152,11 @@ def split_tasks(results: Sequence[dict]) -> tuple[list[str], list[str]]:
             if r["task"] not in seen + unseen:
                 bucket.append(r["task"])
     return seen, unseen
+
+
+def k_rows(results: Sequence[dict]) -> list[str]:
+    """The rows of the paper's combiner other than "attens" (its k sweep), sorted."""
+    return sorted({row_of(r) for r in results if is_attens(r) and row_of(r) != "attens"})
 
 
 def k_of(result: dict) -> int:
@@ -262,7 +316,7 @@ def build_report(sweep: dict, out: str, sweep_path: str = "") -> str:
     attens = [r for r in results if r["experiment"] == "attens"]
     methods = row_methods(results)
     rows = [*ROWS, *methods]  # the paper's rows, then each other combination method's
-    names = {row: ROW_NAMES.get(m, row) for row, m in methods.items()}
+    names = method_row_names(results)
     lines = [f"# {sweep['name']}", ""]
     lines += ["## Table 2: target tasks that have a module", "",
               score_table(results, rows, seen, names), "", verdict(results, seen), ""]
@@ -314,6 +368,16 @@ def build_report(sweep: dict, out: str, sweep_path: str = "") -> str:
                          f"{r['train_seconds']:.1f} | {r['epochs']} | "
                          f"{r['sizes'].get('train')} |")
         lines.append("")
+    if any("wall_seconds" in r for r in every_budget):
+        total = sum(r.get("wall_seconds", 0.0) for r in every_budget)
+        lines += ["## Wall time per cell", "",
+                  "Seconds per run on all of train (data, compilation, training, selection and "
+                  "evaluation) as each cell recorded it, mean over its seeds; the sweep runs "
+                  "its cells one after another, and a cell that shared its cores with other "
+                  f"work took longer. All {len(every_budget)} cells of this file (few-shot "
+                  f"budgets included): {total / 3600:.1f} hours.", "",
+                  *wall_time_table(results, [*rows, *k_rows(results)], seen + unseen,
+                                   {**ROW_NAMES, **names}), ""]
     first = results[0]
     seeds = sorted({r["seed"] for r in results})
     lines += ["## Protocol", "",
@@ -322,8 +386,9 @@ def build_report(sweep: dict, out: str, sweep_path: str = "") -> str:
               "selected on its own held-out slice).",
               "- Selection: " + next((r["protocol"] for r in results
                                       if r["experiment"] != "zero_shot"), "") + ".",
-              f"- Seeds: {seeds} (FT_LoRA and AttEns: {STD_LABEL}; Model and FFN: seed 0; "
-              "k sweep: the seeds that every k of a target has, seed 0 here).",
+              f"- Seeds: {seeds}; seeds per cell: "
+              f"{seeds_per_row(results, rows, {**ROW_NAMES, **names})} ({STD_LABEL} where "
+              "more than one; the k sweep: the seeds that every k of a target has).",
               "- Rows: Model = frozen encoder + untrained head; FFN = frozen encoder + trained "
               "linear head; FT_LoRA = single-task LoRA (r=4, alpha=32, q/k/v); AttEns = "
               "combiner over the frozen modules" + "".join(

@@ -43,7 +43,7 @@ def load_results(paths: Iterable[str]) -> list[dict]:
 
 ROW_NAMES = {"zero_shot": "Model", "ffn": "FFN", "ft_lora": "FT_LoRA", "full": "Full FT",
              "attens": "AttEns", "average": "Average", "scalar": "Scalar weights",
-             "fusion": "Fusion"}
+             "fusion": "Fusion", "merge": "Merge", "lorahub": "LoraHub"}
 
 
 def main_score(result: dict) -> float:

@@ -87,6 +87,32 @@ def test_combination_methods_get_their_own_rows_and_stay_out_of_the_k_sweep(tmp_
     assert "| average | a | 0 | 3 |" in text  # its time row
 
 
+def test_merge_rows_are_named_by_their_merge_and_every_cell_has_its_wall_time(tmp_path):
+    sweep = _sweep()
+    for r in sweep["results"]:
+        r["wall_seconds"] = 10.0 + r["seed"] * 4  # seed 0: 10 s, seed 1: 14 s
+    for row, merge in (("merge_ties", "ties"), ("merge_dare", "dare_linear")):
+        for task in ("a", "b", "imdb"):
+            r = _r("attens", task, 0, 0.6, unseen=task == "imdb")
+            r.update(sweep_row=row, method="merge", wall_seconds=30.0,
+                     config={"combiner": {"merge_method": merge}})
+            sweep["results"].append(r)
+    text = build_report(sweep, str(tmp_path / "attens"))
+    assert "| Merge (TIES) | 60.0 | 60.0 | 60.0 |" in text
+    assert "| Merge (DARE) | 60.0 | 60.0 | 60.0 |" in text
+    assert "seeds per cell: Model 1, FFN 1, FT_LoRA 2, AttEns 2, Merge (TIES) 1" in text
+    assert "| | a | b | imdb |" in text
+    assert "| FT_LoRA | 12 | 12 | 12 |" in text  # mean over seeds 0 and 1
+    assert "| Merge (DARE) | 30 | 30 | 30 |" in text
+    assert "| attens_k1 | 10 | – | – |" in text  # the k rows' cells too
+    assert f"All {len(sweep['results'])} cells of this file" in text
+    # two rows with the same merge keep their sweep row names
+    for r in sweep["results"]:
+        if r.get("method") == "merge":
+            r["config"]["combiner"]["merge_method"] = "ties"
+    assert "| merge_dare | 60.0 |" in build_report(sweep, str(tmp_path / "same"))
+
+
 def test_a_budget_axis_gets_a_few_shot_table_and_plot_and_stays_out_of_tables_2_and_3(tmp_path):
     sweep = _sweep()
     for budget, score in ((16, 0.52), (64, 0.61)):
