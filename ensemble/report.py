@@ -85,7 +85,7 @@ def seeds_per_row(results: Sequence[dict], rows: Sequence[str], names: dict[str,
 def wall_time_table(results: Sequence[dict], rows: Sequence[str], tasks: Sequence[str],
                     names: dict[str, str]) -> list[str]:
     """Markdown lines: each cell's wall time (s: the whole run, data and compilation included),
-    mean over its seeds, per row and target, and the total of every cell in the file."""
+    mean over its seeds, one line per row that has any, one column per target."""
     lines = ["| | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for row in rows:
         means = []
