@@ -233,6 +233,22 @@ def restore_cell(done: str, recorded: dict, config) -> bool:
     return True
 
 
+def sweep_cells(sweep, tasks=None, rows=None, seeds=None, budgets=None
+                ) -> list[tuple[int, str, str, str]]:
+    """(seed, task, row, budget) of every cell, in the order the sweep runs them: of the given
+    tasks / rows / seeds / budgets (default all of the sweep's), a row at only its
+    ``row_seeds`` / ``row_budgets`` when it has them; budget "" in a sweep without budgets."""
+    tasks = sweep.tasks if tasks is None else tasks
+    rows = sweep.experiments if rows is None else rows
+    seeds = sweep.seeds if seeds is None else seeds
+    budgets = (budget_names(sweep) or [""]) if budgets is None else budgets
+    row_seeds = dict(sweep.get("row_seeds", {}))
+    row_budgets = dict(sweep.get("row_budgets", {}))
+    return [(seed, task, row, budget) for seed in seeds for budget in budgets for task in tasks
+            for row in rows if seed in row_seeds.get(row, sweep.seeds)
+            and (not budget or budget in row_budgets.get(row, budgets))]
+
+
 def run_sweep(args, command: str) -> int:
     code = code_state(args.out + ".json", args.allow_dirty)  # before hours of cells
     _, sweep = load_config(args.config)
@@ -240,11 +256,7 @@ def run_sweep(args, command: str) -> int:
     rows = selected(args.rows, sweep.experiments, "row(s)")
     seeds = selected(args.seeds, sweep.seeds, "seed(s)")
     budgets = selected(args.budgets, budget_names(sweep), "budget(s)") or [""]
-    row_seeds = dict(sweep.get("row_seeds", {}))
-    row_budgets = dict(sweep.get("row_budgets", {}))
-    cells = [(seed, task, exp, budget) for seed in seeds for budget in budgets for task in tasks
-             for exp in rows if seed in row_seeds.get(exp, sweep.seeds)
-             and (not budget or budget in row_budgets.get(exp, budgets))]
+    cells = sweep_cells(sweep, tasks, rows, seeds, budgets)
     if not args.collect:  # every cell's config is checked before the first one runs
         for seed, task, exp, budget in cells:
             config = cell_config(sweep, exp, task, seed, ROOT, budget)
