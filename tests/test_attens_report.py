@@ -152,6 +152,12 @@ def test_paired_tests_use_the_recorded_rows_and_say_what_is_significant(tmp_path
             "validation": {"accuracy": float(np.mean(preds == labels))}}, predictions={
             "validation": {"predictions": pack_array(preds), "labels": pack_array(labels)}})
         sweep["results"].append(extra)
+    for r in sweep["results"]:  # last: the draws above stay as they were
+        if r["task"] == "a" and row_of(r) == "zero_shot":
+            preds = right(0.30)
+            r["predictions"] = {"validation": {"predictions": pack_array(preds),
+                                               "labels": pack_array(labels)}}
+            r["metrics"] = {"validation": {"accuracy": float(np.mean(preds == labels))}}
     text = build_report(sweep, str(tmp_path / "attens")).split("## Paired tests")[1].split(
         "\n## ")[0]
     line = next(ln for ln in text.splitlines() if ln.startswith("| a | AttEns |"))
@@ -162,3 +168,6 @@ def test_paired_tests_use_the_recorded_rows_and_say_what_is_significant(tmp_path
     assert "Significantly ahead: AttEns vs FT_LoRA on a." in text
     assert "Average vs AttEns on a" in text.split("Significantly behind:")[1]
     assert "| b |" not in text  # no per-row outputs recorded for b: no test
+    model = next(ln for ln in text.splitlines() if ln.startswith("| a | Model |"))
+    assert model.split("|")[3].strip().endswith("*")  # the table marks it
+    assert "Model vs" not in text.split("Significantly ahead:")[1]  # the sentence: combiners
