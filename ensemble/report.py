@@ -317,14 +317,14 @@ def build_report(sweep: dict, out: str, sweep_path: str = "") -> str:
     attens = [r for r in results if r["experiment"] == "attens"]
     methods = row_methods(results)
     rows = [*ROWS, *methods]  # the paper's rows, then each other combination method's
-    names = method_row_names(results)
+    names = {**ROW_NAMES, **method_row_names(results)}  # every row's name in the tables
     lines = [f"# {sweep['name']}", ""]
     lines += ["## Table 2: target tasks that have a module", "",
               score_table(results, rows, seen, names), "", verdict(results, seen), ""]
     if unseen:
         lines += ["## Table 3: unseen target tasks (no module trained on them)", "",
                   score_table(results, rows, unseen, names), "", verdict(results, unseen), ""]
-    tests = paired_tests(results, rows, seen + unseen, {**ROW_NAMES, **names})
+    tests = paired_tests(results, rows, seen + unseen, names)
     if tests:
         lines += ["## Paired tests against FT_LoRA and AttEns", "", *tests, ""]
     budgets, by_budget = budget_curves(every_budget, rows)
@@ -335,11 +335,11 @@ def build_report(sweep: dict, out: str, sweep_path: str = "") -> str:
                   "same budget.", "",
                   "| | " + " | ".join(str(b) if b else "all" for b in budgets) + " |",
                   "|---" * (len(budgets) + 1) + "|"]
-        lines += [f"| {names.get(row, ROW_NAMES.get(row, row))} | " + " | ".join(
+        lines += [f"| {names.get(row, row)} | " + " | ".join(
             f"{c[b]:.1f}" if b in c else "–" for b in budgets) + " |"
             for row, c in by_budget.items()]
         lines += ["", f"![few-shot]({os.path.basename(out)}_budgets.png)", ""]
-        plot_budgets(budgets, by_budget, {**ROW_NAMES, **names}, out + "_budgets.png")
+        plot_budgets(budgets, by_budget, names, out + "_budgets.png")
     curves = k_sweep(results)
     if curves:
         ks = sorted({k for c in curves.values() for k in c})
@@ -378,7 +378,7 @@ def build_report(sweep: dict, out: str, sweep_path: str = "") -> str:
                   f"work took longer. All {len(every_budget)} cells of this file (few-shot "
                   f"budgets included): {total / 3600:.1f} hours.", "",
                   *wall_time_table(results, [*rows, *k_rows(results)], seen + unseen,
-                                   {**ROW_NAMES, **names}), ""]
+                                   names), ""]
     first = results[0]
     seeds = sorted({r["seed"] for r in results})
     lines += ["## Protocol", "",
@@ -388,7 +388,7 @@ def build_report(sweep: dict, out: str, sweep_path: str = "") -> str:
               "- Selection: " + next((r["protocol"] for r in results
                                       if r["experiment"] != "zero_shot"), "") + ".",
               f"- Seeds: {seeds}; seeds per cell: "
-              f"{seeds_per_row(results, rows, {**ROW_NAMES, **names})} ({STD_LABEL} where "
+              f"{seeds_per_row(results, rows, names)} ({STD_LABEL} where "
               "more than one; the k sweep: the seeds that every k of a target has).",
               "- Rows: Model = frozen encoder + untrained head; FFN = frozen encoder + trained "
               "linear head; FT_LoRA = single-task LoRA (r=4, alpha=32, q/k/v); AttEns = "
