@@ -211,3 +211,21 @@ def test_bf16_compute_keeps_layernorm_statistics_and_logits_in_fp32():
     ref = (x32 - x32.mean(-1, keepdims=True)) / np.sqrt(x32.var(-1, keepdims=True)
                                                         + cfg.layer_norm_eps)
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.05)
+
+
+def test_exact_gelu_matches_torch_values_and_gradient():
+    """`gelu_exact` (the erf form the encoders use for "gelu") against torch's exact GELU, on
+    values from the far tails to 0, and its gradient against autograd's."""
+    from lora_jax.models.layers import ACTIVATIONS, gelu_exact
+
+    assert ACTIVATIONS["gelu"] is gelu_exact
+    x = np.concatenate([np.linspace(-12, 12, 4001), [-1e-6, 0.0, 1e-6, -40.0, 40.0]])
+    x = x.astype(np.float32)
+    tx = torch.tensor(x, requires_grad=True)
+    expected = torch.nn.functional.gelu(tx)
+    expected.sum().backward()
+    got, grad = jax.value_and_grad(lambda v: gelu_exact(v).sum())(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(gelu_exact(jnp.asarray(x))),
+                               expected.detach().numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), tx.grad.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.isclose(float(got), float(expected.sum()), rtol=1e-5)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from lora_jax.lora import register_adaptable
 from lora_jax.models.config import EncoderConfig
-from lora_jax.models.layers import ACTIVATIONS, Dropout, LoRADense
+from lora_jax.models.layers import ACTIVATIONS, Dropout, LoRADense, gelu_exact
 
 POOLINGS = ("mean", "cls", "pooler")
 HEADS = ("linear", "hf")
@@ -74,16 +74,18 @@ class SelfAttention(EncoderPart):
         dense = lambda name: LoRADense(cfg.hidden_size, lora_dropout=self.lora_dropout,
                                        dtype=self.dtype, name=name)
         b, t, _ = x.shape
-        split = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim).transpose(0, 2, 1, 3)
+        # heads stay in place, (B, T, H, Dh): the einsums let XLA pick the dots' layouts (no
+        # explicit transposes; +0.7% and +2% on the MiniLM-L3 train step at lengths 128 and 64)
+        split = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim)
         q = split(dense("query")(x, deterministic))
         k = split(dense("key")(x, deterministic))
         v = split(dense("value")(x, deterministic))
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
         keep = attention_mask[:, None, None, :].astype(bool)
         scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         probs = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-        ctx = jnp.einsum("bhqk,bhkd->bqhd", probs, v).reshape(b, t, cfg.hidden_size)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, cfg.hidden_size)
         return dense("output")(ctx, deterministic)
 
 
@@ -171,7 +173,7 @@ class HFClassificationHead(nn.Module):
             x = jax.nn.relu(dense(d, "pre_classifier")(cls))
             return dense(self.num_labels, "classifier")(drop(x))
         if self.model_type == "electra":
-            x = jax.nn.gelu(dense(d, "dense")(drop(cls)), approximate=False)
+            x = gelu_exact(dense(d, "dense")(drop(cls)))
             return dense(self.num_labels, "out_proj")(drop(x))
         raise ValueError(f"no transformers head for model_type {self.model_type!r}")
 

@@ -33,8 +33,23 @@ ROUTED_SCALE = "scale"
 FUSION_SCALE = "fusion_scale"
 FUSION_KERNELS = ("fusion_query", "fusion_key", "fusion_value")
 
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """Exact GELU, ``x * Phi(x) = x (1 + erf(x / sqrt 2)) / 2`` (torch's ``gelu``), elementwise
+    in x's dtype.
+
+    The same function as ``jax.nn.gelu(x, approximate=False)``, which goes through ``erfc``:
+    XLA:CPU expands erfc into a far longer polynomial than erf. On a 2-core Intel Xeon (jaxlib
+    0.10.2, a (32, 128, 1536) float32 array, medians): 3.7 ms forward against 1.3 ms here, the
+    gradient 3.9 against 2.8 ms; values within 5e-7. The MiniLM-L3 LoRA train step (batch 32,
+    alternating rounds in one process) went from 52.7 to 54.3 examples/s at length 128 and from
+    120.2 to 124.7 at length 64.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu_exact,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
