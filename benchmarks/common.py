@@ -125,11 +125,13 @@ def alternating_rounds(runs: dict[str, Callable[[], object]], rounds: int) -> di
 def comparison(what: str, unit: str, work: float, ours: list[float], peer: list[float], *,
                ours_label: str, peer_label: str, flops: float | None = None,
                gemm_flops_per_s: float | None = None, bytes_moved: float | None = None,
-               memory_bytes_per_s: float | None = None) -> dict:
+               memory_bytes_per_s: float | None = None,
+               peer_flops: float | None = None) -> dict:
     """One row of a benchmark: rates (`work` units per call over each round's seconds) of our
     side and its peer, their medians, ratio ours/peer, and, when `flops` (per call) and the
-    machine's GEMM rate are given, each side's achieved FLOP/s and its fraction of that rate;
-    the same for `bytes_moved` (per call) and the machine's memory rate."""
+    machine's GEMM rate are given, each side's achieved FLOP/s and its fraction of that rate
+    (`peer_flops`: the peer's FLOPs per call where it does other work than ours, e.g. rows we
+    skip); the same for `bytes_moved` (per call) and the machine's memory rate."""
     import numpy as np
 
     rates = {"ours": [work / s for s in ours], "peer": [work / s for s in peer]}
@@ -140,7 +142,7 @@ def comparison(what: str, unit: str, work: float, ours: list[float], peer: list[
     calls_per_s = {side: med[side] / work for side in ("ours", "peer")}
     if flops is not None and gemm_flops_per_s:
         row.update(roofline_fields(flops, gemm_flops_per_s, calls_per_s, "gflop_per_call",
-                                   "gflops", "gemm"))
+                                   "gflops", "gemm", peer_flops))
     if bytes_moved is not None and memory_bytes_per_s:
         row.update(roofline_fields(bytes_moved, memory_bytes_per_s, calls_per_s,
                                    "gbytes_per_call", "gbytes_per_s", "memory"))
@@ -148,13 +150,18 @@ def comparison(what: str, unit: str, work: float, ours: list[float], peer: list[
 
 
 def roofline_fields(per_call: float, machine_rate: float, calls_per_s: dict[str, float],
-                    per_call_key: str, rate_key: str, limit: str) -> dict:
-    """A row's fields for one roofline: the amount per call (FLOPs or bytes, in billions), each
-    side's achieved rate (billions per second) and its fraction of the machine's rate."""
+                    per_call_key: str, rate_key: str, limit: str,
+                    peer_per_call: float | None = None) -> dict:
+    """A row's fields for one roofline: the amount per call (FLOPs or bytes, in billions; the
+    peer's own under ``peer_<per_call_key>`` when `peer_per_call` is given), each side's
+    achieved rate (billions per second) and its fraction of the machine's rate."""
+    amounts = {"ours": per_call, "peer": per_call if peer_per_call is None else peer_per_call}
     fields = {per_call_key: per_call / 1e9}
+    if peer_per_call is not None:
+        fields[f"peer_{per_call_key}"] = peer_per_call / 1e9
     for side, calls in calls_per_s.items():
-        fields[f"{side}_{rate_key}"] = per_call * calls / 1e9
-        fields[f"{side}_fraction_of_{limit}"] = per_call * calls / machine_rate
+        fields[f"{side}_{rate_key}"] = amounts[side] * calls / 1e9
+        fields[f"{side}_fraction_of_{limit}"] = amounts[side] * calls / machine_rate
     return fields
 
 
@@ -194,11 +201,13 @@ def torch_step_runner(one_step: Callable[[], None]) -> Callable[[int], None]:
 def train_step_comparison(what: str, jax_run: Callable[[int], None],
                           torch_run: Callable[[int], None], *, batch: int, steps: int,
                           rounds: int, dtype: str, step_flops: float,
-                          gemm_size: int = 2048) -> tuple[dict, dict]:
+                          gemm_size: int = 2048,
+                          peer_step_flops: float | None = None) -> tuple[dict, dict]:
     """JAX against PyTorch + PEFT train steps (`jax_step_runner` / `torch_step_runner`):
     `rounds` alternating rounds of `steps` steps each, between two roofline GEMM measurements
     (square matmuls of side `gemm_size`). Returns the comparison row (examples/s, `step_flops`
-    per step against the GEMM rate) and the GEMM fields of the record."""
+    per step against the GEMM rate; `peer_step_flops` when PyTorch's step does other work) and
+    the GEMM fields of the record."""
     gemm = [gemm_rates(dtype, gemm_size)]
     seconds = alternating_rounds({"jax": lambda: jax_run(steps),
                                   "torch": lambda: torch_run(steps)}, rounds)
@@ -206,7 +215,8 @@ def train_step_comparison(what: str, jax_run: Callable[[int], None],
     row = comparison(what, "examples/s", batch * steps, seconds["jax"], seconds["torch"],
                      ours_label=f"JAX {dtype}",
                      peer_label="PyTorch + PEFT" + (" + AMP" if dtype == "bfloat16" else ""),
-                     flops=step_flops * steps, gemm_flops_per_s=best_gemm_rate(gemm))
+                     flops=step_flops * steps, gemm_flops_per_s=best_gemm_rate(gemm),
+                     peer_flops=None if peer_step_flops is None else peer_step_flops * steps)
     return row, gemm_fields(gemm)
 
 

@@ -76,29 +76,46 @@ def memory_rates(megabytes: int = 256, rounds: int = 5) -> dict[str, float]:
 
 
 def lora_encoder_step_flops(batch: int, length: int, hidden: int, intermediate: int,
-                            layers: int, rank: int, adapted_per_layer: int) -> float:
-    """FLOPs of one train step of a frozen encoder with LoRA adapters on `adapted_per_layer` of
-    the q, k, v projections of every layer (matmuls only; the embeddings frozen).
+                            layers: int, rank: int,
+                            adapted: tuple[str, ...] = ("query", "key", "value"),
+                            last_layer_rows: int | None = None) -> float:
+    """FLOPs of one train step of a frozen encoder with LoRA adapters on the `adapted` ones of
+    the query, key and value projections of every layer (matmuls only; the embeddings frozen).
 
-    With N = batch * length tokens, d = hidden, f = intermediate, per layer:
-      forward dense      2 N (4 d^2 + 2 d f)        q, k, v, attention output; FFN in and out
-      forward attention  2 * 2 B T^2 d              Q K^T and P V over all heads
-      backward dense     2 N (4 d^2 + 2 d f)        activation gradients only: dX = dY W^T;
-                                                     frozen kernels get no weight gradient
-      backward attention 4 * 2 B T^2 d              dP, dV, dQ, dK
-      LoRA (each adapted d x d module)  6 * 2 N r d  forward x A and (x A) B; backward dB,
-                                                     d(x A), dA and dx
+    A layer computes R rows per example past its keys and values: R = T = length, except the
+    last layer when `last_layer_rows` is set (1 when the head reads [CLS] only, `Encoder`'s
+    ``cls_only``; PyTorch computes every row). With N = batch * T tokens, M = batch * R rows,
+    d = hidden, f = intermediate, per layer:
+      forward dense      2 N 2 d^2 + 2 M (2 d^2 + 2 d f)   k, v; q, attention output, FFN
+      forward attention  2 * 2 B R T d                     Q K^T and P V over all heads
+      backward dense     the same as forward dense         activation gradients only:
+                                                           dX = dY W^T; frozen kernels get no
+                                                           weight gradient
+      backward attention 4 * 2 B R T d                     dP, dV, dQ, dK
+      LoRA (each adapted d x d module over its rows: N for k and v, M for q)
+                         6 * 2 rows r d                    forward x A and (x A) B; backward
+                                                           dB, d(x A), dA and dx
     The first layer's input (the frozen embeddings) needs no gradient: its backward has no
-    dX = dY W^T for q, k and v (-2 N 3 d^2) and its adapters no dx (-2 N r d each).
+    dX = dY W^T for q, k and v and its adapters no dx (2 rows r d each).
     Elementwise work (softmax, LayerNorm, GELU, dropout) and the pooler and head are not
     counted (tests/test_benchmarks.py checks the sum against the matmuls of the step's jaxpr).
     """
-    n, d, f = batch * length, hidden, intermediate
-    dense = 2 * n * (4 * d * d + 2 * d * f)
-    attention = (2 + 4) * 2 * batch * length * length * d
-    lora = adapted_per_layer * 6 * 2 * n * rank * d
-    first_layer_input_grad = 2 * n * 3 * d * d + adapted_per_layer * 2 * n * rank * d
-    return float(layers * (2 * dense + attention + lora) - first_layer_input_grad)
+    unknown = set(adapted) - {"query", "key", "value"}
+    if unknown:
+        raise ValueError(f"adapted modules {sorted(unknown)} are not query, key or value")
+    d, f, n = hidden, intermediate, batch * length
+    total = 0.0
+    for i in range(layers):
+        m = batch * (last_layer_rows if last_layer_rows and i == layers - 1 else length)
+        rows = {"query": m, "key": n, "value": n}
+        forward_dense = 2 * n * 2 * d * d + 2 * m * (2 * d * d + 2 * d * f)
+        attention = (2 + 4) * 2 * m * length * d
+        lora = sum(6 * 2 * rows[name] * rank * d for name in adapted)
+        total += 2 * forward_dense + attention + lora
+        if i == 0:  # no gradient for the frozen embeddings
+            total -= 2 * d * d * sum(rows.values())
+            total -= sum(2 * rows[name] * rank * d for name in adapted)
+    return float(total)
 
 
 def encoder_forward_flops(batch: int, length: int, hidden: int, intermediate: int,

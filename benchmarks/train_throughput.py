@@ -2,12 +2,16 @@
 
     python -m benchmarks.train_throughput --batch 32 --length 64   # --out FILE: also write it
 
-Both sides: LoRA r=4, alpha=32, dropout 0.1 on query/key/value, linear head trained, AdamW,
-dropout on, a fixed batch of random token ids (no padding), fp32. Timed after warm-up (JAX
+Both sides: LoRA r=4, alpha=32, dropout 0.1 on query/key/value, a head over [CLS] trained
+(ours linear, PEFT's `BertForSequenceClassification` pooler + classifier), AdamW, dropout on, a
+fixed batch of random token ids (no padding), fp32. Our encoder computes only [CLS] in its last
+layer, the one row its head reads (`lora_jax.models.Encoder`'s ``cls_only``; same logits and
+gradients, tests/test_peft_io.py); PyTorch computes every row. Timed after warm-up (JAX
 compilation excluded) in alternating rounds; medians. Prints one JSON line: examples/s of each,
-the ratio JAX / PyTorch, and the roofline: each side's FLOP/s (`roofline.lora_encoder_step_flops`)
-as a fraction of the machine's large-GEMM rate measured in the same run (`roofline.gemm_rates`:
-JAX and PyTorch, before and after the rounds, the best of them).
+the ratio JAX / PyTorch, and the roofline: each side's FLOP/s (`roofline.lora_encoder_step_flops`,
+each counting the rows it computes) as a fraction of the machine's large-GEMM rate measured in
+the same run (`roofline.gemm_rates`: JAX and PyTorch, before and after the rounds, the best of
+them).
 """
 
 from __future__ import annotations
@@ -103,11 +107,16 @@ def measure(model: str, batch: int, length: int, steps: int, rounds: int,
     `gemm_size` is the side of the roofline's square matmul."""
     jax_run, cfg = make_jax_runner(model, batch, length, dtype)
     torch_run = make_torch_runner(model, batch, length, dtype)
-    flops = lora_encoder_step_flops(batch, length, cfg.hidden_size, cfg.intermediate_size,
-                                    cfg.num_layers, RANK, len(ADAPTED))
+    def flops(last_layer_rows):
+        return lora_encoder_step_flops(batch, length, cfg.hidden_size, cfg.intermediate_size,
+                                       cfg.num_layers, RANK, ADAPTED, last_layer_rows)
+
+    # our classifier's last layer computes [CLS] alone (the head reads nothing else); PEFT's
+    # computes every row: each side's FLOP rate counts the work it does
     row, gemm = train_step_comparison(
         f"LoRA train step, batch {batch}, length {length}", jax_run, torch_run, batch=batch,
-        steps=steps, rounds=rounds, dtype=dtype, step_flops=flops, gemm_size=gemm_size)
+        steps=steps, rounds=rounds, dtype=dtype, step_flops=flops(1), gemm_size=gemm_size,
+        peer_step_flops=flops(None))
     return {"benchmark": "lora_train_step", "model": model, "batch": batch, "length": length,
             "steps": steps, "rounds": rounds, "dtype": dtype, "comparisons": [row], **gemm}
 

@@ -79,6 +79,51 @@ def test_peft_made_adapter_and_head_predict_like_peft(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", HF_KINDS)
+def test_adapter_gradients_match_peft_autograd(kind, tmp_path):
+    """d(cross-entropy)/d(every lora_A, lora_B) equals PyTorch autograd through PEFT (eval mode).
+
+    The hf head reads [CLS] only, so our encoder computes that position alone in its last layer:
+    the gradients of that layer's adapters (the feed-forward ones too) check the cut. PEFT's
+    gradients are written into a PEFT adapter of their own and read back with `import_peft`,
+    which puts them in our layout."""
+    pm = _peft_made(kind, tmp_path)
+    ids, mask, types = hf_inputs()
+    labels = np.array([0, 2, 1])
+    kw = {} if kind == "distilbert" else {"token_type_ids": torch.tensor(types)}
+    pm.eval()
+    logits = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **kw).logits
+    torch.nn.functional.cross_entropy(logits, torch.tensor(labels), reduction="sum").backward()
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(p.grad)
+    pm.save_pretrained(tmp_path / "grads")
+
+    pre = load_pretrained(str(tmp_path / "base"))
+    adapter = import_peft(str(tmp_path / "adapter"), pre.config)
+    theirs = import_peft(str(tmp_path / "grads"), pre.config).lora
+    head = complete_head(adapter.head, pre.head, pre.config.model_type, adapter.source)
+    model = SequenceClassifier(pre.config, 3, head="hf")
+
+    def loss(tree):
+        out = model.apply({"params": {"encoder": pre.encoder, "head": head}, "lora": tree},
+                          ids, mask, types)
+        picked = jax.numpy.take_along_axis(jax.nn.log_softmax(out), labels[:, None], axis=1)
+        return -picked.sum()
+
+    def matrices(tree):
+        return {jax.tree_util.keystr(path): np.asarray(x) for path, x in
+                jax.tree_util.tree_leaves_with_path(tree) if path[-1].key in ("A", "B")}
+
+    ours, theirs = matrices(jax.grad(loss)(adapter.lora)), matrices(theirs)
+    assert ours.keys() == theirs.keys() and len(ours) >= 4
+    last = f"layer_{pre.config.num_layers - 1}"
+    assert any(last in name and np.abs(g).max() > 1e-3 for name, g in theirs.items())
+    for name, g in theirs.items():
+        np.testing.assert_allclose(ours[name], g, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("kind", HF_KINDS)
 def test_adapter_and_head_made_here_load_in_peft(kind, tmp_path):
     hf = torch_classifier(kind)
     torch_base(hf).save_pretrained(tmp_path / "base")
