@@ -279,3 +279,49 @@ def test_authors_structure_without_dropout_trains_our_combiner(minilm_l3, tmp_pa
     assert e2e["validation_paired"]["same_predictions"] == 1.0, e2e
     assert e2e["validation_accuracy"]["ours"] == e2e["validation_accuracy"]["authors_structure"]
     assert e2e["selection_accuracy"]["ours"] == e2e["selection_accuracy"]["authors_structure"]
+
+
+def test_layer_parts_count_their_matmuls_and_match_transformers(minilm_l3):
+    """benchmarks.layer_parts: each of our parts does the matmuls `part_flops` counts (exactly,
+    from its jaxpr) and gives transformers' module's outputs, so the profile times like work."""
+    import jax
+
+    from benchmarks.layer_parts import PARTS, jax_parts, part_differences, part_flops, torch_parts
+
+    batch, length = 2, 8
+    x = np.random.default_rng(1).standard_normal((batch, length, 384)).astype(np.float32)
+    ours, (theirs, _) = jax_parts(str(minilm_l3), x), torch_parts(str(minilm_l3), x)
+    flops = part_flops(batch, length, 384, 1536)
+    for name in PARTS:
+        fn, args = ours[name]
+        assert _matmul_flops(jax.make_jaxpr(fn)(*args)) == (flops[name] or 0), name
+    differences = part_differences(ours, theirs)
+    assert set(differences) == set(PARTS) and max(differences.values()) < 1e-4, differences
+
+
+@pytest.mark.slow
+def test_layer_parts_writes_one_row_per_part(minilm_l3, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.layer_parts", "--model",
+                           str(minilm_l3), "--batch", "2", "--length", "8", "--calls", "1",
+                           "--rounds", "2", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (json_file,) = tmp_path.glob("layer_parts_*.json")
+    result = json.loads(json_file.read_text())
+    table = json_file.with_suffix(".md").read_text()
+    assert result["environment"]["command"].startswith("python -m benchmarks.layer_parts")
+    for row in result["comparisons"]:
+        assert len(row["ours_rounds"]) == 2 and row["ours"] == np.median(row["ours_rounds"])
+        assert row["ours_ms"] == pytest.approx(1e3 / row["ours"], rel=1e-12)
+        assert f"| {row['what']} | {row['ours_ms']:.2f} | {row['peer_ms']:.2f} |" in table
+    assert [r["what"] for r in result["comparisons"]] == list(result["relative_differences"])
+
+
+def test_layer_parts_refuses_a_model_that_is_not_bert(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.layer_parts", "--model",
+                           str(tmp_path), "--out-dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --model ")
+    assert "model_type 't5'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

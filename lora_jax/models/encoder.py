@@ -58,6 +58,25 @@ class Embeddings(nn.Module):
         return x.astype(self.dtype)
 
 
+def attention_probs(q: jax.Array, k: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Softmax attention weights (B, H, Tq, Tk), float32, of queries q (B, Tq, H, Dh) over keys
+    k (B, Tk, H, Dh), scaled by 1 / sqrt(Dh); attention_mask (B, Tk), 1 = token, 0 = padding
+    (a padded key gets weight 0). Heads stay in place: the einsum lets XLA pick the dot's
+    layout (no explicit transposes; +0.7% and +2% on the MiniLM-L3 train step at lengths 128
+    and 64)."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
+    keep = attention_mask[:, None, None, :].astype(bool)
+    scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def attention_context(probs: jax.Array, v: jax.Array) -> jax.Array:
+    """The weighted values, (B, Tq, H * Dh), of weights probs (B, H, Tq, Tk) over values
+    v (B, Tk, H, Dh), in v's dtype."""
+    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return ctx.reshape(*ctx.shape[:2], -1)
+
+
 class EncoderPart(nn.Module):
     """The fields every adapted part of the encoder takes: the architecture, the LoRA dropout
     rate and the compute dtype."""
@@ -80,18 +99,13 @@ class SelfAttention(EncoderPart):
         dense = lambda name: LoRADense(cfg.hidden_size, lora_dropout=self.lora_dropout,
                                        dtype=self.dtype, name=name)
         xq = x if queries is None else x[:, :queries]
-        # heads stay in place, (B, T, H, Dh): the einsums let XLA pick the dots' layouts (no
-        # explicit transposes; +0.7% and +2% on the MiniLM-L3 train step at lengths 128 and 64)
         split = lambda y: y.reshape(*y.shape[:2], cfg.num_heads, cfg.head_dim)
         q = split(dense("query")(xq, deterministic))
         k = split(dense("key")(x, deterministic))
         v = split(dense("value")(x, deterministic))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
-        keep = attention_mask[:, None, None, :].astype(bool)
-        scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        probs = attention_probs(q, k, attention_mask).astype(self.dtype)
         probs = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(*xq.shape[:2], cfg.hidden_size)
+        ctx = attention_context(probs, v)
         return dense("output")(ctx, deterministic)
 
 
