@@ -119,12 +119,18 @@ def lora_encoder_step_flops(batch: int, length: int, hidden: int, intermediate: 
 
 
 def encoder_forward_flops(batch: int, length: int, hidden: int, intermediate: int,
-                          layers: int) -> float:
+                          layers: int, last_layer_rows: int | None = None) -> float:
     """FLOPs of one forward pass of an encoder (matmuls only; the forward terms of
-    `lora_encoder_step_flops`, LoRA's few left out): per layer 2 N (4 d^2 + 2 d f) + 2 * 2 B T^2 d
-    with N = batch * length tokens."""
-    n, d, f = batch * length, hidden, intermediate
-    return float(layers * (2 * n * (4 * d * d + 2 * d * f) + 4 * batch * length * length * d))
+    `lora_encoder_step_flops`, LoRA's few left out): per layer 2 N 2 d^2 + 2 M (2 d^2 + 2 d f)
+    + 2 * 2 B R T d with N = batch * T tokens and M = batch * R rows, R = T except the last
+    layer when `last_layer_rows` is set (1 for `Encoder`'s ``cls_only``)."""
+    d, f, n = hidden, intermediate, batch * length
+    total = 0.0
+    for i in range(layers):
+        rows = last_layer_rows if last_layer_rows and i == layers - 1 else length
+        m = batch * rows
+        total += 2 * n * 2 * d * d + 2 * m * (2 * d * d + 2 * d * f) + 4 * m * length * d
+    return float(total)
 
 
 def t5_decode_flops(batch: int, source: int, new: int, d_model: int, inner: int, d_ff: int,

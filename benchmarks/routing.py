@@ -18,7 +18,8 @@ rounds after warm-up, medians:
             (the row "PEFT's mixed batch against PEFT's one-adapter batch"; both sides PEFT).
 
 The routed logits are checked against PEFT's (1e-4) before timing. FLOP/s: the encoder's
-forward (`roofline.encoder_forward_flops`) over a large GEMM's rate measured in the same run.
+forward (`roofline.encoder_forward_flops`; ours computes the last layer at [CLS] alone, which
+the heads read, PEFT every row) over a large GEMM's rate measured in the same run.
 """
 
 from __future__ import annotations
@@ -114,8 +115,10 @@ def measure(model_dir: str, ns: tuple[int, ...], batch: int, length: int, rounds
     encoder = Encoder(cfg)
     gemm = [gemm_rates(size=gemm_size)]
     rows, checks = [], {}
-    flops = encoder_forward_flops(batch, length, cfg.hidden_size, cfg.intermediate_size,
-                                  cfg.num_layers)
+    # the heads read [CLS] alone: our last layer computes that row only, PEFT's every row
+    dims = (batch, length, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers)
+    flops = encoder_forward_flops(*dims, last_layer_rows=1)
+    peft_flops = encoder_forward_flops(*dims)
     def peft_one_adapter():
         pm.set_adapter(adapters[0].name)
         with torch.no_grad():
@@ -155,13 +158,14 @@ def measure(model_dir: str, ns: tuple[int, ...], batch: int, length: int, rounds
         comparisons.append(comparison(
             f"routed, {what}, against PyTorch + PEFT adapter_names", "examples/s", batch,
             seconds["routed"], seconds["peft"], ours_label="routed (per-row gathered LoRA)",
-            peer_label="PEFT mixed batch (adapter_names)", flops=flops,
+            peer_label="PEFT mixed batch (adapter_names)", flops=flops, peer_flops=peft_flops,
             gemm_flops_per_s=rate))
         comparisons.append(comparison(
             f"PEFT's mixed batch, {what}, against PEFT's one-adapter batch", "examples/s",
             batch, seconds["peft"], seconds["peft_single"],
             ours_label="PEFT mixed batch (adapter_names)",
-            peer_label="PEFT, one adapter for every row", flops=flops, gemm_flops_per_s=rate))
+            peer_label="PEFT, one adapter for every row", flops=peft_flops,
+            gemm_flops_per_s=rate))
         comparisons.append(comparison(
             f"routed, {what}, against our one-adapter batch", "examples/s", batch,
             seconds["routed"], seconds["single"], ours_label="routed",

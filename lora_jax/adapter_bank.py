@@ -34,7 +34,7 @@ from lora_jax.distributed import map_batches
 from lora_jax.errors import UserError
 from lora_jax.lora import adapter_layers
 from lora_jax.models import Encoder
-from lora_jax.models.encoder import HFClassificationHead, pool
+from lora_jax.models.encoder import HFClassificationHead, pool, reads_cls_only
 from lora_jax.models.hf_import import Pretrained, load_pretrained, place_pretrained
 from lora_jax.tasks import Task
 
@@ -207,15 +207,17 @@ def make_routed_logits(encoder: Encoder, groups: Sequence[tuple[str, str]], mode
     (`routing.stack_heads`; a group = the adapters of one head kind and pooling, in `groups`'
     order). group_rows: (n,) int32 group of each adapter and (n,) its row in its group's stack.
     batch["adapter_index"] (B,) picks each row's adapter; logits past a head's own label count
-    are 0.
+    are 0. When no group's head reads more than [CLS], the encoder's last layer computes that
+    position alone (``cls_only``, as `SequenceClassifier` does; the same logits).
     """
+    cls_only = all(reads_cls_only(kind, pooling) for kind, pooling in groups)
 
     def logits(encoder_params, bank, heads, group_rows, batch):
         index = batch["adapter_index"]
         hidden, pooled = encoder.apply(
             {"params": encoder_params, "lora": routing.route(bank, index)},
             batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-            deterministic=True)
+            deterministic=True, cls_only=cls_only)
         group_of, row_in_group = group_rows
         width = max(h_out(h) for h in heads)
         out = jnp.zeros((index.shape[0], width), jnp.float32)

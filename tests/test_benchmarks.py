@@ -85,6 +85,28 @@ def test_lora_step_flops_formula_counts_the_steps_matmuls(pooling):
     assert counted == ours + pooler + head, (ours, counted)
 
 
+@pytest.mark.parametrize("cls_only", [False, True])
+def test_encoder_forward_flops_formula_counts_the_forwards_matmuls(cls_only):
+    """`encoder_forward_flops` (the routing and AttEns rows) against the matmuls of a BERT-shaped
+    encoder forward's jaxpr, exactly: every layer's rows, or with ``cls_only`` the last layer's
+    [CLS] row alone (its keys and values still over every token); the pooler is not counted."""
+    import jax
+
+    from benchmarks.roofline import encoder_forward_flops
+    from lora_jax.models import Encoder, EncoderConfig
+
+    cfg = EncoderConfig(vocab_size=1000, hidden_size=96, num_layers=3, num_heads=4,
+                        intermediate_size=384, max_position_embeddings=64, embedding_size=96)
+    encoder, batch, length = Encoder(cfg), 4, 32
+    ids = jax.numpy.ones((batch, length), jax.numpy.int32)
+    params = encoder.init(jax.random.PRNGKey(0), ids)["params"]
+    forward = lambda p: encoder.apply({"params": p}, ids, cls_only=cls_only)
+    counted = _matmul_flops(jax.make_jaxpr(forward)(params))
+    pooler = 2 * batch * 96 * 96
+    assert counted == encoder_forward_flops(batch, length, 96, 384, 3,
+                                            1 if cls_only else None) + pooler
+
+
 def test_t5_train_step_flops_formula_counts_the_steps_matmuls():
     """`t5_train_step_flops` against the matmuls of the jaxpr of a prompt + LoRA step of a
     small random T5 v1.1 with two layers each side: the formula counts every matmul, the LM

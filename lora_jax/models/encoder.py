@@ -163,6 +163,13 @@ class Encoder(EncoderPart):
         return x, pooled
 
 
+def reads_cls_only(head: str, pooling: str) -> bool:
+    """Whether a classifier head reads the [CLS] position alone (transformers' heads, [CLS] and
+    BERT-pooler pooling), so that its encoder may run with ``cls_only``; a masked mean reads
+    every token."""
+    return head == "hf" or pooling in ("cls", "pooler")
+
+
 def masked_mean(hidden: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean of (B, T, d) hidden states over the tokens where mask (B, T) is 1, in float32."""
     m = mask.astype(jnp.float32)[..., None]
@@ -237,10 +244,10 @@ class SequenceClassifier(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None,
                  deterministic: bool = True, inputs_embeds=None):
-        reads_cls_only = self.head == "hf" or self.pooling in ("cls", "pooler")
         hidden, pooled = Encoder(self.config, self.lora_dropout, self.dtype,
                                  name="encoder")(input_ids, attention_mask, token_type_ids,
-                                                 deterministic, inputs_embeds, reads_cls_only)
+                                                 deterministic, inputs_embeds,
+                                                 reads_cls_only(self.head, self.pooling))
         if self.head == "hf":
             return HFClassificationHead(self.config.model_type, self.num_labels,
                                         self.classifier_dropout, name="head")(
