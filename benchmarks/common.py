@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 
@@ -103,6 +104,17 @@ def emit(result: dict, path: str) -> None:
         with open(path, "w") as f:
             json.dump(result, f, indent=2)
             f.write("\n")
+
+
+def write_result_files(out_dir: str, prefix: str, result: dict, markdown: str) -> None:
+    """Writes `result` to <out_dir>/<prefix>_<machine>.json (and prints it as one JSON line) and
+    its `markdown` table beside it as .md; says on stderr which files it wrote."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{prefix}_{machine_slug()}")
+    emit(result, stem + ".json")
+    with open(stem + ".md", "w") as f:
+        f.write(markdown)
+    print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
 
 
 def emit_measured(result: dict, path: str) -> None:

@@ -40,10 +40,9 @@ import numpy as np
 from benchmarks.common import (
     alternating_rounds,
     comparison,
-    emit,
     environment,
-    machine_slug,
     require_positive,
+    write_result_files,
 )
 from benchmarks.roofline import best_gemm_rate, gemm_fields, gemm_rates
 from lora_jax.cli import ArgumentParser, fail
@@ -285,12 +284,7 @@ def main() -> int:
         fail(str(e))
     result = {**measure(a.model, a.batch, a.length, a.calls, a.rounds),
               "environment": {**environment(), **code}}
-    os.makedirs(a.out_dir, exist_ok=True)
-    stem = os.path.join(a.out_dir, f"layer_parts_{machine_slug()}")
-    emit(result, stem + ".json")
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(result))
-    print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+    write_result_files(a.out_dir, "layer_parts", result, markdown(result))
     return 0
 
 

@@ -119,6 +119,7 @@ def measure(model_dir: str, ns: tuple[int, ...], batch: int, length: int, rounds
     dims = (batch, length, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers)
     flops = encoder_forward_flops(*dims, last_layer_rows=1)
     peft_flops = encoder_forward_flops(*dims)
+
     def peft_one_adapter():
         pm.set_adapter(adapters[0].name)
         with torch.no_grad():

@@ -39,7 +39,7 @@ import tempfile
 import time
 
 from benchmarks import attens, routing, t5_generate, t5_train, train_throughput
-from benchmarks.common import emit, environment, machine_slug
+from benchmarks.common import environment, write_result_files
 from lora_jax.cli import ArgumentParser, fail
 from lora_jax.errors import UserError
 from lora_jax.results import add_allow_dirty, code_state
@@ -222,12 +222,7 @@ def main() -> int:
     results = {"benchmarks": benchmarks, "model": a.model, "dtype": a.dtype, "scale": scale,
                "wall_s": round(time.perf_counter() - start),
                "environment": {**environment(), **code}}
-    os.makedirs(a.out_dir, exist_ok=True)
-    stem = os.path.join(a.out_dir, f"bench_{machine_slug()}")
-    emit(results, stem + ".json")
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(results))
-    print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+    write_result_files(a.out_dir, "bench", results, markdown(results))
     return 0
 
 
