@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.lora import register_adaptable
-from lora_jax.models.layers import ACTIVATIONS, Dropout, LoRADense
+from lora_jax.models.layers import ACTIVATIONS, Dropout, LoRADense, heads_major
 from t5_hybrid.config import T5Config
 
 PROMPT_COLLECTION = "prompt"
@@ -108,8 +108,7 @@ class T5Attention(T5Module):
 
     def _heads(self, x: jax.Array) -> jax.Array:
         """(B, L, inner_dim) -> heads-major (B, heads, L, d_kv)."""
-        x = x.reshape(*x.shape[:-1], self.config.num_heads, self.config.d_kv)
-        return x.transpose(0, 2, 1, 3)
+        return heads_major(x.reshape(*x.shape[:-1], self.config.num_heads, self.config.d_kv))
 
     def key_value(self, x: jax.Array, deterministic: bool) -> tuple[jax.Array, jax.Array]:
         """(B, L, d_model) -> K, V each heads-major (B, heads, L, d_kv).

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from lora_jax.lora import register_adaptable
 from lora_jax.models.config import EncoderConfig
-from lora_jax.models.layers import ACTIVATIONS, Dropout, LoRADense, gelu_exact
+from lora_jax.models.layers import ACTIVATIONS, Dropout, LoRADense, gelu_exact, heads_major
 
 POOLINGS = ("mean", "cls", "pooler")
 HEADS = ("linear", "hf")
@@ -56,12 +56,6 @@ class Embeddings(nn.Module):
         if cfg.embedding_size != cfg.hidden_size:
             x = nn.Dense(cfg.hidden_size, dtype=self.dtype, name="projection")(x)
         return x.astype(self.dtype)
-
-
-def heads_major(x: jax.Array) -> jax.Array:
-    """(B, T, H, Dh) -> (B, H, T, Dh): the layout in which the attention dots' batch dims
-    (b, h) lead, so XLA:CPU runs them as plain batched GEMMs."""
-    return x.transpose(0, 2, 1, 3)
 
 
 def attention_probs(q: jax.Array, k: jax.Array, attention_mask: jax.Array) -> jax.Array:

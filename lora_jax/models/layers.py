@@ -57,6 +57,14 @@ ACTIVATIONS = {
     "swish": jax.nn.silu,
 }
 
+
+def heads_major(x: jax.Array) -> jax.Array:
+    """(B, T, H, Dh) -> (B, H, T, Dh): the layout in which the attention dots' batch dims
+    (b, h) lead, so XLA:CPU runs them as plain batched GEMMs (the encoder's and T5's
+    attention)."""
+    return x.transpose(0, 2, 1, 3)
+
+
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 DROPOUT_BITS = 16  # random bits per mask element: the drop probability is a multiple of 2**-16
