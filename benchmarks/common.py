@@ -10,25 +10,13 @@ import time
 from collections.abc import Callable
 
 from benchmarks.roofline import best_gemm_rate, gemm_fields, gemm_rates
-
-
-def _cpuinfo_field(name: str) -> str:
-    """The first value of `name` in Linux's /proc/cpuinfo ("" elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == name:
-                    return value.strip()
-    except OSError:
-        pass
-    return ""
+from lora_jax.xla_flags import cpuinfo_field
 
 
 def cpu_model() -> str:
     """The host CPU's model name (Linux /proc/cpuinfo, else `platform.processor()`): machines of
     the same kind and core count differ from one session to the next."""
-    return _cpuinfo_field("model name") or platform.processor() or "unknown"
+    return cpuinfo_field("model name") or platform.processor() or "unknown"
 
 
 # The vector and matrix extensions that decide XLA:CPU's and PyTorch's kernels (x86: SSE to
@@ -40,7 +28,7 @@ VECTOR_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx
 
 def cpu_vector_extensions() -> list[str]:
     """Which of `VECTOR_EXTENSIONS` the host CPU reports, in that order ([] off Linux)."""
-    flags = set((_cpuinfo_field("flags") or _cpuinfo_field("Features")).split())
+    flags = set((cpuinfo_field("flags") or cpuinfo_field("Features")).split())
     return [x for x in VECTOR_EXTENSIONS if x in flags]
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import importlib.metadata
 import os
 
-# name -> (value, (lowest jaxlib, first jaxlib not covered))
+# name -> (value, (lowest jaxlib, first jaxlib not covered)); a value is a string, or a dict
+# from `cpu_vendor()` to string whose "" entry is every other CPU.
 DEFAULT_FLAGS = {
     # XLA:CPU sends dots (with their neighbouring elementwise ops) to YNNPACK fusions by default.
     # Profiled on the MiniLM-L3 LoRA train step (2 cores, batch 32, fp32, dropout on): those
@@ -22,7 +23,16 @@ DEFAULT_FLAGS = {
     # On a 2-core Intel Xeon (Sapphire Rapids, AVX-512): the MiniLM-L3 LoRA step at length 128,
     # batch 32, 30 steps per run, alternating runs: 50.7 and 51.8 examples/s with the fusions
     # off against 47.4 and 46.3 with XLA's default (on), so off on both vendors.
-    "xla_cpu_experimental_ynn_fusion_type": ("", ((0, 10), (0, 11))),
+    # YNNPACK for lone dots only (LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT: no elementwise ops fused
+    # in) on that Intel Xeon, quiet, against the fusions off (jaxlib 0.10.2, fp32, same
+    # tokens and fp32-accurate products): T5 greedy decoding 2555 -> 2984 and 2664 -> 2997
+    # tokens/s, 4-beam search 780 -> 916 and 761 -> 881 (one process each, 5 alternating
+    # rounds, benchmarks.t5_generate shapes); in alternating processes, the T5 prompt + LoRA
+    # step 51.6 -> 58.5 and 53.7 -> 63.3 examples/s, the MiniLM-L3 LoRA step 182 -> 189 and
+    # 184 -> 194 at length 64; the stacked k = 6 features unchanged (18.50 and 18.42). Not
+    # measured on AMD, which keeps the fusions off.
+    "xla_cpu_experimental_ynn_fusion_type": ({"intel": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+                                              "": ""}, ((0, 10), (0, 11))),
     # With those fusions off, XLA:CPU's tree_reduction_rewriter splits every reduction over an
     # axis longer than 32 (RMSNorm/LayerNorm over d_model, softmax over keys) into a
     # reduce-window and a reduce that no longer fuse with their neighbours: 125 reduce-windows
@@ -49,18 +59,39 @@ def _version(text: str) -> tuple[int, int]:
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
-def apply_default_flags(environ=os.environ) -> list[str]:
-    """Add each default flag that fits the installed jaxlib to XLA_FLAGS unless already set
-    there; returns the flags added."""
+def cpuinfo_field(name: str) -> str:
+    """The first value of `name` in Linux's /proc/cpuinfo ("" elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_vendor() -> str:
+    """"intel" or "amd" from /proc/cpuinfo's vendor_id; "" for any other CPU or system."""
+    return {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(cpuinfo_field("vendor_id"), "")
+
+
+def apply_default_flags(environ=os.environ, vendor: str | None = None) -> list[str]:
+    """Add each default flag that fits the installed jaxlib (and the CPU `vendor`, by default
+    `cpu_vendor()`) to XLA_FLAGS unless already set there; returns the flags added."""
     if environ.get("LORA_JAX_XLA_FLAGS", "1") == "0":
         return []
     try:
         jaxlib = _version(importlib.metadata.version("jaxlib"))
     except (importlib.metadata.PackageNotFoundError, ValueError):
         return []
+    vendor = cpu_vendor() if vendor is None else vendor
     current = environ.get("XLA_FLAGS", "")
     added = []
     for name, (value, (lowest, beyond)) in DEFAULT_FLAGS.items():
+        if isinstance(value, dict):
+            value = value.get(vendor, value[""])
         if lowest <= jaxlib < beyond and f"--{name}" not in current:
             added.append(f"--{name}={value}")
     if added:

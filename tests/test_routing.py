@@ -244,7 +244,12 @@ def test_t5_rows_routed_over_two_prompt_lora_adapters_generate_as_each_alone():
             np.testing.assert_array_equal(tokens[row], alone[i][row], err_msg=f"row {row}")
     for row, i in enumerate(index):
         alone = np.asarray(model.apply(two[i], ids, mask, decoder_ids))
-        np.testing.assert_allclose(logits[row], alone[row], atol=1e-5, rtol=1e-5)
+        # The routed per-row adapter products and one shared adapter's are different fp32
+        # dots, and this sharpened model (params x 3, logits up to ~30) amplifies their
+        # rounding: with YNNPACK's dots (lora_jax.xla_flags on Intel) they differ by 2e-4 to
+        # 4e-4, 1e-5 of the logits' scale. A wrong adapter or prompt moves logits by O(1).
+        scale = np.abs(alone[row]).max()
+        np.testing.assert_allclose(logits[row], alone[row], atol=1e-4 * scale, rtol=0)
 
 
 def test_a_checkpoint_without_a_pooler_routes_and_a_head_that_reads_it_is_refused(tmp_path):

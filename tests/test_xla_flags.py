@@ -15,17 +15,36 @@ from lora_jax import xla_flags
 def test_flags_are_added_once_and_respect_the_user(monkeypatch):
     monkeypatch.setattr(xla_flags.importlib.metadata, "version", lambda _: "0.10.2")
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    assert xla_flags.apply_default_flags(env) == [
+    assert xla_flags.apply_default_flags(env, vendor="amd") == [
         "--xla_cpu_experimental_ynn_fusion_type=",
         "--xla_disable_hlo_passes=tree_reduction_rewriter"]
     assert env["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 "
                                 "--xla_cpu_experimental_ynn_fusion_type= "
                                 "--xla_disable_hlo_passes=tree_reduction_rewriter")
-    assert xla_flags.apply_default_flags(env) == []  # already there
+    assert xla_flags.apply_default_flags(env, vendor="amd") == []  # already there
     user = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot --xla_disable_hlo_passes=cse"}
     assert xla_flags.apply_default_flags(user) == [] and user["XLA_FLAGS"].endswith("=cse")
     off = {"LORA_JAX_XLA_FLAGS": "0"}
     assert xla_flags.apply_default_flags(off) == [] and "XLA_FLAGS" not in off
+
+
+def test_a_flag_measured_on_one_vendor_is_set_for_that_vendor_only(monkeypatch):
+    monkeypatch.setattr(xla_flags.importlib.metadata, "version", lambda _: "0.10.2")
+    ynn = "--xla_cpu_experimental_ynn_fusion_type="
+    for vendor, value in (("intel", "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"), ("amd", ""),
+                          ("", "")):
+        env = {}
+        added = xla_flags.apply_default_flags(env, vendor=vendor)
+        assert [f for f in added if f.startswith(ynn)] == [ynn + value], vendor
+        assert env["XLA_FLAGS"].split() == added
+
+
+def test_cpu_vendor_reads_proc_cpuinfo(monkeypatch):
+    for vendor_id, vendor in (("GenuineIntel", "intel"), ("AuthenticAMD", "amd"),
+                              ("HygonGenuine", ""), ("", "")):
+        monkeypatch.setattr(xla_flags, "cpuinfo_field",
+                            lambda name, v=vendor_id: v if name == "vendor_id" else "")
+        assert xla_flags.cpu_vendor() == vendor
 
 
 def test_other_jaxlib_versions_get_xlas_defaults(monkeypatch):
