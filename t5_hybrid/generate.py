@@ -155,12 +155,16 @@ def segment_ends(max_new_tokens: int) -> list[int]:
 
 
 def grow_self_cache(cache: dict, length: int) -> dict:
-    """The cache with its self-attention K/V (B, heads, positions, d_kv) zero-padded to
-    `length` positions (an unwritten position is masked out by the causal bias)."""
+    """The cache with its self-attention K/V (B, heads, positions, d_kv), and its row table
+    (B, positions) if it has one, zero-padded to `length` positions (an unwritten position is
+    masked out by the causal bias)."""
     def pad(c):
         return jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0)))
 
-    return {"cross": cache["cross"], "self": jax.tree_util.tree_map(pad, cache["self"])}
+    grown = {"cross": cache["cross"], "self": jax.tree_util.tree_map(pad, cache["self"])}
+    if "rows" in cache:
+        grown["rows"] = jnp.pad(cache["rows"], ((0, 0), (0, length - cache["rows"].shape[1])))
+    return grown
 
 
 def _segmented_loop(cond, body, carry, max_new_tokens: int, cache_at: int | None):
@@ -219,6 +223,9 @@ def beam_search(model: T5ForConditionalGeneration, variables, input_ids, attenti
         # as query rows of its shared K/V (XLA:CPU's small batched dots)
         cache = model.apply(variables, states, 0, method=model.init_cache)
         cache = jax.tree_util.tree_map(lambda c: jnp.repeat(c, k, 0), cache)
+        # K/V stay in the cache row that wrote them; which row holds each position of a beam's
+        # history is this table, reordered with the beams (`t5_hybrid.model.read_cache_rows`)
+        cache["rows"] = jnp.zeros((batch * k, 0), jnp.int32)
     states, mask = jnp.repeat(states, k, 0), jnp.repeat(mask, k, 0)
     variables = routing.repeat_routed(variables, k)  # per-row adapters follow their beams
     seqs = jnp.full((batch, k, max_new_tokens + 1), cfg.pad_token_id, jnp.int32)
@@ -262,8 +269,7 @@ def beam_search(model: T5ForConditionalGeneration, variables, input_ids, attenti
         seqs = jnp.take_along_axis(cand_seqs, keep[..., None], 1)
         if use_cache:
             rows = (jnp.take_along_axis(src, keep, 1) + k * jnp.arange(batch)[:, None]).reshape(-1)
-            cache = {"cross": cache["cross"],
-                     "self": jax.tree_util.tree_map(lambda c: c[rows], cache["self"])}
+            cache = {**cache, "rows": cache["rows"][rows]}
         return i + 1, seqs, alive_logp, finished, finished_score, cache
 
     carry = (jnp.int32(0), seqs, alive_logp, finished, finished_score, cache)

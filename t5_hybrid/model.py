@@ -154,6 +154,16 @@ class T5FeedForward(T5Module):
         return dense(cfg.d_model, name="wo")(h, deterministic)
 
 
+def read_cache_rows(cache: jax.Array, rows: jax.Array) -> jax.Array:
+    """``out[b, h, t] = cache[rows[b, t], h, t]``: cache (B, heads, T, d_kv), rows (B, T) int32.
+
+    Beam search keeps each beam's K/V where it was written and reorders only this (B, T)
+    table when beams are reselected (`t5_hybrid.generate.beam_search`); reordering the caches
+    themselves made XLA gather every layer's K and V into a new buffer and copy it back into
+    the loop's at every step."""
+    return jnp.take_along_axis(cache, rows[:, None, :, None], 0)
+
+
 class T5Block(T5Module):
     """Pre-norm block: self-attention, (decoder) cross-attention, feed-forward; residuals."""
 
@@ -175,10 +185,11 @@ class T5Block(T5Module):
         return self.cross_attention.key_value(encoder_states, deterministic)
 
     def __call__(self, x, self_bias, deterministic, cross_bias=None, cross_kv=None, cache=None,
-                 cache_index=None):
+                 cache_index=None, cache_rows=None):
         """x (B, L, d_model). With `cache` ({"k", "v"}: (B, heads, max_len, d_kv)) the new
-        positions' K/V are written at `cache_index` and attention runs over the whole cache.
-        Returns (x, updated cache or None)."""
+        positions' K/V are written at `cache_index` and attention runs over the whole cache;
+        with `cache_rows` (B, max_len) int32 too, row b attends to position t of cache row
+        ``cache_rows[b, t]`` (`read_cache_rows`). Returns (x, updated cache or None)."""
         h = self.self_attention_norm(x)
         key, value = self.self_attention.key_value(h, deterministic)
         if cache is not None:
@@ -186,6 +197,8 @@ class T5Block(T5Module):
             key = jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), at)
             value = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), at)
             cache = {"k": key, "v": value}
+            if cache_rows is not None:
+                key, value = read_cache_rows(key, cache_rows), read_cache_rows(value, cache_rows)
         x = x + self.dropout(self.self_attention(h, key, value, self_bias, deterministic),
                              deterministic=deterministic)
         if self.is_decoder:
@@ -224,13 +237,13 @@ class T5Stack(T5Module):
         return [b.cross_key_value(encoder_states, deterministic) for b in self.blocks]
 
     def __call__(self, x, self_bias, deterministic, cross_bias=None, cross_kvs=None, caches=None,
-                 cache_index=None):
+                 cache_index=None, cache_rows=None):
         x = self.dropout(x, deterministic=deterministic)
         new_caches = []
         for i, block in enumerate(self.blocks):
             x, cache = block(x, self_bias, deterministic, cross_bias,
                              None if cross_kvs is None else cross_kvs[i],
-                             None if caches is None else caches[i], cache_index)
+                             None if caches is None else caches[i], cache_index, cache_rows)
             new_caches.append(cache)
         x = self.dropout(self.final_norm(x), deterministic=deterministic)
         return x, (new_caches if caches is not None else None)
@@ -297,7 +310,9 @@ class T5ForConditionalGeneration(T5Module):
         """Logits (B, T, vocab) float32 for decoder positions [cache_index, cache_index + T).
 
         Without `cache` the T inputs are the whole prefix (teacher forcing, causal mask). With a
-        cache from `init_cache` they are the next T tokens; returns the updated cache.
+        cache from `init_cache` they are the next T tokens; returns the updated cache. A cache
+        with ``"rows"`` ((B, max_length) int32, beam search) reads position t of row b's
+        self-attention K/V from cache row ``rows[b, t]``; the new positions are row b's own.
         """
         x = self.shared(decoder_input_ids)
         length = x.shape[1]
@@ -310,10 +325,17 @@ class T5ForConditionalGeneration(T5Module):
             cross_kvs = cache["cross"]
         causal = jnp.where(key_pos[None, :] <= query_pos[:, None], 0.0, NEG_INF)
         self_bias = self.decoder.position_bias(query_pos, key_pos) + causal[None, None]
+        rows = None
+        if cache is not None and "rows" in cache:
+            own = jnp.broadcast_to(jnp.arange(x.shape[0], dtype=jnp.int32)[:, None],
+                                   (x.shape[0], length))
+            rows = jax.lax.dynamic_update_slice(cache["rows"], own, (0, cache_index))
         states, caches = self.decoder(x, self_bias, deterministic, padding_bias(encoder_mask),
                                       cross_kvs, None if cache is None else cache["self"],
-                                      cache_index)
+                                      cache_index, rows)
         new_cache = None if cache is None else {"cross": cache["cross"], "self": caches}
+        if rows is not None:
+            new_cache["rows"] = rows
         return self.logits(states), new_cache
 
     def logits(self, states: jax.Array) -> jax.Array:

@@ -21,7 +21,11 @@ from t5_hybrid.generate import (
     strip_after_eos,
 )
 from t5_hybrid.hf_import import convert_state_dict, hf_name_map, to_hf_state_dict
-from t5_hybrid.model import T5ForConditionalGeneration, relative_position_bucket
+from t5_hybrid.model import (
+    T5ForConditionalGeneration,
+    read_cache_rows,
+    relative_position_bucket,
+)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -100,6 +104,40 @@ def test_decoding_through_a_growing_cache_matches_teacher_forcing():
                                     cache=cache, cache_index=i, method=model.decode)
         np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(full[:, i]), atol=1e-5,
                                    err_msg=f"position {i}")
+
+
+def test_a_row_table_reads_the_cache_as_reordering_it_would():
+    """Beam search's row table (`read_cache_rows`): each step's logits equal those of a cache
+    whose rows are physically reordered the same way, through reorders with repeated and
+    dropped rows and a cache growth."""
+    rng = np.random.default_rng(21)
+    cache = rng.standard_normal((4, 2, 5, 3)).astype(np.float32)
+    rows = rng.integers(0, 4, (4, 5))
+    expected = np.stack([np.stack([cache[rows[b, t], :, t] for t in range(5)], 1)
+                         for b in range(4)])
+    np.testing.assert_array_equal(np.asarray(read_cache_rows(jnp.asarray(cache),
+                                                             jnp.asarray(rows))), expected)
+
+    model, variables = _flax(_torch_t5("v1.1", seed=11))
+    ids, mask = (jnp.asarray(a) for a in _inputs(seed=12))
+    states, enc_mask = model.apply(variables, ids, mask, method=model.encode)
+    n = states.shape[0]
+    moved = model.apply(variables, states, 0, method=model.init_cache)
+    tabled = {**moved, "rows": jnp.zeros((n, 0), jnp.int32)}
+    dec = rng.integers(2, 97, (n, 8))
+    for i in range(8):
+        if i in (0, 5):
+            moved, tabled = (grow_self_cache(c, 5 if i == 0 else 8) for c in (moved, tabled))
+        step = jnp.asarray(dec[:, i:i + 1])
+        ours, tabled = model.apply(variables, step, states, enc_mask, cache=tabled,
+                                   cache_index=i, method=model.decode)
+        ref, moved = model.apply(variables, step, states, enc_mask, cache=moved,
+                                 cache_index=i, method=model.decode)
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-6,
+                                   err_msg=f"step {i}")
+        parents = jnp.asarray(rng.integers(0, n, n))  # beams reselected, some twice
+        moved = {**moved, "self": jax.tree_util.tree_map(lambda c, p=parents: c[p], moved["self"])}
+        tabled = {**tabled, "rows": tabled["rows"][parents]}
 
 
 @pytest.mark.parametrize("variant,n", [("v1.0", 12), ("v1.1", 12), ("v1.1", 40)])
