@@ -144,12 +144,13 @@ def segment_ends(max_new_tokens: int) -> list[int]:
 
     Each segment is one `lax.while_loop` whose self-attention cache holds only the positions
     up to its end, and the cache grows (zero-padded) between segments: the steps of a segment
-    read, and beam search reorders, that prefix instead of all `max_new_tokens` positions. Four
-    segments of 64 tokens cut the self-attention K/V traffic to 62% (beam search reorders the
-    cache at every step): on 2 cores (benchmarks.t5_generate shapes, one process, 6
-    alternating rounds) greedy decoding ran 4% and 4-beam search 13% faster than with one
-    loop, and 8 segments gained 4% more on beam search for twice the compile time. The loop
-    body is compiled once per segment."""
+    read (beam search through its row table, `t5_hybrid.model.read_cache_rows`) that prefix
+    instead of all `max_new_tokens` positions. Four segments of 64 tokens cut the
+    self-attention K/V traffic to 62%: on 2 cores (benchmarks.t5_generate shapes, one process,
+    6 alternating rounds; measured when beam search still reordered the cache itself) greedy
+    decoding ran 4% and 4-beam search 13% faster than with one loop, and 8 segments gained 4%
+    more on beam search for twice the compile time. The loop body is compiled once per
+    segment."""
     n = max(1, min(MAX_SEGMENTS, max_new_tokens // MIN_SEGMENT))
     return [-(-max_new_tokens * (j + 1) // n) for j in range(n)]
 
