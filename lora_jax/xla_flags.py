@@ -29,8 +29,11 @@ DEFAULT_FLAGS = {
     # tokens/s, 4-beam search 780 -> 916 and 761 -> 881 (one process each, 5 alternating
     # rounds, benchmarks.t5_generate shapes); in alternating processes, the T5 prompt + LoRA
     # step 51.6 -> 58.5 and 53.7 -> 63.3 examples/s, the MiniLM-L3 LoRA step 182 -> 189 and
-    # 184 -> 194 at length 64; the stacked k = 6 features unchanged (18.50 and 18.42). Not
-    # measured on AMD, which keeps the fusions off.
+    # 184 -> 194 at length 64. One path loses: the stacked k = 6 features (per-slot batched
+    # GEMMs, which YNNPACK also takes) 18.50 -> 18.42, 20.04 -> 18.97 and 19.64 -> 18.00
+    # examples/s (benchmarks.attens, alternating processes), while 7 single passes of our
+    # encoder stay level (18.58 -> 18.77, 21.19 -> 20.97, 19.90 -> 20.30). Not measured on
+    # AMD, which keeps the fusions off.
     "xla_cpu_experimental_ynn_fusion_type": ({"intel": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
                                               "": ""}, ((0, 10), (0, 11))),
     # With those fusions off, XLA:CPU's tree_reduction_rewriter splits every reduction over an
