@@ -9,7 +9,8 @@ N(0, 0.02^2) so that every module differs from the base) on the given encoder, w
 (`lora_jax.synthetic`), so the benchmark needs no data folder.
 
   features    our stacked pass (one jitted vmap over the k adapters and the all-zero base slot,
-              `ensemble.features.make_feature_fn`) against k + 1 sequential single-adapter
+              `ensemble.features.make_feature_fn`, compiled as the library does with
+              `jit_feature_fn`) against k + 1 sequential single-adapter
               passes, two peers: PyTorch + PEFT (`set_adapter` per module, then the base with
               adapters disabled; no gradient: the authors' way) and our own jitted encoder with
               one adapter at a time; same batch of random ids, masked-mean pooling; all three
@@ -118,7 +119,7 @@ def measure_features(model_dir: str, adapter_dirs: list[str], config, batch: int
     import jax.numpy as jnp
     import torch
 
-    from ensemble.features import aggregate_tokens, build_feature_extractor
+    from ensemble.features import aggregate_tokens, build_feature_extractor, jit_feature_fn
     from lora_jax.models import Encoder
 
     fx = build_feature_extractor(config)
@@ -126,7 +127,7 @@ def measure_features(model_dir: str, adapter_dirs: list[str], config, batch: int
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(1000, fx.tokenizer.vocab_size, (batch, length)), jnp.int32)
     b = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "token_type_ids": ids * 0}
-    stacked = jax.jit(fx.feature_fn)
+    stacked = jit_feature_fn(fx.feature_fn)
 
     @jax.jit
     def single(lora, batch):

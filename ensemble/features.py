@@ -41,12 +41,13 @@ from ensemble.lorahub import require_cma
 from ensemble.modules import ModuleSet, load_module_set
 from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
+from lora_jax import xla_flags
 from lora_jax.distributed import BatchShare, barrier, is_main_process, map_batches, map_encoded
 from lora_jax.errors import UserError
 from lora_jax.merge import merge_adapters, weighted_sum
 from lora_jax.models import Encoder
 from lora_jax.models.encoder import POOLINGS, pool
-from lora_jax.models.hf_import import load_pretrained, place_pretrained
+from lora_jax.models.hf_import import init_around, load_pretrained
 
 AGG1 = ("mean", "max", "min", "sum")
 OUTPUTS = ("hidden", "logits")
@@ -74,14 +75,19 @@ def aggregate_tokens(x: jax.Array, mask: jax.Array, how: str, count_padding: boo
 
 
 def stack_trees(trees: list) -> dict:
-    """Stack identically shaped pytrees on a new leading axis (k, ...)."""
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
+    """Stack identically shaped pytrees on a new leading axis (k, ...). On the host: eager JAX
+    ops would compile one program per leaf shape."""
+    return jax.tree_util.tree_map(
+        lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs])), *trees)
 
 
 def with_base_slot(stacked_lora: dict) -> dict:
     """Append one all-zero adapter (k+1-th): with B = 0 it computes exactly the base model."""
-    return jax.tree_util.tree_map(
-        lambda x: jnp.concatenate([x, jnp.zeros_like(x[:1])], axis=0), stacked_lora)
+    def append_zero(x):
+        x = np.asarray(x)
+        return jnp.asarray(np.concatenate([x, np.zeros_like(x[:1])], axis=0))
+
+    return jax.tree_util.tree_map(append_zero, stacked_lora)
 
 
 def stack_heads(heads: list[dict]) -> tuple[jax.Array, jax.Array]:
@@ -179,6 +185,13 @@ def fingerprint(tree) -> str:
     return h.hexdigest()
 
 
+def jit_feature_fn(feature_fn: Callable, out_sharding=None) -> Callable:
+    """`feature_fn` (`make_feature_fn`) jitted with the stacked pass's own XLA:CPU options
+    (`lora_jax.xla_flags.PROGRAM_OPTIONS`)."""
+    return jax.jit(feature_fn, out_shardings=out_sharding,
+                   compiler_options=xla_flags.compile_options("stacked_features"))
+
+
 def compute_split_features(feature_fn: Callable, base_params, stacked, heads,
                            enc: data_lib.Encoded, *, batch_size: int, buckets, pad_id: int,
                            put: Callable = lambda b: b, desc: str = "features",
@@ -186,7 +199,7 @@ def compute_split_features(feature_fn: Callable, base_params, stacked, heads,
                            share: BatchShare | None = None, out_sharding=None):
     """(modules (N, k, D), base (N, d)) float32 numpy for `rows` (default every example) of an
     encoded split, each process feeding its share of every batch (`lora_jax.distributed`)."""
-    fn = jax.jit(feature_fn, out_shardings=out_sharding)
+    fn = jit_feature_fn(feature_fn, out_sharding)
     return map_encoded(lambda batch: fn(base_params, stacked, heads, batch), enc, batch_size,
                        buckets, pad_id, put=put, rows=rows, share=share, desc=desc,
                        progress=progress)
@@ -417,9 +430,9 @@ def build_feature_extractor(config) -> FeatureExtractor:
     encoder = Encoder(enc_cfg, lora_dropout=mset.spec.dropout,
                       dtype=lora_lib.DTYPES[config.dtype])
     ids = jnp.zeros((1, 8), jnp.int32)
-    initialised = encoder.init(jax.random.PRNGKey(config.seed), ids)["params"]
-    base_params = lora_lib.cast_floating(place_pretrained(initialised, pretrained),
-                                         lora_lib.DTYPES[config.param_dtype])
+    base_params = lora_lib.cast_floating(
+        init_around(encoder, pretrained, jax.random.PRNGKey(config.seed), ids),
+        lora_lib.DTYPES[config.param_dtype])
     adapters, slots = [m.lora for m in mset.modules], k
     if merges_adapters(config):
         adapters, slots = [merged_adapter(config, mset, k)], 1

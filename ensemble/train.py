@@ -137,11 +137,11 @@ def prepare_attens(config) -> AttensSetup:
         log.info("features %s/%s: %d rows, %d computed (%.1f s), %d from the cache", task.name,
                  name, len(enc), n_new, seconds, len(enc) - n_new)
         splits[name] = FeatureSplit(modules[:, :slots], base, enc.labels, seconds, n_new == 0)
-    read = jax.tree_util.tree_map(
-        lambda x: jnp.concatenate([x[:slots], x[-1:]]), fx.stacked)  # read slots + base slot
-    frozen = {"base": fx.base_params, "adapters": read,
-              "heads": jax.tree_util.tree_map(lambda x: x[:slots], fx.heads)
-              } if config.quirks.encoder_dropout else {}
+    frozen = {}
+    if config.quirks.encoder_dropout:  # the encoder runs in every train step: read slots + base
+        read = jax.tree_util.tree_map(lambda x: jnp.concatenate([x[:slots], x[-1:]]), fx.stacked)
+        frozen = {"base": fx.base_params, "adapters": read,
+                  "heads": jax.tree_util.tree_map(lambda x: x[:slots], fx.heads)}
     return AttensSetup(config, task, fx.module_set, fx.k, splits, encoded, fx.feature_fn, frozen,
                        fx.pad_id, fx.pad_to, sources, share, search)
 

@@ -35,7 +35,7 @@ from lora_jax.errors import UserError
 from lora_jax.lora import adapter_layers
 from lora_jax.models import Encoder
 from lora_jax.models.encoder import HFClassificationHead, pool, reads_cls_only
-from lora_jax.models.hf_import import Pretrained, load_pretrained, place_pretrained
+from lora_jax.models.hf_import import Pretrained, init_around, load_pretrained
 from lora_jax.tasks import Task
 
 ADAPTER_SETS_GROUP = "lora_jax.adapter_sets"
@@ -162,8 +162,7 @@ def complete_encoder(encoder: Encoder, pre: Pretrained, adapters: Sequence[Named
     if not pre.missing:
         return pre.encoder
     ids = jnp.zeros((1, 8), jnp.int32)
-    flat = traverse_util.flatten_dict(place_pretrained(
-        jax.jit(encoder.init)(jax.random.PRNGKey(0), ids)["params"], pre.encoder))
+    flat = traverse_util.flatten_dict(init_around(encoder, pre.encoder, jax.random.PRNGKey(0), ids))
     missing = [tuple(m.split("/")) for m in pre.missing]
     pooler = [p for p in missing if p[0] == "pooler"]
     readers = [a for a in adapters if reads_pooler(a, encoder.config.model_type)]

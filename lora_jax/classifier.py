@@ -26,7 +26,7 @@ from lora_jax.distributed import BatchShare, map_encoded
 from lora_jax.errors import UserError
 from lora_jax.models import EncoderConfig, SequenceClassifier
 from lora_jax.models.encoder import POOLINGS
-from lora_jax.models.hf_import import Pretrained, load_pretrained, place_pretrained
+from lora_jax.models.hf_import import Pretrained, init_around, load_pretrained, place_pretrained
 from lora_jax.results import selection_protocol
 from lora_jax.sharding import Placement, mesh_of
 from lora_jax.tasks import Task, resolve_task
@@ -91,15 +91,15 @@ def init_variables(model: SequenceClassifier, pretrained: Pretrained, config) ->
     """{"params": ..., "lora": ...}: the encoder (and, for head='hf', a checkpoint's
     classification head) from the checkpoint, the rest seeded.
 
-    `jax.eval_shape` gives the tree first; only then are the head (and checkpoint-missing
-    encoder leaves such as an absent pooler) initialised and the pretrained arrays placed.
+    `jax.eval_shape` gives the tree first; then only the head (and checkpoint-missing encoder
+    leaves such as an absent pooler) are initialised around the pretrained arrays
+    (`init_around`: the values a full init would give them).
     """
     ids = jnp.zeros((1, 8), jnp.int32)
     init = lambda rng: model.init(rng, ids, ids, ids)["params"]
     rng_init, rng_lora = jax.random.split(jax.random.PRNGKey(config.seed))
     jax.eval_shape(init, rng_init)  # fails fast on a bad config, allocates nothing
-    params = jax.jit(init)(rng_init)
-    params["encoder"] = place_pretrained(params["encoder"], pretrained.encoder)
+    params = init_around(model, {"encoder": pretrained.encoder}, rng_init, ids, ids, ids)
     if pretrained.missing:
         log.info("initialised from seed (not in the checkpoint): %s",
                  ", ".join(pretrained.missing))

@@ -32,7 +32,7 @@ from lora_jax.distributed import map_encoded
 from lora_jax.errors import UserError
 from lora_jax.export import export_classifier
 from lora_jax.models import SequenceClassifier
-from lora_jax.models.hf_import import place_pretrained
+from lora_jax.models.hf_import import init_around, place_pretrained
 from lora_jax.peft_io import load_seq_cls
 from lora_jax.runs import best_variables, run_config, texts_of
 from lora_jax.tasks import Task, custom_task, get_task
@@ -156,8 +156,9 @@ def peft_classifier(model: str, adapter: str, *, text_keys: tuple[str, ...] = ("
         task = dataclasses.replace(task, label_names=tuple(label_names))
     net = SequenceClassifier(pre.config, num_labels, lora_dropout=peft.spec.dropout, head="hf")
     ids = np.zeros((1, 8), np.int32)
-    params = net.init(jax.random.PRNGKey(0), ids, ids, ids)["params"]  # shapes; all replaced
-    params["encoder"] = place_pretrained(params["encoder"], pre.encoder)
+    params = init_around(net, {"encoder": pre.encoder}, jax.random.PRNGKey(0), ids, ids, ids)
+    # The adapter's head is placed, not given: one made for another base model must reach
+    # `adapter_bank.check_fits`, whose error names the adapter, not fail shape checks here.
     params["head"] = place_pretrained(params["head"], head)
     tokenizer = data_lib.load_tokenizer(pre.model_dir)
     max_len = min(max_length, pre.config.max_position_embeddings)

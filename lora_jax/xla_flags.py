@@ -57,6 +57,26 @@ DEFAULT_FLAGS = {
 # runs. A flag that can kill a user's run is not a default.
 
 
+# Per-program XLA compile options (`jax.jit(..., compiler_options=compile_options(name))`) for a
+# program whose best XLA:CPU setting differs from the process default above; same layout as
+# DEFAULT_FLAGS, a value being a dict of options.
+PROGRAM_OPTIONS = {
+    # The stacked k-adapter feature pass (ensemble.features): its GEMMs have (k + 1) B T rows or
+    # a leading slot axis, where YNNPACK's lone dots (the Intel default above) run below Eigen.
+    # On a 2-core Intel Xeon (Sapphire Rapids, jaxlib 0.10.2, fp32), one process each: a
+    # 28672 x 384 x 384 GEMM 175 -> 254 GFLOP/s, 7 batched 4096 x 384 x 384 GEMMs 132 -> 206;
+    # the benchmarks.attens pass (MiniLM-L3, k = 6 + base, batch 32 x 128), compiled both ways
+    # in one process, alternating rounds, same features to 4e-7: 12.8 -> 15.6 and 12.2 -> 14.9
+    # examples/s (PyTorch + PEFT's 7 passes 19.8 and 16.5 in those rounds). AMD already runs
+    # these dots on Eigen.
+    "stacked_features": ({"intel": {"xla_cpu_experimental_ynn_fusion_type": ""}, "": {}},
+                         ((0, 10), (0, 11))),
+}
+# Names of the flags that lora_jax (not the user) put in XLA_FLAGS, comma-separated, kept in the
+# environment so that child processes, which inherit XLA_FLAGS, tell them from the user's too.
+ADDED_VARIABLE = "LORA_JAX_ADDED_FLAGS"
+
+
 def _version(text: str) -> tuple[int, int]:
     major, minor = text.split(".")[:2]
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
@@ -99,4 +119,33 @@ def apply_default_flags(environ=os.environ, vendor: str | None = None) -> list[s
             added.append(f"--{name}={value}")
     if added:
         environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+        names = {flag[2:].partition("=")[0] for flag in added}
+        names.update(filter(None, environ.get(ADDED_VARIABLE, "").split(",")))
+        environ[ADDED_VARIABLE] = ",".join(sorted(names))
     return added
+
+
+def compile_options(program: str, environ=os.environ, vendor: str | None = None,
+                    backend: str | None = None) -> dict | None:
+    """The XLA compile options of `program` (a `PROGRAM_OPTIONS` name) for this CPU vendor
+    (default `cpu_vendor()`) and JAX backend (default `jax.default_backend()`), for
+    ``jax.jit(..., compiler_options=...)``; None where none apply: a backend other than CPU, a
+    jaxlib they were not measured on, ``LORA_JAX_XLA_FLAGS=0``. An option the user set in
+    ``XLA_FLAGS`` is left out, so the user's flag holds."""
+    value, (lowest, beyond) = PROGRAM_OPTIONS[program]
+    if environ.get("LORA_JAX_XLA_FLAGS", "1") == "0":
+        return None
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    try:
+        jaxlib = _version(importlib.metadata.version("jaxlib"))
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+    if backend != "cpu" or not lowest <= jaxlib < beyond:
+        return None
+    options = value.get(cpu_vendor() if vendor is None else vendor, value[""])
+    flags, ours = environ.get("XLA_FLAGS", ""), environ.get(ADDED_VARIABLE, "").split(",")
+    options = {name: v for name, v in options.items() if name in ours or f"--{name}" not in flags}
+    return options or None

@@ -229,3 +229,45 @@ def test_exact_gelu_matches_torch_values_and_gradient():
                                expected.detach().numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(grad), tx.grad.numpy(), rtol=1e-5, atol=1e-6)
     assert np.isclose(float(got), float(expected.sum()), rtol=1e-5)
+
+
+def test_init_around_equals_a_full_init_with_the_checkpoint_placed(tmp_path):
+    """`init_around` (one jitted apply) gives every leaf a jitted full `init` followed by
+    `place_pretrained` gives, bit for bit: the checkpoint's leaves as read and the missing
+    pooler and the new head drawn from the same streams; a leaf of the wrong shape is refused."""
+    import flax
+    from flax import traverse_util
+
+    from lora_jax.models import SequenceClassifier
+    from lora_jax.models.hf_import import init_around, place_pretrained
+
+    model = _random_torch_model("bert")
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("pooler")}
+    model.config.save_pretrained(tmp_path)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    _, config, encoder, missing, _ = load_pretrained(str(tmp_path))
+    assert missing == ["pooler/bias", "pooler/kernel"]
+    net = SequenceClassifier(config, 3)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    rng = jax.random.PRNGKey(7)
+
+    # (jitted, as XLA fuses the initialisers' arithmetic: an eager init differs in the last ulp)
+    full = jax.jit(net.init)(rng, ids, ids, ids)["params"]
+    full["encoder"] = place_pretrained(full["encoder"], encoder)
+    around = init_around(net, {"encoder": encoder}, rng, ids, ids, ids)
+
+    flat_full, flat_around = (traverse_util.flatten_dict(t) for t in (full, around))
+    assert flat_full.keys() == flat_around.keys()
+    for path, value in flat_full.items():
+        np.testing.assert_array_equal(flat_around[path], value, err_msg="/".join(path))
+    for path, value in traverse_util.flatten_dict(encoder).items():
+        np.testing.assert_array_equal(flat_around[("encoder", *path)], value)
+    # The seeded leaves are real draws, not zeros left behind.
+    assert np.abs(np.asarray(around["encoder"]["pooler"]["kernel"])).max() > 0
+
+    bad = flax.core.unfreeze(encoder)
+    bad["layer_0"]["attention"]["query"]["kernel"] = np.zeros((32, 16), np.float32)
+    with pytest.raises(Exception, match="shape"):
+        init_around(net, {"encoder": bad}, rng, ids, ids, ids)

@@ -82,3 +82,45 @@ def test_importing_lora_jax_sets_the_flags_before_the_backend_starts():
                                  "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="})
     assert first_only["reduce_windows"] == 1
     assert ours["reduce_windows"] == 0
+
+
+def test_program_options_for_the_cpu_vendor_and_never_over_the_user(monkeypatch):
+    monkeypatch.setattr(xla_flags.importlib.metadata, "version", lambda _: "0.10.2")
+    off = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert xla_flags.compile_options("stacked_features", {}, "intel", "cpu") == off
+    assert xla_flags.compile_options("stacked_features", {}, "amd", "cpu") is None
+    assert xla_flags.compile_options("stacked_features", {}, "intel", "gpu") is None
+    assert xla_flags.compile_options("stacked_features", {"LORA_JAX_XLA_FLAGS": "0"},
+                                     "intel", "cpu") is None
+    # the Intel default flag that lora_jax added, here or in a parent process, is not the user's
+    ours = {}
+    xla_flags.apply_default_flags(ours, vendor="intel")
+    assert xla_flags.compile_options("stacked_features", ours, "intel", "cpu") == off
+    child = dict(ours)
+    assert xla_flags.apply_default_flags(child, vendor="intel") == [] and child == ours
+    assert xla_flags.compile_options("stacked_features", child, "intel", "cpu") == off
+    user = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"}
+    xla_flags.apply_default_flags(user, vendor="intel")
+    assert xla_flags.compile_options("stacked_features", user, "intel", "cpu") is None
+    monkeypatch.setattr(xla_flags.importlib.metadata, "version", lambda _: "0.11.0")
+    assert xla_flags.compile_options("stacked_features", {}, "intel", "cpu") is None
+
+
+def test_the_stacked_pass_compiles_with_its_options_in_a_fresh_process():
+    """In a child of this process (which inherits the XLA_FLAGS lora_jax set here), a dot
+    jitted as the feature pass is jitted goes to YNNPACK exactly when the process default sends
+    dots there and the pass's options do not (Intel: default yes, pass no; AMD: neither)."""
+    code = ("import json, jax, jax.numpy as jnp\n"
+            "from ensemble.features import jit_feature_fn\n"
+            "f, x = (lambda x: (x @ x).sum()), jnp.ones((64, 64))\n"
+            "ynn = lambda fn: '__ynn_fusion' in fn.lower(x).compile().as_text()\n"
+            "print(json.dumps({'default': ynn(jax.jit(f)), 'pass': ynn(jit_feature_fn(f))}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ynn = json.loads(out.stdout.strip().splitlines()[-1])
+    default = xla_flags.apply_default_flags({})
+    if not default:
+        pytest.skip("no default flags for this jaxlib")
+    assert ynn["default"] == any(f.endswith("INDIVIDUAL_DOT") for f in default)
+    assert ynn["pass"] is False

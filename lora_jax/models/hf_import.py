@@ -319,6 +319,26 @@ def place_pretrained(initialised: dict, pretrained: dict) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
+def init_around(model, given: dict, rng, *args) -> dict:
+    """`model`'s params: every leaf of `given` (a nested subset of the tree, e.g. a checkpoint's
+    encoder under its key) as given, only the others initialised from `rng`.
+
+    One jitted ``model.apply(..., mutable="params")``: flax's ``self.param`` returns a leaf it is
+    given (checking its shape) and runs the initialiser only where none is, drawing from the
+    same per-module streams as ``model.init(rng, *args)``, so those leaves equal a full init's
+    bit for bit. A full init would compile an initialiser for every pretrained leaf only to
+    overwrite it (seconds per run on CPU). `args`: the example inputs of ``model.init``.
+    """
+    import jax
+
+    def init(rng, given):
+        _, variables = model.apply({"params": given}, *args, rngs={"params": rng},
+                                   mutable=["params"])
+        return variables["params"]
+
+    return jax.jit(init)(rng, given)
+
+
 class Pretrained(NamedTuple):
     """What `load_pretrained` read from a checkpoint folder."""
 
