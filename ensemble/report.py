@@ -9,16 +9,16 @@ budget axis, <out>_budgets.png (matplotlib: pip install -e ".[plots]").
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Sequence
 
 import numpy as np
 
-from lora_jax.cli import ArgumentParser, fail
+from lora_jax.cli import ArgumentParser, run_main
 from lora_jax.metrics import paired_bootstrap, unpack_array
 from lora_jax.report import ROW_NAMES, STD_LABEL, cell_scores, main_score, row_of, score_table
+from lora_jax.sweep_record import read_record
 from lora_jax.writers import write_table
 
 ROWS = ("zero_shot", "ffn", "ft_lora", "attens")
@@ -409,13 +409,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", required=True, help="a lora_jax.sweep .json")
     p.add_argument("--out", required=True, help="path stem for .md and .png files")
     a = p.parse_args(argv)
-    if not os.path.isfile(a.sweep):
-        fail(f"{a.sweep} does not exist; run python -m lora_jax.sweep first")
-    with open(a.sweep) as f:
-        sweep = json.load(f)
-    text = build_report(sweep, a.out, a.sweep)
-    write_table(a.out + ".md", text)
-    return 0
+    return run_main(lambda: write_table(a.out + ".md",
+                                        build_report(read_record(a.sweep), a.out, a.sweep)))
 
 
 if __name__ == "__main__":

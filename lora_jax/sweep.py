@@ -14,7 +14,8 @@ A sweep with ``budgets`` (name -> overrides, e.g. ``{"n16": {"train_budget": 16}
 few-shot axis) runs every cell once per budget, in <workdir>/<experiment>_<task>_<budget>_s<seed>,
 and tables each budget apart. ``row_seeds`` / ``row_budgets`` (row -> names) run a row at only
 those seeds / budgets (a row that does not train needs one seed and one budget).
-Writes <out>.json (every run's results) and
+Writes <out>.json (the sweep's provenance and the list of its cells), <out>/<cell>.json (each
+cell's results.json; lora_jax.sweep_record) and
 <out>.md (rows = experiments, columns = tasks + average, mean ± sample std over seeds; a sweep config
 can name its own table writer as ``table = "module:function"``).
 """
@@ -35,6 +36,7 @@ from lora_jax.errors import UserError
 from lora_jax.experiments import load_config, log_packages_at_info, run, runner
 from lora_jax.report import STD_LABEL, score_table
 from lora_jax.results import ROOT, add_allow_dirty, code_state, module_command, provenance
+from lora_jax.sweep_record import cell_key, cell_name, read_record, write_record
 from lora_jax.writers import write_json_atomic, write_table
 
 
@@ -185,8 +187,7 @@ def cell_command(args, experiment: str, task: str, seed: int, budget: str = "") 
 
 
 def cell_dir(workdir: str, experiment: str, task: str, seed: int, budget: str = "") -> str:
-    return os.path.join(workdir, "_".join([experiment, task, *([budget] if budget else []),
-                                           f"s{seed}"]))
+    return os.path.join(workdir, cell_name(experiment, task, seed, budget))
 
 
 def flat_config(config: dict) -> dict:
@@ -208,10 +209,7 @@ def reusable_cells(path: str) -> dict[tuple, dict]:
     if not os.path.isfile(path):
         raise UserError(f"--reuse {path} does not exist; give an earlier --out .json of this "
                         "sweep")
-    with open(path) as f:
-        earlier = json.load(f)
-    return {(r["sweep_row"], r["task"], r["seed"], r.get("sweep_budget", "")): r
-            for r in earlier.get("results", [])}
+    return {cell_key(r): r for r in read_record(path)["results"]}
 
 
 def restore_cell(done: str, recorded: dict, config) -> bool:
@@ -288,10 +286,8 @@ def run_sweep(args, command: str) -> int:
         results.append(result)
     if not results:
         raise UserError(f"no finished cell under {args.workdir}; run without --collect first")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_json_atomic(args.out + ".json", {"name": sweep.name, "note": args.note,
-                                           **provenance(command), **code,
-                                           "results": results})
+    write_record(args.out, {"name": sweep.name, "note": args.note, **provenance(command),
+                            **code}, results)
     shown = sweep.copy_and_resolve_references()  # the table covers what was asked for
     shown.tasks, shown.experiments, shown.seeds = tuple(tasks), tuple(rows), tuple(seeds)
     if "budgets" in shown:

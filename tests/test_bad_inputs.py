@@ -215,15 +215,15 @@ def _cases(root: pathlib.Path, model: str, data: str) -> dict[str, Case]:
                                     outputs=("modules", "workdir")),
         # lora_jax.sweep
         "sweep: unknown row": Case(sweep + ["--rows", "attens,nope"], "row(s) nope not in",
-                                   outputs=("workdir", "table.json", "table.md")),
+                                   outputs=("workdir", "table", "table.json", "table.md")),
         "sweep: unknown task": Case(sweep + ["--only", "sst2"], "task(s) sst2 not in",
-                                    outputs=("workdir", "table.json", "table.md")),
+                                    outputs=("workdir", "table", "table.json", "table.md")),
         "sweep: bad value": Case(sweep[:3] + [str(bad_sweep)] + sweep[4:],
                                  "batch_size=0 must be >= 1",
-                                 outputs=("workdir", "table.json", "table.md")),
+                                 outputs=("workdir", "table", "table.json", "table.md")),
         "sweep: override key": Case(sweep[:3] + [str(typo_sweep)] + sweep[4:],
                                     "sweep override 'lr' is not a config key",
-                                    outputs=("workdir", "table.json", "table.md")),
+                                    outputs=("workdir", "table", "table.json", "table.md")),
     }
 
 

@@ -13,6 +13,7 @@ import pytest
 from lora_jax.errors import UserError
 from lora_jax.experiments import load_config
 from lora_jax.sweep import apply_overrides, cell_config, markdown_table
+from lora_jax.sweep_record import read_record
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,7 @@ def test_a_narrowed_sweep_tables_only_the_cells_it_was_asked_for(tmp_path, monke
     table = out.with_suffix(".md").read_text()
     assert "| | sst2 (accuracy) | average |" in table and "cola" not in table
     assert "| FT_LoRA | 80.0 | 80.0 |" in table and "FFN" not in table
-    assert [r["task"] for r in json.loads(out.with_suffix(".json").read_text())["results"]] == [
+    assert [r["task"] for r in read_record(str(out.with_suffix(".json")))["results"]] == [
         "sst2"]
 
 
@@ -119,7 +120,7 @@ def test_a_budget_axis_runs_each_cell_per_budget_and_tables_each_apart(tmp_path,
     table = out.with_suffix(".md").read_text()
     assert table.index("## Budget n16") < table.index("| FT_LoRA | 60.0 | 60.0 |") < table.index(
         "## Budget full") < table.index("| FT_LoRA | 80.0 | 80.0 |")
-    cells = json.loads(out.with_suffix(".json").read_text())["results"]
+    cells = read_record(str(out.with_suffix(".json")))["results"]
     assert [(r["sweep_row"], r["sweep_budget"]) for r in cells] == [
         ("ffn", "n16"), ("ft_lora", "n16"), ("ffn", "full"), ("ft_lora", "full")]
     assert sweep.main([*args, "--budgets", "full"]) == 0
@@ -153,7 +154,7 @@ def test_row_budgets_narrow_a_row_and_the_full_budget_is_the_one_without_a_cap(
     out = tmp_path / "t"
     assert sweep.main(["--config", str(tmp_path / "few.py"), "--workdir", str(tmp_path / "w"),
                        "--collect", "--out", str(out)]) == 0
-    cells = json.loads(out.with_suffix(".json").read_text())["results"]
+    cells = read_record(str(out.with_suffix(".json")))["results"]
     assert [(r["sweep_row"], r["sweep_budget"]) for r in cells] == [
         ("ft_lora", "n16"), ("ffn", "full"), ("ft_lora", "full")]
     capped = ml_collections.ConfigDict({"budgets": {"n16": {"train_budget": 16}}})
@@ -186,8 +187,15 @@ def test_reuse_restores_recorded_cells_whose_config_agrees(tmp_path, monkeypatch
     restored = json.loads((tmp_path / "w" / "ft_lora_sst2_s0" / "results.json").read_text())
     assert restored["git_commit"] == "abc" and restored["command"].endswith("--only sst2")
     assert not (tmp_path / "w" / "ft_lora_cola_s0").exists()
-    cells = json.loads(out.with_suffix(".json").read_text())["results"]
+    cells = read_record(str(out.with_suffix(".json")))["results"]
     assert [(r["task"], r["sweep_row"]) for r in cells] == [("sst2", "ft_lora")]
+    # the record this sweep wrote (a file per cell) carries the cell to another workdir
+    again = ["--config", str(ROOT / "configs" / "glue_cpu.py"), "--workdir",
+             str(tmp_path / "w2"), "--rows", "ft_lora", "--only", "sst2", "--collect", "--out",
+             str(tmp_path / "t2"), "--reuse", str(out.with_suffix(".json"))]
+    assert sweep.main(again) == 0
+    assert json.loads((tmp_path / "w2" / "ft_lora_sst2_s0" / "results.json").read_text()) == (
+        restored)
     with pytest.raises(SystemExit):
         sweep.main([*args[:-1], str(tmp_path / "nowhere.json")])
 
