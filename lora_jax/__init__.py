@@ -1,9 +1,12 @@
 """lora_jax: pure-functional LoRA fine-tuning of frozen Flax encoders."""
 
+from lora_jax.compilation_cache import enable_default_cache
 from lora_jax.host_malloc import keep_heap_memory
 from lora_jax.xla_flags import apply_default_flags
 
 apply_default_flags()  # before any JAX backend exists; see lora_jax/xla_flags.py
+# compiled programs kept on disk for later runs; see lora_jax/compilation_cache.py
+COMPILATION_CACHE = enable_default_cache()
 # XLA:CPU's per-step buffers reused, not remapped; see lora_jax/host_malloc.py
 MALLOC_KEEPS_HEAP = keep_heap_memory()
 

@@ -249,6 +249,11 @@ def test_benchmark_run_smoke_writes_json_and_table(minilm_l3, tmp_path):
     e2e = benches["attens_end_to_end"]
     assert e2e["max_feature_difference"] < 1e-3
     assert e2e["seconds"]["ours"] > 0 and e2e["seconds"]["authors_structure"] > 0
+    first, later = e2e["comparisons"]  # a first run and a later one, against one PyTorch run
+    assert "first run" in first["what"] and "persistent cache" in later["what"]
+    assert first["ours"] == pytest.approx(3600 / e2e["seconds"]["ours"])
+    assert later["ours"] == pytest.approx(3600 / e2e["seconds"]["ours_repeat"])
+    assert first["peer"] == later["peer"]
     # both sides start from one combiner; the paired counts fit the accuracies
     assert e2e["start_logit_difference"] < 1e-4
     paired, acc = e2e["validation_paired"], e2e["validation_accuracy"]
