@@ -109,6 +109,22 @@ RULES: dict[str, Rule] = {
 }
 
 
+def selection_within_budget(config) -> str | None:
+    """A selection slice given as a row count must leave rows of a few-shot budget to train on
+    (checked here, before any run reads its data)."""
+    budget = config.get("train_budget", 0)
+    selection = config.get("selection_size", 0)
+    if budget and selection >= 1 and selection >= budget:
+        return (f"config selection_size={selection:g} holds out at least all "
+                f"train_budget={budget} rows, leaving none to train on; fix "
+                "--config.selection_size (a fraction such as 0.25, or fewer rows)")
+    return None
+
+
+# checks across keys: config -> the problem, or None
+CROSS_RULES = [selection_within_budget]
+
+
 def register_rules(rules: dict[str, Rule]) -> None:
     """Add the rules of an extension's own config keys (dotted paths)."""
     RULES.update(rules)
@@ -133,3 +149,7 @@ def validate_config(config, rules: dict[str, Rule] | None = None) -> None:
         problem = rule(value)
         if problem:
             raise UserError(f"config {key}={value!r} {problem}; fix --config.{key}")
+    for check in CROSS_RULES if rules is None else ():
+        problem = check(config)
+        if problem:
+            raise UserError(problem)

@@ -53,3 +53,14 @@ def test_override_helper_still_typesafe():
     _, config = load_config(str(ROOT / "configs" / "ft_lora.py"))
     with pytest.raises(TypeError):
         override(config, batch_size="big")
+
+
+def test_a_selection_count_that_eats_the_few_shot_budget_is_refused_before_any_data():
+    _, config = load_config(str(ROOT / "configs" / "ft_lora.py"))
+    override(config, train_budget=16, selection_size=1000)
+    with pytest.raises(UserError, match=r"selection_size=1000 holds out at least all "
+                                        r"train_budget=16 rows"):
+        validate_config(config)
+    for selection in (0.25, 12, 0):  # a fraction, a smaller count, none
+        override(config, selection_size=selection)
+        validate_config(config)
