@@ -21,26 +21,27 @@ N(0, 0.02^2) so that every module differs from the base) on the given encoder, w
               row's features once, then `--epochs` combiner epochs on them, selecting on the
               held-out slice of train, checkpoints, results) against the authors' structure in
               PyTorch + PEFT: per step, k + 1 encoder passes (each PEFT adapter, then the base
-              with adapters disabled; no gradient) and the combiner (`torch.nn.MultiheadAttention`,
-              batch_first) for every batch of every epoch, rows padded to max_length as their
-              tokenizer call does (their token mean counts padding, ../shared/DESIGN.md), the
-              selection slice evaluated every epoch, the best epoch's combiner evaluated on
-              validation. Ours twice, with a compilation cache of its own that starts empty:
-              a first run (every program compiled and written to it) and a later run (the
-              programs loaded from it, the features computed again), which must reach the
-              first run's metrics. Same rows (`lora_jax.data.load_examples`), same adapters
-              (exported with `lora_jax.peft_io.export_peft`, features checked equal), same
-              batch sizes, same optimiser (AdamW, constant lr 1e-3, no weight decay, no clipping), same seed:
+              with adapters disabled; no gradient) and the combiner
+              (`torch.nn.MultiheadAttention`, batch_first) for every batch of every epoch,
+              rows padded to max_length as their tokenizer call does (their token mean counts
+              padding, ../shared/DESIGN.md), the selection slice evaluated every epoch, the
+              best epoch's combiner evaluated on validation. Ours twice, with a compilation
+              cache of its own that starts empty: a first run (every program compiled and
+              written to it) and a later run (the programs loaded from it, the features
+              computed again), which must reach the first run's metrics. Same rows
+              (`lora_jax.data.load_examples`), same adapters (exported with
+              `lora_jax.peft_io.export_peft`, features checked equal), same batch sizes, same
+              optimiser (AdamW, constant lr 1e-3, no weight decay, no clipping), same seed:
               the torch combiner starts from our run's initial weights (checked to give our
               logits, 1e-4) and sees our run's batches in our order (`train_order`); only the
               dropout masks differ. Wall time of each run (ours first, JAX compilation
               included), and both validation accuracies (the masked token mean on both sides,
               so padding changes only their cost) with a paired comparison of the two
-              combiners' validation predictions (our best combiner restored from its checkpoint,
-              `ensemble.inference.attens_run`): the rows each gets right alone and McNemar's
-              exact test, p >= 0.05 reading as equal accuracy. No roofline: the two sides do
-              different amounts of encoder work (that is the point), so a FLOP rate would not
-              compare them.
+              combiners' validation predictions (our best combiner restored from its
+              checkpoint, `ensemble.inference.attens_run`): the rows each gets right alone and
+              McNemar's exact test, p >= 0.05 reading as equal accuracy. No roofline: the two
+              sides do different amounts of encoder work (that is the point), so a FLOP rate
+              would not compare them.
 """
 
 from __future__ import annotations
