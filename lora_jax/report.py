@@ -85,7 +85,8 @@ def score_table(results: Sequence[dict], rows: Sequence[str], tasks: Sequence[st
     names = {**ROW_NAMES, **(row_names or {})}
     cells = cell_scores(results)
     metric = {r["task"]: r["main_metric"] for r in results}
-    lines = ["| | " + " | ".join(f"{t} ({metric.get(t, '')})" for t in tasks) + " | average |",
+    lines = ["| | " + " | ".join(f"{t} ({metric[t]})" if t in metric else t for t in tasks)
+             + " | average |",
              "|---" * (len(tasks) + 2) + "|"]
     for row in rows:
         out, means = [], []

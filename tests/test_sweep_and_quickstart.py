@@ -53,6 +53,11 @@ def test_markdown_table_mean_std_and_average():
     assert "| FT_LoRA | 70.0 ± 14.1 | 50.0 ± 0.0 | 60.0 |" in table  # sample std (n - 1)
     assert "mean ± sample std" in table
     assert "Command: `cmd`" in table and "Machine: cpu" in table
+    from lora_jax.report import score_table
+
+    # a task without a finished cell yet: its name, no empty metric brackets
+    assert score_table(results, ["ft_lora"], ["a", "c"]).splitlines()[0] == (
+        "| | a (accuracy) | c | average |")
 
 
 def test_a_narrowed_sweep_tables_only_the_cells_it_was_asked_for(tmp_path, monkeypatch):
