@@ -76,10 +76,15 @@ def enable_default_cache(environ=os.environ) -> str:
         return folder
     if jax.config.jax_compilation_cache_dir is not None:
         return ""
+    _configure(jax, folder)
+    return folder
+
+
+def _configure(jax, folder: str) -> None:
+    """Point ``jax.config`` at `folder` with the library's `SETTINGS`."""
     jax.config.update("jax_compilation_cache_dir", folder)
     for name, value in SETTINGS.items():
         jax.config.update(name, value)
-    return folder
 
 
 @contextmanager
@@ -91,9 +96,7 @@ def cache_at(folder: str):
 
     before = {name: getattr(jax.config, name) for name in ("jax_compilation_cache_dir",
                                                            *SETTINGS)}
-    jax.config.update("jax_compilation_cache_dir", folder)
-    for name, value in SETTINGS.items():
-        jax.config.update(name, value)
+    _configure(jax, folder)
     compilation_cache.reset_cache()
     try:
         yield folder
