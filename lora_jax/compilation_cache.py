@@ -18,7 +18,8 @@ programs that compile in under half a second are not written (writing costs abou
 and the folder is capped at 1 GiB, least recently used entries evicted first (the cap also
 turns on JAX's file lock, which keeps concurrent writers apart). A user's own
 ``JAX_COMPILATION_CACHE_DIR`` (or a cache set with ``jax.config`` before lora_jax is imported)
-is left as it is.
+is left as it is, and so is each of these settings the user gives as JAX's environment variable
+(``JAX_COMPILATION_CACHE_MAX_SIZE``, ...), whether jax or lora_jax is imported first.
 """
 
 from __future__ import annotations
@@ -76,15 +77,17 @@ def enable_default_cache(environ=os.environ) -> str:
         return folder
     if jax.config.jax_compilation_cache_dir is not None:
         return ""
-    _configure(jax, folder)
+    _configure(jax, folder, environ)
     return folder
 
 
-def _configure(jax, folder: str) -> None:
-    """Point ``jax.config`` at `folder` with the library's `SETTINGS`."""
+def _configure(jax, folder: str, environ=os.environ) -> None:
+    """Point ``jax.config`` at `folder` with the library's `SETTINGS`, except those the
+    environment sets (JAX read them on import: the user's, as on the path before import)."""
     jax.config.update("jax_compilation_cache_dir", folder)
     for name, value in SETTINGS.items():
-        jax.config.update(name, value)
+        if name.upper() not in environ:
+            jax.config.update(name, value)
 
 
 @contextmanager

@@ -13,6 +13,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("LORA_JAX_SHARED", ROOT.parent / "shared"))
 MINILM_L3 = SHARED / "models" / "paraphrase-MiniLM-L3-v2"
 DATA_DIR = SHARED / "data"
+# lora_jax.compilation_cache.VARIABLE (not imported here: importing lora_jax sets up JAX)
+CACHE_VARIABLE = "LORA_JAX_COMPILATION_CACHE"
 
 
 def pytest_configure(config):
@@ -21,17 +23,14 @@ def pytest_configure(config):
 
     Many tests compile the same small programs (a kill -9 test runs the same training three
     times); compiling each once per run instead of once per process cuts the suite by minutes.
-    The cache key covers the program, the flags and the jax version, so a hit is the same
-    executable. The size cap turns on JAX's file lock, which keeps concurrent writers apart.
-    Programs that compile in under half a second (eager ops, small helpers) are not cached:
-    writing them costs more than compiling them again. The controller deletes the folder at the
-    end of the run.
+    The library's own cache (`lora_jax.compilation_cache`, on at ``import lora_jax``) is pointed
+    at a folder of this run's, with the library's settings, and a cap of 4 GiB instead of 1 (a
+    run writes more than any one user's job; the cap also turns on JAX's file lock, which keeps
+    the concurrent writers apart). The controller deletes the folder at the end of the run.
     """
     run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+    os.environ.setdefault(CACHE_VARIABLE,
                           os.path.join(tempfile.gettempdir(), f"lora_jax_tests_jit_{run_id}"))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
     # PyTorch (the reference side of the parity tests and the benchmark peers) runs one
     # intra-op thread: the suite runs one worker per core, and a pool of one thread per core
@@ -62,7 +61,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_unconfigure(config):
-    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
+    cache = os.environ.get(CACHE_VARIABLE, "")
     if (os.path.basename(cache).startswith("lora_jax_tests_jit_")
             and "PYTEST_XDIST_WORKER" not in os.environ):
         shutil.rmtree(cache, ignore_errors=True)
