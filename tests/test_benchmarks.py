@@ -344,6 +344,59 @@ def test_layer_parts_writes_one_row_per_part(minilm_l3, tmp_path):
     assert [r["what"] for r in result["comparisons"]] == list(result["relative_differences"])
 
 
+def test_decode_parts_time_every_weight_a_decoding_step_reads():
+    """benchmarks.decode_parts: the parts' counts per step are the decoder's kernels by shape (less
+    the cross-attention k and v, computed once per call from the source) plus the LM head; each
+    timed loop asks for exactly `calls` matmuls of its weight (its jaxpr), and each part gives
+    transformers' module's output."""
+    import collections
+
+    import jax
+    from flax import traverse_util
+
+    from benchmarks import decode_parts
+    from benchmarks.t5_generate import random_t5
+
+    tm, cfg, _, variables = random_t5()
+    read = collections.Counter(
+        v.shape for k, v in traverse_util.flatten_dict(variables["params"]).items()
+        if k[-1] == "kernel" and k[0] in ("decoder", "lm_head")
+        and k[-3:-1] not in (("cross_attention", "k"), ("cross_attention", "v")))
+    batch, calls = 3, 4
+    counted = collections.Counter()
+    for name, (fn, args, _, difference) in decode_parts.parts(tm, variables, batch,
+                                                              calls).items():
+        k, n = args[0]["kernel"].shape
+        counted[(k, n)] += decode_parts.per_step(name, cfg.num_decoder_layers)
+        assert _matmul_flops(jax.make_jaxpr(fn)(*args)) == calls * 2 * batch * k * n, name
+        assert difference < 1e-4, (name, difference)
+    assert counted == read
+
+
+@pytest.mark.slow
+def test_decode_parts_writes_one_row_per_part_and_the_step(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.decode_parts", "--batch", "2",
+                           "--source", "4", "--new", "2", "--calls", "2", "--rounds", "2",
+                           "--out-dir", str(tmp_path), "--allow-dirty"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (json_file,) = tmp_path.glob("decode_parts_*.json")
+    result = json.loads(json_file.read_text())
+    table = json_file.with_suffix(".md").read_text()
+    assert result["environment"]["command"].startswith("python -m benchmarks.decode_parts")
+    rows = result["comparisons"]
+    assert [r["what"] for r in rows] == list(result["relative_differences"])
+    for row in rows:
+        assert len(row["ours_rounds"]) == 2 and row["ours"] == np.median(row["ours_rounds"])
+        assert row["ours_us"] == pytest.approx(1e6 / row["ours"], rel=1e-12)
+        assert f"| {row['per_step']} | {row['ours_us']:.1f} | {row['peer_us']:.1f} |" in table
+    for side in ("ours", "peer"):
+        step_ms = sum(r[f"{side}_us"] * r["per_step"] for r in rows) / 1e3
+        assert result["matmul_ms_per_step"][side] == pytest.approx(step_ms, rel=1e-12)
+        assert result["matmul_share_of_step"][side] == pytest.approx(
+            step_ms / result["step"][f"{side}_ms"], rel=1e-12)
+
+
 def test_layer_parts_refuses_a_model_that_is_not_bert(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     proc = subprocess.run([sys.executable, "-m", "benchmarks.layer_parts", "--model",
