@@ -24,7 +24,10 @@ transformers' `generate`, `--new` tokens after a `--source`-token prompt, EOS di
 tokens required) over its new tokens, so the encoder pass is spread over the steps; and each
 side's matmuls per step (every part's time times its count per step) as a share of that.
 Alternating rounds after warm-up, medians; the matmuls' FLOP/s as a fraction of a large GEMM's
-rate measured in the same run (`benchmarks.roofline`). Writes
+rate measured in the same run (`benchmarks.roofline`). A part's weight stays in cache through
+its loop, while a decoding step reads every weight in turn, so one more view from inside the
+step: one of our greedy calls traced with `jax.profiler`, its op time per step by XLA op kind.
+Writes
 results/decode_parts_<machine>.json and .md.
 """
 
@@ -58,6 +61,9 @@ PARTS = {
                         "decoder.block.0.layer.2.DenseReluDense.wo", 1),
     "LM head": (("lm_head",), "lm_head", None),
 }
+
+
+TRACED_OPS_SHOWN = 8  # op kinds of the traced call named in the .md; the others summed
 
 
 def per_step(part: str, decoder_layers: int) -> int:
@@ -127,6 +133,34 @@ def our_single(params: dict, x: np.ndarray):
                                                                       True)
 
 
+def traced_op_seconds(fn) -> dict[str, float]:
+    """Seconds per op kind (XLA's op names less their numeric suffix: "ynn_fusion", "dot",
+    "subtract_exponential_fusion", ...) in one call of `fn` traced with `jax.profiler`, summed
+    over the threads that ran them (XLA:CPU runs independent ops side by side, so the sum can
+    exceed the call's wall time). Host-side events (Python, the executor's own) are left out."""
+    import collections
+    import glob
+    import re
+    import tempfile
+
+    import jax
+
+    seconds = collections.Counter()
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            fn()
+        (path,) = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
+        for plane in jax.profiler.ProfileData.from_file(path).planes:
+            for line in plane.lines:
+                if "python" in line.name.lower():
+                    continue
+                for event in line.events:
+                    if event.name.startswith(("ThunkExecutor", "end:", "Threadpool", "Slinky")):
+                        continue
+                    seconds[re.sub(r"\.\d+$", "", event.name)] += event.duration_ns / 1e9
+    return dict(seconds.most_common())
+
+
 def measure(batch: int, source: int, new: int, calls: int, rounds: int,
             gemm_size: int = 2048) -> dict:
     """The profile's record: one comparison row per part (matmuls/s; microseconds per matmul
@@ -180,6 +214,7 @@ def measure(batch: int, source: int, new: int, calls: int, rounds: int,
         row.update(weight_shape=[k, n], per_step=per_step(part, cfg.num_decoder_layers),
                    ours_us=1e6 / row["ours"], peer_us=1e6 / row["peer"])
         rows.append(row)
+    ops = traced_op_seconds(ours_step)
     step = comparison("greedy step", "steps/s", new, seconds["ours/step"], seconds["peer/step"],
                       ours_label="make_generate, KV cache", peer_label="transformers generate")
     step["ours_ms"], step["peer_ms"] = 1e3 / step["ours"], 1e3 / step["peer"]
@@ -189,6 +224,7 @@ def measure(batch: int, source: int, new: int, calls: int, rounds: int,
             "new_tokens": new, "calls": calls, "rounds": rounds,
             "relative_differences": differences, "comparisons": rows, "step": step,
             "matmul_ms_per_step": matmul_ms,
+            "our_op_ms_per_step": {name: 1e3 * t / new for name, t in ops.items()},
             "matmul_share_of_step": {side: matmul_ms[side] / step[f"{side}_ms"]
                                      for side in ("ours", "peer")},
             "gemm_size": gemm_size, **gemm_fields(gemm)}
@@ -224,7 +260,19 @@ def markdown(result: dict) -> str:
               f"{step['peer_ms']:.2f} | {ratio_text(step['ratio'])} |", "",
               f"The matmuls take {100 * share['ours']:.0f}% of our step and "
               f"{100 * share['peer']:.0f}% of the peer's (the rest: attention over the cache, "
-              "norms, sampling, dispatch; for the peer also Python). A "
+              "norms, sampling, dispatch; for the peer also Python).", "",
+              "Our greedy call traced (`jax.profiler`), op time per step summed over the "
+              "threads that ran the ops (independent ops run side by side, so the sum can "
+              "exceed the step); on XLA:CPU `ynn_fusion` is a dot run by YNNPACK (lone dots on "
+              "Intel CPUs, `lora_jax.xla_flags`) and `dot` one run by Eigen:", "",
+              "| op kind | thread-ms per step | share |", "|---|---|---|"]
+    ops = result["our_op_ms_per_step"]
+    total = sum(ops.values())
+    shown = list(ops.items())[:TRACED_OPS_SHOWN]
+    rest = total - sum(op_ms for _, op_ms in shown)
+    for name, op_ms in [*shown, *([("all other ops", rest)] if len(ops) > len(shown) else [])]:
+        lines.append(f"| {name} | {op_ms:.3f} | {100 * op_ms / total:.0f}% |")
+    lines += ["", "A "
               f"{result['gemm_size']}-square float32 GEMM, before and after the rounds, in "
               "GFLOP/s: " + "; ".join(", ".join(f"{lib} {rate:.0f}" for lib, rate in r.items())
                                      for r in result["gemm_gflops_measured"]) + ".", ""]

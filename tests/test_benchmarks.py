@@ -390,6 +390,10 @@ def test_decode_parts_writes_one_row_per_part_and_the_step(tmp_path):
         assert len(row["ours_rounds"]) == 2 and row["ours"] == np.median(row["ours_rounds"])
         assert row["ours_us"] == pytest.approx(1e6 / row["ours"], rel=1e-12)
         assert f"| {row['per_step']} | {row['ours_us']:.1f} | {row['peer_us']:.1f} |" in table
+    ops = result["our_op_ms_per_step"]
+    assert ops and min(ops.values()) >= 0 and sum(ops.values()) > 0
+    name, op_ms = next(iter(ops.items()))  # the largest
+    assert op_ms == max(ops.values()) and f"| {name} | {op_ms:.3f} |" in table
     for side in ("ours", "peer"):
         step_ms = sum(r[f"{side}_us"] * r["per_step"] for r in rows) / 1e3
         assert result["matmul_ms_per_step"][side] == pytest.approx(step_ms, rel=1e-12)
