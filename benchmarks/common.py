@@ -94,6 +94,22 @@ def emit(result: dict, path: str) -> None:
             f.write("\n")
 
 
+def checked_code_state(out_dir: str, prefix: str, allow_dirty: bool) -> dict:
+    """Before any measuring: one error line (exit 2) for an --out-dir that is a file, or for
+    code with uncommitted changes unless `allow_dirty` (`lora_jax.results.code_state`); else
+    the code state the record keeps."""
+    from lora_jax.cli import fail
+    from lora_jax.errors import UserError
+    from lora_jax.results import code_state
+
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f"--out-dir {out_dir!r} is a file, not a folder")
+    try:
+        return code_state(os.path.join(out_dir, f"{prefix}.json"), allow_dirty)
+    except UserError as e:
+        fail(str(e))
+
+
 def write_result_files(out_dir: str, prefix: str, result: dict, markdown: str) -> None:
     """Writes `result` to <out_dir>/<prefix>_<machine>.json (and prints it as one JSON line) and
     its `markdown` table beside it as .md; says on stderr which files it wrote."""

@@ -40,15 +40,15 @@ import numpy as np
 
 from benchmarks.common import (
     alternating_rounds,
+    checked_code_state,
     comparison,
     environment,
     require_positive,
     write_result_files,
 )
 from benchmarks.roofline import best_gemm_rate, gemm_fields, gemm_rates
-from lora_jax.cli import ArgumentParser, fail
-from lora_jax.errors import UserError
-from lora_jax.results import add_allow_dirty, code_state
+from lora_jax.cli import ArgumentParser
+from lora_jax.results import add_allow_dirty
 
 # part -> (our parameter path under decoder/blocks_0 or the top level, the transformers
 # module's attribute path, times per decoder layer, or None: once per step)
@@ -290,12 +290,7 @@ def main() -> int:
     add_allow_dirty(p)
     a = p.parse_args()
     require_positive(a, "batch", "source", "new", "calls", "rounds")
-    if os.path.exists(a.out_dir) and not os.path.isdir(a.out_dir):
-        fail(f"--out-dir {a.out_dir!r} is a file, not a folder")
-    try:
-        code = code_state(os.path.join(a.out_dir, "decode_parts.json"), a.allow_dirty)
-    except UserError as e:
-        fail(str(e))
+    code = checked_code_state(a.out_dir, "decode_parts", a.allow_dirty)
     result = {**measure(a.batch, a.source, a.new, a.calls, a.rounds),
               "environment": {**environment(), **code}}
     write_result_files(a.out_dir, "decode_parts", result, markdown(result))

@@ -39,6 +39,7 @@ import numpy as np
 
 from benchmarks.common import (
     alternating_rounds,
+    checked_code_state,
     comparison,
     environment,
     require_positive,
@@ -47,7 +48,7 @@ from benchmarks.common import (
 from benchmarks.roofline import best_gemm_rate, gemm_fields, gemm_rates
 from lora_jax.cli import ArgumentParser, fail
 from lora_jax.errors import UserError
-from lora_jax.results import add_allow_dirty, code_state
+from lora_jax.results import add_allow_dirty
 
 PARTS = ("projections", "attention", "feed_forward", "layer_norms", "layer")
 
@@ -276,12 +277,7 @@ def main() -> int:
     if model_type != "bert":
         fail(f"--model {a.model!r} is not a BERT-architecture model; the profile compares with "
              "transformers' BertLayer")
-    if os.path.exists(a.out_dir) and not os.path.isdir(a.out_dir):
-        fail(f"--out-dir {a.out_dir!r} is a file, not a folder")
-    try:
-        code = code_state(os.path.join(a.out_dir, "layer_parts.json"), a.allow_dirty)
-    except UserError as e:
-        fail(str(e))
+    code = checked_code_state(a.out_dir, "layer_parts", a.allow_dirty)
     result = {**measure(a.model, a.batch, a.length, a.calls, a.rounds),
               "environment": {**environment(), **code}}
     write_result_files(a.out_dir, "layer_parts", result, markdown(result))

@@ -40,10 +40,9 @@ import tempfile
 import time
 
 from benchmarks import attens, routing, t5_generate, t5_train, train_throughput
-from benchmarks.common import environment, write_result_files
+from benchmarks.common import checked_code_state, environment, write_result_files
 from lora_jax.cli import ArgumentParser, fail
-from lora_jax.errors import UserError
-from lora_jax.results import add_allow_dirty, code_state
+from lora_jax.results import add_allow_dirty
 
 # train (steps per round, rounds, shapes); t5 train (batch, source, target, steps);
 # t5 generation (batch, source, new, rounds): a round is one call per side (0.25-2 s on 2 cores)
@@ -191,12 +190,8 @@ def main() -> int:
     a = p.parse_args()
     if a.model != "random-bert-base" and not os.path.isdir(a.model):
         fail(f"model folder {a.model!r} does not exist; pass --model (or random-bert-base)")
-    if os.path.exists(a.out_dir) and not os.path.isdir(a.out_dir):
-        fail(f"--out-dir {a.out_dir!r} is a file, not a folder")
-    try:  # before the benchmarks, not after 20 minutes of them
-        code = code_state(os.path.join(a.out_dir, "bench.json"), a.allow_dirty)
-    except UserError as e:
-        fail(str(e))
+    # before the benchmarks, not after 20 minutes of them
+    code = checked_code_state(a.out_dir, "bench", a.allow_dirty)
     full_fp32_matmuls()
     scale = SCALES["smoke" if a.smoke else "quick" if a.quick else "full"]
     steps, rounds, gemm = scale["steps"], scale["rounds"], scale["gemm"]

@@ -401,6 +401,20 @@ def test_decode_parts_writes_one_row_per_part_and_the_step(tmp_path):
             step_ms / result["step"][f"{side}_ms"], rel=1e-12)
 
 
+@pytest.mark.parametrize("command", [["benchmarks.decode_parts"],
+                                     ["benchmarks.run", "--model", "random-bert-base"]])
+def test_benchmark_records_refuse_an_out_dir_that_is_a_file(tmp_path, command):
+    """`benchmarks.common.checked_code_state`, the check each record-writing script makes
+    before measuring: one error line, exit 2, nothing measured or written."""
+    out = tmp_path / "taken"
+    out.write_text("")
+    proc = subprocess.run([sys.executable, "-m", *command, "--out-dir", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == f"error: --out-dir {str(out)!r} is a file, not a folder"
+    assert proc.stdout == "" and sorted(tmp_path.iterdir()) == [out]
+
+
 def test_layer_parts_refuses_a_model_that_is_not_bert(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     proc = subprocess.run([sys.executable, "-m", "benchmarks.layer_parts", "--model",
