@@ -338,7 +338,8 @@ class RoutedClassifier:
             return batch
 
         out = map_batches(lambda b: fn(self.encoder_params, b), len(enc), enc.lengths,
-                          self.batch_size, batch_of, desc="predict", progress=progress)
+                          self.batch_size, batch_of, desc="predict", progress=progress,
+                          shrink_short=True)  # each row its own encoder pass
         return [row[: self.adapters[i].task.num_labels] for row, i in zip(out, index,
                                                                            strict=True)]
 

@@ -430,6 +430,24 @@ def steps_per_epoch(num_rows: int, batch_size: int) -> int:
     return -(-num_rows // batch_size)
 
 
+SMALLEST_SHORT_BATCH = 8
+
+
+def short_batch_rows(n: int, batch_size: int, unit: int = 1,
+                     smallest: int = SMALLEST_SHORT_BATCH) -> int:
+    """Rows to pad a batch of n <= batch_size examples to: the smallest of batch_size,
+    batch_size / 2, batch_size / 4, ... that holds n, is at least `smallest` and a multiple of
+    `unit` (the devices the batch is split over). A few-shot selection slice of 4 rows then
+    runs as 8 rows instead of a whole eval batch of 128, and jit sees at most
+    log2(batch_size / smallest) + 1 batch sizes."""
+    if n > batch_size:
+        raise ValueError(f"a batch of {n} rows does not fit batch_size {batch_size}")
+    size = batch_size
+    while size % 2 == 0 and size // 2 >= max(n, smallest) and (size // 2) % unit == 0:
+        size //= 2
+    return size
+
+
 def eval_order(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Index batches sorted by length (least padding); predictions are scattered back by index."""
     perm = np.argsort(lengths, kind="stable")

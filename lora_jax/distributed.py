@@ -170,16 +170,20 @@ def local_rows(x, rows: tuple[int, int] | None) -> np.ndarray:
 
 def map_batches(fn, num_rows: int, lengths: np.ndarray, batch_size: int, batch_of, *,
                 put=lambda b: b, rows: np.ndarray | None = None,
-                share: BatchShare | None = None, desc: str = "", progress: bool = False):
+                share: BatchShare | None = None, desc: str = "", progress: bool = False,
+                shrink_short: bool = False):
     """``fn(batch)`` over `rows` (default all) of a split, outputs gathered back in row order.
 
     Global batches come from `lora_jax.data.eval_order` over `rows` (length-sorted: least
     padding), whatever the number of processes. This process builds its part of each with
     ``batch_of(idx, part_size, step_rows)`` (a host batch of `part_size` rows for indices
     `idx`, padded for all of `step_rows`), `put` makes the parts one global batch, and `fn`
-    returns a pytree of (batch_size, ...) arrays split over the batch axis like its input (or
-    host arrays). Returns the same pytree of numpy arrays with leading axis len(rows),
-    identical on every process.
+    returns a pytree of (B, ...) arrays split over the batch axis like its input (or host
+    arrays). B is `batch_size`; with `shrink_short`, a short batch (the last one, or a split
+    smaller than a batch) is padded only to `lora_jax.data.short_batch_rows` of its rows: for
+    an `fn` whose rows do not see each other (its outputs for a row are the same whatever the
+    padding), compiled once more per such size. Returns the same pytree of numpy arrays with
+    leading axis len(rows), identical on every process.
     """
     from tqdm.auto import tqdm
 
@@ -187,13 +191,16 @@ def map_batches(fn, num_rows: int, lengths: np.ndarray, batch_size: int, batch_o
     rows = np.arange(num_rows) if rows is None else np.asarray(rows, np.int64)
     position = np.zeros(num_rows, np.int64)
     position[rows] = np.arange(len(rows))
-    part_size = share.part_size(batch_size)
+    share.part_size(batch_size)  # splits evenly, or one error line
+    devices = jax.device_count()  # a multiple of the devices the batch axis is split over
     out, treedef, filled = None, None, []
     for order in tqdm(data_lib.eval_order(lengths[rows], batch_size), desc=desc, leave=False,
                       disable=not (progress and is_main_process())):
         step_rows = rows[order]
-        mine = share.part(step_rows, batch_size)
-        batch = put(batch_of(mine, part_size, step_rows))
+        size = (data_lib.short_batch_rows(len(step_rows), batch_size, devices)
+                if shrink_short else batch_size)
+        mine = share.part(step_rows, size)
+        batch = put(batch_of(mine, share.part_size(size), step_rows))
         rows_here = process_row_range(jax.tree_util.tree_leaves(batch)[0])
         leaves, treedef = jax.tree_util.tree_flatten(fn(batch))
         leaves = [local_rows(x, rows_here) for x in leaves]
@@ -211,9 +218,10 @@ def map_batches(fn, num_rows: int, lengths: np.ndarray, batch_size: int, batch_o
 def map_encoded(fn, enc: data_lib.Encoded, batch_size: int, buckets, pad_id: int, *,
                 put=lambda b: b, rows: np.ndarray | None = None,
                 share: BatchShare | None = None, desc: str = "", progress: bool = False):
-    """`map_batches` over a tokenized split, batches from `lora_jax.data.make_batch`."""
+    """`map_batches` over a tokenized split, batches from `lora_jax.data.make_batch`, short
+    batches shrunk (`shrink_short`): `fn` is a per-row encoder pass."""
     return map_batches(
         fn, len(enc), enc.lengths, batch_size,
         lambda idx, size, step_rows: data_lib.make_batch(enc, idx, size, buckets, pad_id,
                                                          step_rows),
-        put=put, rows=rows, share=share, desc=desc, progress=progress)
+        put=put, rows=rows, share=share, desc=desc, progress=progress, shrink_short=True)

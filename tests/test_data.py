@@ -172,6 +172,50 @@ def test_batches_use_bounded_shapes():
     assert data.make_batch(enc, np.array([4]), 4, buckets, 0)["input_ids"].shape == (4, 64)
 
 
+@pytest.mark.parametrize("n, batch, unit, rows", [
+    (4, 128, 1, 8), (9, 128, 1, 16), (24, 128, 1, 32), (65, 128, 1, 128), (128, 128, 1, 128),
+    (1, 6, 1, 6),  # 3 would be below the smallest short batch
+    (4, 96, 3, 12),  # 96, 48, 24, 12 all split over 3 devices; 6 is below 8
+    (4, 40, 4, 20),  # 10 rows would not split over 4 devices
+    (1, 7, 1, 7)])  # an odd batch size is never halved
+def test_a_short_batch_is_padded_to_the_fewest_rows_that_hold_it(n, batch, unit, rows):
+    assert data.short_batch_rows(n, batch, unit) == rows
+
+
+def test_a_batch_larger_than_the_batch_size_is_refused():
+    with pytest.raises(ValueError, match="a batch of 9 rows does not fit batch_size 8"):
+        data.short_batch_rows(9, 8)
+
+
+def test_map_encoded_runs_short_batches_shrunk_with_the_outputs_of_full_ones():
+    """The last batch of a split (5 of 133 rows) and a 4-row split run as 8-row batches, and
+    every row gets the output it gets in a full batch of padding."""
+    from lora_jax import distributed
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 30, 133)
+    enc = data.Encoded([rng.integers(1, 999, m).astype(np.int32) for m in lengths],
+                       [np.zeros(m, np.int32) for m in lengths], rng.integers(0, 3, 133))
+    seen = []
+
+    def per_row(batch):  # each row's output depends on that row only
+        seen.append(batch["input_ids"].shape[0])
+        return (batch["input_ids"] * batch["attention_mask"]).sum(1) + batch["labels"]
+
+    def full(rows=None):
+        return distributed.map_batches(
+            per_row, len(enc), enc.lengths, 128,
+            lambda idx, size, step_rows: data.make_batch(enc, idx, size, (8, 16, 32), 0,
+                                                         step_rows), rows=rows)
+
+    for rows, shapes in ((None, [128, 8]), (np.array([3, 70, 5, 131]), [8])):
+        seen.clear()
+        shrunk = distributed.map_encoded(per_row, enc, 128, (8, 16, 32), 0, rows=rows)
+        assert seen == shapes
+        np.testing.assert_array_equal(shrunk, full(rows))
+        assert set(seen[len(shapes):]) == {128}  # the reference padded every batch to 128
+
+
 def test_train_order_is_a_seeded_permutation():
     lengths = np.random.default_rng(0).integers(1, 60, 1000)
     a = data.train_order(lengths, 32, seed=0, epoch=0)
