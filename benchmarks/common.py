@@ -110,6 +110,16 @@ def checked_code_state(out_dir: str, prefix: str, allow_dirty: bool) -> dict:
         fail(str(e))
 
 
+def measure_and_write(out_dir: str, prefix: str, allow_dirty: bool, measure: Callable[[], dict],
+                      markdown: Callable[[dict], str]) -> int:
+    """A profile script's record: `checked_code_state` first, then ``measure()`` with the
+    environment it ran in, written by `write_result_files`; returns 0 (the exit status)."""
+    code = checked_code_state(out_dir, prefix, allow_dirty)
+    result = {**measure(), "environment": {**environment(), **code}}
+    write_result_files(out_dir, prefix, result, markdown(result))
+    return 0
+
+
 def write_result_files(out_dir: str, prefix: str, result: dict, markdown: str) -> None:
     """Writes `result` to <out_dir>/<prefix>_<machine>.json (and prints it as one JSON line) and
     its `markdown` table beside it as .md; says on stderr which files it wrote."""

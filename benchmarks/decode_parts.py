@@ -40,11 +40,9 @@ import numpy as np
 
 from benchmarks.common import (
     alternating_rounds,
-    checked_code_state,
     comparison,
-    environment,
+    measure_and_write,
     require_positive,
-    write_result_files,
 )
 from benchmarks.roofline import best_gemm_rate, gemm_fields, gemm_rates
 from lora_jax.cli import ArgumentParser
@@ -290,11 +288,8 @@ def main() -> int:
     add_allow_dirty(p)
     a = p.parse_args()
     require_positive(a, "batch", "source", "new", "calls", "rounds")
-    code = checked_code_state(a.out_dir, "decode_parts", a.allow_dirty)
-    result = {**measure(a.batch, a.source, a.new, a.calls, a.rounds),
-              "environment": {**environment(), **code}}
-    write_result_files(a.out_dir, "decode_parts", result, markdown(result))
-    return 0
+    return measure_and_write(a.out_dir, "decode_parts", a.allow_dirty,
+                             lambda: measure(a.batch, a.source, a.new, a.calls, a.rounds), markdown)
 
 
 if __name__ == "__main__":

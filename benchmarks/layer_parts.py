@@ -39,11 +39,9 @@ import numpy as np
 
 from benchmarks.common import (
     alternating_rounds,
-    checked_code_state,
     comparison,
-    environment,
+    measure_and_write,
     require_positive,
-    write_result_files,
 )
 from benchmarks.roofline import best_gemm_rate, gemm_fields, gemm_rates
 from lora_jax.cli import ArgumentParser, fail
@@ -277,11 +275,8 @@ def main() -> int:
     if model_type != "bert":
         fail(f"--model {a.model!r} is not a BERT-architecture model; the profile compares with "
              "transformers' BertLayer")
-    code = checked_code_state(a.out_dir, "layer_parts", a.allow_dirty)
-    result = {**measure(a.model, a.batch, a.length, a.calls, a.rounds),
-              "environment": {**environment(), **code}}
-    write_result_files(a.out_dir, "layer_parts", result, markdown(result))
-    return 0
+    return measure_and_write(a.out_dir, "layer_parts", a.allow_dirty,
+                             lambda: measure(a.model, a.batch, a.length, a.calls, a.rounds), markdown)
 
 
 if __name__ == "__main__":
