@@ -369,6 +369,10 @@ def test_decode_parts_time_every_weight_a_decoding_step_reads():
         k, n = args[0]["kernel"].shape
         counted[(k, n)] += decode_parts.per_step(name, cfg.num_decoder_layers)
         assert _matmul_flops(jax.make_jaxpr(fn)(*args)) == calls * 2 * batch * k * n, name
+        # and XLA keeps the whole product (the loop reads one column of it)
+        compiled = fn.lower(*args).compile().as_text()
+        assert any(f"f32[{batch},{n}]" in line and ("dot(" in line or "fusion(" in line)
+                   for line in compiled.splitlines()), name
         assert difference < 1e-4, (name, difference)
     assert counted == read
 
