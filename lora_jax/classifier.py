@@ -225,7 +225,7 @@ def experiment(setup: Setup) -> trainer.Experiment:
         selection_split="selection" if "selection" in setup.splits else task.eval_splits[0],
         sizes=sizes, sources=setup.sources, protocol=selection_protocol(sizes, task.eval_splits),
         meta={"task": task.name, "experiment": cfg.experiment, "model": cfg.model,
-              "config": cfg.to_dict()}, share=setup.share)
+              "config": cfg.to_dict()}, share=setup.share, rows_independent=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

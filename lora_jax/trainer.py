@@ -177,10 +177,27 @@ def num_train_steps(num_examples: int, cfg) -> int:
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
+# A short training batch is shrunk only in epochs of at most this many batches (few-shot
+# splits), where it is a large share of the steps; in a longer epoch its padding rows cost less
+# than compiling the train step once more for its size.
+SHRINK_MAX_STEPS_PER_EPOCH = 4
+
+
+def train_batch_rows(rows: int, batch_size: int, steps_per_epoch: int,
+                     shrink_short: bool) -> int:
+    """Rows a training batch of `rows` real rows is padded to: `batch_size`, or, with
+    `shrink_short` and an epoch of at most `SHRINK_MAX_STEPS_PER_EPOCH` batches, the fewest of
+    `lora_jax.data.short_batch_rows` (a multiple of the device count)."""
+    if not shrink_short or steps_per_epoch > SHRINK_MAX_STEPS_PER_EPOCH:
+        return batch_size
+    return data_lib.short_batch_rows(rows, batch_size, jax.device_count())
+
+
 def train_loop(cfg, lengths: np.ndarray, workdir: str, place: Placement, trainable, frozen,
                writer: MetricWriter, *, loss_fn: LossFn, batch_of: Callable,
                select: Callable, selection_name: str, main_metric: str, desc: str,
-               meta: dict, share: BatchShare | None = None) -> tuple[Best, dict]:
+               meta: dict, share: BatchShare | None = None,
+               shrink_short: bool = False) -> tuple[Best, dict]:
     """The training loop every experiment shares.
 
     Selection every `cfg.eval_every_steps` (0: once per epoch) and at the last step; early
@@ -195,6 +212,9 @@ def train_loop(cfg, lengths: np.ndarray, workdir: str, place: Placement, trainab
         axis part_size) of the rows `idx`, padded for all of `step_rows` (the global batch).
       share: the rows of each global batch this process feeds (`lora_jax.distributed`);
         default all of them.
+      shrink_short: short batches of a few-shot split are padded only to
+        `lora_jax.data.short_batch_rows` of their rows (`train_batch_rows`), for a `loss_fn`
+        whose real rows do not see the padding rows (`Experiment.rows_independent`).
       select: trainable -> {metric: score} on the selection split.
     Returns:
       (best, stats): stats has "seconds" and "examples" of pure training in this process,
@@ -228,15 +248,19 @@ def train_loop(cfg, lengths: np.ndarray, workdir: str, place: Placement, trainab
     progress = TrainProgress(writer, total_steps, step, desc, cfg.log_every_steps,
                              per_epoch, cfg.progress and is_main_process())
     stream = () if stopped_early else train_stream(lengths, cfg, step, total_steps)
-    part_size = share.part_size(cfg.batch_size)
+    share.part_size(cfg.batch_size)  # splits evenly, or one error line
     for at, step_rows in stream:
-        batch = place.put_batch(batch_of(share.part(step_rows, cfg.batch_size), part_size,
+        size = train_batch_rows(len(step_rows), cfg.batch_size, per_epoch, shrink_short)
+        batch = place.put_batch(batch_of(share.part(step_rows, size), share.part_size(size),
                                          step_rows))
         trainable, opt_state, m = train_step(trainable, opt_state, at, frozen, batch)
         step = at + 1
         progress.step(step, len(step_rows), m)
+        selecting = step % eval_every == 0 or step == total_steps
+        if selecting:  # the steps still queued are training time, not selection time
+            jax.block_until_ready(trainable)
         t0 = time.perf_counter()
-        if step % eval_every == 0 or step == total_steps:
+        if selecting:
             scores = select(trainable)
             writer.write(step, {f"{selection_name}/{k}": v for k, v in scores.items()})
             if scores[main_metric] > best.score:
@@ -295,6 +319,10 @@ class Experiment:
     desc: str = ""
     extra: Callable | None = None
     share: BatchShare = dataclasses.field(default_factory=BatchShare)  # rows per process
+    # True when a batch's real rows do not see its padding rows (their loss and gradients are
+    # the same however many padding rows follow): short training batches are then shrunk
+    # (`train_loop`'s shrink_short). Not the AttEns combiner, whose batch-axis quirk mixes rows.
+    rows_independent: bool = False
 
 
 def run_experiment(exp: Experiment, workdir: str, wall_start: float) -> dict[str, Any]:
@@ -326,7 +354,8 @@ def run_experiment(exp: Experiment, workdir: str, wall_start: float) -> dict[str
             loss_fn=exp.loss_fn, batch_of=exp.batch_of,
             select=lambda params: exp.evaluate(params, frozen, exp.selection_split, None)[0],
             selection_name=exp.selection_split, main_metric=task.main_metric,
-            desc=exp.desc or f"{exp.name} {task.name}", meta=exp.meta, share=exp.share)
+            desc=exp.desc or f"{exp.name} {task.name}", meta=exp.meta, share=exp.share,
+            shrink_short=exp.rows_independent)
         if stats["interrupted"]:
             writer.close()
             log.info("stopped at step %d of %d as asked (stop_after_steps); continue with "

@@ -54,7 +54,14 @@ DEFAULT_FLAGS = {
 # MiniLM-L3 LoRA train step from 57 to 66-71 examples/s at length 128 and from 126 to 149 at
 # length 64, but the eval forward (a softmax feeding the probabilities x values dot) aborts the
 # process ("partition compile failed", SIGILL) and a lone scaled Q K^T einsum crashed in 1 of 4
-# runs. A flag that can kill a user's run is not a default.
+# runs. A flag that can kill a user's run is not a default. Their lone-dot variant
+# (--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT) runs that
+# attention, but is no faster than YNNPACK's lone dots in float32 (same Xeon, one process each:
+# a 4096 x 384 x 384 GEMM 197 against 242 GFLOP/s; a 16 x 384 x 1536 one 323 against 159 us,
+# oneDNN repacking the weight at every call, ONEDNN_VERBOSE=1). oneDNN picks its AMX kernels
+# there only with ONEDNN_DEFAULT_FPMATH_MODE=BF16 (float32 products from bf16-rounded inputs,
+# 758 GFLOP/s on that GEMM): a precision change the library does not make for its users.
+# bfloat16 arrays do not reach AMX either: XLA:CPU hands oneDNN the dot converted to float32.
 
 
 # Per-program XLA compile options (`jax.jit(..., compiler_options=compile_options(name))`) for a

@@ -225,7 +225,7 @@ def experiment(setup: Setup) -> trainer.Experiment:
         meta={"task": task.name, "variant": cfg.variant, "model": cfg.model,
               "config": cfg.to_dict()},
         desc=f"{cfg.variant} {task.name}", extra=lambda _best: {"variant": cfg.variant},
-        share=setup.share)
+        share=setup.share, rows_independent=True)
 
 
 def train_t5(config, workdir: str) -> dict:

@@ -244,9 +244,9 @@ def logged_metrics(workdir) -> list[dict]:
             for x in lines]
 
 
-def assert_same_run(one, two, atol: float = 0.0) -> None:
+def assert_same_run(one, two, atol: float = 0.0, log_rtol: float = 0.0) -> None:
     """Two finished train.py workdirs selected the same step, report the same metrics, logged
-    the same lines and hold the same trainable trees (within atol)."""
+    the same lines (values within log_rtol) and hold the same trainable trees (within atol)."""
     from lora_jax.checkpoint import restore_trainable
 
     a = json.loads((one / "results.json").read_text())
@@ -254,13 +254,51 @@ def assert_same_run(one, two, atol: float = 0.0) -> None:
     keys = ("metrics", "selection_metrics", "best_step", "last_step", "total_steps")
     assert [a.get(k) for k in keys] == [b.get(k) for k in keys], (
         f"{[a.get(k) for k in keys]} != {[b.get(k) for k in keys]}")
-    assert logged_metrics(one) == logged_metrics(two), "metrics.jsonl lines differ"
+    logs = logged_metrics(one), logged_metrics(two)
+    if log_rtol:
+        assert [sorted(x) for x in logs[0]] == [sorted(x) for x in logs[1]], "logged keys differ"
+        for x, y in zip(*logs, strict=True):
+            np.testing.assert_allclose([x[k] for k in sorted(x)], [y[k] for k in sorted(x)],
+                                       rtol=log_rtol, err_msg=f"metrics.jsonl step {x['step']}")
+    else:
+        assert logs[0] == logs[1], "metrics.jsonl lines differ"
     for which in ("trainable", "best_trainable"):
         x, _ = restore_trainable(str(one), which)
         y, _ = restore_trainable(str(two), which)
         for u, v in zip(jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y), strict=True):
             np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=atol)
 
+
+
+def assert_short_train_batches_shrink(train: Callable, workdir, monkeypatch, batch_module,
+                                      rows: int, shrunk: int, padded: int,
+                                      atol: float = 1e-6) -> None:
+    """``train(workdir)`` on a train split of `rows` rows builds its train batches
+    (``batch_module.make_batch``, whose first two arguments are the split and its indices, the
+    third the batch size) with `shrunk` rows, and selects, scores and ends as the same run with
+    every batch padded to `padded` rows (`lora_jax.data.short_batch_rows` turned off):
+    `assert_same_run` with parameters within `atol` and logged values (losses, gradient norms:
+    sums in another order) within 1e-6 of each other."""
+    import pathlib
+
+    from lora_jax import data as data_lib
+
+    sizes, make_batch = [], batch_module.make_batch
+
+    def recording(split, idx, batch_size, *args, **kw):
+        sizes.append((len(split), batch_size))
+        return make_batch(split, idx, batch_size, *args, **kw)
+
+    monkeypatch.setattr(batch_module, "make_batch", recording)
+    one, two = pathlib.Path(workdir) / "shrunk", pathlib.Path(workdir) / "padded"
+    train(str(one))
+    steps = [size for n, size in sizes if n == rows]
+    assert steps and set(steps) == {shrunk}, steps
+    sizes.clear()
+    monkeypatch.setattr(data_lib, "short_batch_rows", lambda n, batch_size, *a, **k: batch_size)
+    train(str(two))
+    assert [size for n, size in sizes if n == rows] == [padded] * len(steps)
+    assert_same_run(one, two, atol=atol, log_rtol=1e-6)
 
 def assert_two_processes_equal_one(args: list[str], tmp_path, one_args: Sequence[str] = (),
                                    two_args: Callable[[Any], list[str]] | None = None) -> tuple:

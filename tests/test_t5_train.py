@@ -17,7 +17,12 @@ from lora_jax.checkpoint import restore_trainable
 from lora_jax.experiments import load_config
 from t5_hybrid.synthetic import make_keyword_task
 from t5_hybrid.train import train_t5
-from tests.helpers import assert_kill9_resume_is_exact, assert_two_processes_equal_one, override
+from tests.helpers import (
+    assert_kill9_resume_is_exact,
+    assert_short_train_batches_shrink,
+    assert_two_processes_equal_one,
+    override,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "t5_hybrid_cpu.py")
@@ -146,6 +151,20 @@ def test_early_stopping_after_patience_evaluations_without_a_new_best(synth_dir,
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "selection/accuracy" in x] == [2, 4, 6]
 
+
+
+def test_a_short_train_batch_is_shrunk_and_trains_as_the_padded_one(synth_dir, tmp_path,
+                                                                    monkeypatch):
+    """12 train rows in batches of 32 run as 16 rows (prompt + LoRA, dropout on): the same
+    run as with the batches padded to 32."""
+    import t5_hybrid.train
+
+    config = t5_config(synth_dir, max_train_examples=12, selection_size=8, max_eval_examples=8,
+                       num_epochs=3, eval_every_steps=1)
+    assert config.lora.dropout > 0
+    assert_short_train_batches_shrink(lambda workdir: train_t5(config, workdir), tmp_path,
+                                      monkeypatch, t5_hybrid.train, rows=12, shrunk=16,
+                                      padded=32)
 
 def test_stopped_early_survives_a_resume(synth_dir, tmp_path):
     """A run that stopped early and is resumed (e.g. killed before results.json) does not train

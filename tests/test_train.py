@@ -27,7 +27,7 @@ from lora_jax.experiments import load_config
 from lora_jax.metrics import unpack_array
 from lora_jax.sharding import Placement
 from lora_jax.synthetic import make_quickstart_assets
-from tests.helpers import dot_dtypes, override
+from tests.helpers import assert_short_train_batches_shrink, dot_dtypes, override
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "quickstart.py")
@@ -125,6 +125,57 @@ def test_ffn_and_zero_shot_train_only_the_head(assets, tmp_path):
     assert zs["metrics"]["validation"]["accuracy"] < 0.6  # an untrained head on a random BERT
     assert ffn["metrics"]["validation"]["accuracy"] > zs["metrics"]["validation"]["accuracy"]
 
+
+
+def test_a_short_train_batch_is_shrunk_and_trains_as_the_padded_one(assets, tmp_path,
+                                                                    monkeypatch):
+    """A few-shot train split (12 rows, batch_size 32) runs as 16-row batches: the loss and
+    gradients of its real rows do not depend on the padding rows (the weighted mean ignores
+    them; every dropout mask's counter leads with the batch row), so the shrunk run ends as
+    the padded one; LoRA and classifier dropout on."""
+    from lora_jax import data as data_lib
+
+    config = quick_config(assets, max_train_examples=12, selection_size=8, max_eval_examples=40,
+                          num_epochs=3, eval_every_steps=1)
+    assert_short_train_batches_shrink(lambda workdir: train_and_evaluate(config, workdir),
+                                      tmp_path, monkeypatch, data_lib, rows=12, shrunk=16,
+                                      padded=32)
+
+
+
+@pytest.mark.parametrize("rows, steps_per_epoch, shrink, padded_to", [
+    (12, 1, True, 16),   # n16: the whole split in one short batch
+    (16, 2, True, 16),   # n64: a full batch, then this one
+    (3, 4, True, 8),     # never below 8 rows
+    (5, 5, True, 32),    # a long epoch's last batch: not worth one more program
+    (12, 1, False, 32),  # rows that see each other (the AttEns combiner)
+])
+def test_which_training_batches_are_shrunk(rows, steps_per_epoch, shrink, padded_to):
+    from lora_jax.trainer import train_batch_rows
+
+    assert train_batch_rows(rows, 32, steps_per_epoch, shrink) == padded_to
+
+def test_a_selection_starts_after_the_queued_train_steps_have_run(assets, tmp_path,
+                                                                  monkeypatch):
+    """JAX returns from a train step before it has run; the loop waits for the queued steps
+    before it starts the clock of a selection, so that their time counts as training time
+    (``train_seconds``), not as selection time. Every selection here finds the parameters it
+    scores computed already (with the wait left out, they were still being computed)."""
+    from lora_jax import classifier
+
+    evaluate_split = classifier.evaluate
+    ready = []
+
+    def recording(predict, trainable, *args, **kw):
+        ready.append(all(x.is_ready() for x in jax.tree_util.tree_leaves(trainable)))
+        return evaluate_split(predict, trainable, *args, **kw)
+
+    monkeypatch.setattr(classifier, "evaluate", recording)
+    results = train_and_evaluate(quick_config(assets, max_train_examples=128, num_epochs=2,
+                                              eval_every_steps=1, max_eval_examples=16,
+                                              selection_size=8), str(tmp_path))
+    assert results["total_steps"] == 8 and results["train_seconds"] > 0
+    assert len(ready) > 8 and all(ready)  # 8 selections, then the reported splits
 
 # kill -9 then resume of the classifier: tests/test_multiprocess.py (two processes, one killed)
 
