@@ -186,8 +186,9 @@ SHRINK_MAX_STEPS_PER_EPOCH = 4
 def train_batch_rows(rows: int, batch_size: int, steps_per_epoch: int,
                      shrink_short: bool) -> int:
     """Rows a training batch of `rows` real rows is padded to: `batch_size`, or, with
-    `shrink_short` and an epoch of at most `SHRINK_MAX_STEPS_PER_EPOCH` batches, the fewest of
-    `lora_jax.data.short_batch_rows` (a multiple of the device count)."""
+    `shrink_short` and an epoch of at most `SHRINK_MAX_STEPS_PER_EPOCH` batches, the fewest
+    rows that hold them (`lora_jax.data.short_batch_rows`: batch_size / 2**j, at least 8, a
+    multiple of the device count)."""
     if not shrink_short or steps_per_epoch > SHRINK_MAX_STEPS_PER_EPOCH:
         return batch_size
     return data_lib.short_batch_rows(rows, batch_size, jax.device_count())
