@@ -276,12 +276,13 @@ def assert_short_train_batches_shrink(train: Callable, workdir, monkeypatch, bat
     """``train(workdir)`` on a train split of `rows` rows builds its train batches
     (``batch_module.make_batch``, whose first two arguments are the split and its indices, the
     third the batch size) with `shrunk` rows, and selects, scores and ends as the same run with
-    every batch padded to `padded` rows (`lora_jax.data.short_batch_rows` turned off):
+    every train batch padded to `padded` rows (`lora_jax.trainer.train_batch_rows` turned off;
+    evaluation batches as before):
     `assert_same_run` with parameters within `atol` and logged values (losses, gradient norms:
     sums in another order) within 1e-6 of each other."""
     import pathlib
 
-    from lora_jax import data as data_lib
+    from lora_jax import trainer
 
     sizes, make_batch = [], batch_module.make_batch
 
@@ -295,7 +296,7 @@ def assert_short_train_batches_shrink(train: Callable, workdir, monkeypatch, bat
     steps = [size for n, size in sizes if n == rows]
     assert steps and set(steps) == {shrunk}, steps
     sizes.clear()
-    monkeypatch.setattr(data_lib, "short_batch_rows", lambda n, batch_size, *a, **k: batch_size)
+    monkeypatch.setattr(trainer, "train_batch_rows", lambda rows, batch_size, *a: batch_size)
     train(str(two))
     assert [size for n, size in sizes if n == rows] == [padded] * len(steps)
     assert_same_run(one, two, atol=atol, log_rtol=1e-6)
