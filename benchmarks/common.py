@@ -32,6 +32,19 @@ def cpu_vector_extensions() -> list[str]:
     return [x for x in VECTOR_EXTENSIONS if x in flags]
 
 
+# The widest vector unit a CPU has, by the first of these extensions it reports: two machines of
+# one vendor and family can differ there (an AMD EPYC with AVX-512 against one with AVX2 only ran
+# the benchmarks' large GEMM at 438-487 against 168 GFLOP/s), so it names the machine kind too.
+VECTOR_LEVELS = (("avx512f", "avx512"), ("avx2", "avx2"), ("avx", "avx"), ("sve", "sve"),
+                 ("asimd", "neon"))
+
+
+def vector_level(extensions: list[str]) -> str:
+    """"avx512", "avx2", "avx", "sve" or "neon": the widest of `VECTOR_LEVELS` in
+    `extensions` (`cpu_vector_extensions()`); "" when none."""
+    return next((level for flag, level in VECTOR_LEVELS if flag in extensions), "")
+
+
 def cpu_family_slug(model: str) -> str:
     """The vendor and family of a CPU model name, file-name safe: "Intel(R) Xeon(R) Processor"
     -> "intel_xeon", "AMD EPYC 7B13" -> "amd_epyc"; "" when nothing is left."""
@@ -71,17 +84,18 @@ def environment() -> dict:
 
 
 def machine_slug() -> str:
-    """A short file-name-safe name of this machine: "cpu_2cores_intel_xeon",
-    "gpu_nvidia_h100_80gb_hbm3". CPUs are named by vendor and family too, since the same core
-    count of two vendors gives other figures (results/ keeps one file per machine kind)."""
+    """A short file-name-safe name of this machine: "cpu_2cores_intel_xeon_avx512",
+    "gpu_nvidia_h100_80gb_hbm3". CPUs are named by vendor, family and widest vector unit too,
+    since the same core count of two vendors, or of one family with and without AVX-512, gives
+    other figures (results/ keeps one file per machine kind)."""
     import re
 
     import jax
 
     dev = jax.devices()[0]
     if dev.platform == "cpu":
-        family = cpu_family_slug(cpu_model())
-        return f"cpu_{os.cpu_count()}cores" + (f"_{family}" if family else "")
+        parts = [cpu_family_slug(cpu_model()), vector_level(cpu_vector_extensions())]
+        return "_".join([f"cpu_{os.cpu_count()}cores", *(p for p in parts if p)])
     return re.sub(r"[^a-z0-9]+", "_", f"{dev.platform}_{dev.device_kind}".lower()).strip("_")
 
 

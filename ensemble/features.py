@@ -185,6 +185,13 @@ def fingerprint(tree) -> str:
     return h.hexdigest()
 
 
+def module_digests(modules) -> dict[str, str]:
+    """{task: the first 16 hex digits of `fingerprint` over the module's adapter and head}:
+    which trained modules a run combined (equal digests, bit-identical modules), recorded in
+    every combination run's results so that runs on retrained modules are told apart."""
+    return {m.task: fingerprint((m.lora, m.head))[:16] for m in modules}
+
+
 def jit_feature_fn(feature_fn: Callable, out_sharding=None) -> Callable:
     """`feature_fn` (`make_feature_fn`) jitted with the stacked pass's own XLA:CPU options
     (`lora_jax.xla_flags.PROGRAM_OPTIONS`)."""

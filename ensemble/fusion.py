@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from ensemble.combiner import MixCombiner
-from ensemble.features import aggregate_tokens, build_feature_extractor
+from ensemble.features import aggregate_tokens, build_feature_extractor, module_digests
+from ensemble.modules import Module
 from lora_jax import classifier, trainer
 from lora_jax import data as data_lib
 from lora_jax import lora as lora_lib
@@ -75,9 +76,9 @@ def check_fusion_config(config) -> None:
                         "combiner.method='fusion' has no such step, turn the quirk off")
 
 
-def prepare(config, with_data: bool = True) -> tuple[classifier.Setup, list[str]]:
-    """(the classifier Setup of a fusion run, the module names in order). Validates and loads
-    everything before anything is written; `with_data` False for prediction."""
+def prepare(config, with_data: bool = True) -> tuple[classifier.Setup, list[Module]]:
+    """(the classifier Setup of a fusion run, the modules it combines, in order). Validates and
+    loads everything before anything is written; `with_data` False for prediction."""
     validate_config(config)
     check_fusion_config(config)
     if with_data and config.num_epochs < 1:
@@ -108,17 +109,19 @@ def prepare(config, with_data: bool = True) -> tuple[classifier.Setup, list[str]
     setup = classifier.Setup(config, task, fx.model, fx.encoder_config, model, frozen, trainable,
                              splits, fx.pad_id, fx.pad_to, sources, fx.tokenizer, fx.max_length,
                              share)
-    return setup, [m.task for m in modules]
+    return setup, modules
 
 
-def experiment(setup: classifier.Setup, modules: list[str]) -> trainer.Experiment:
+def experiment(setup: classifier.Setup, module_list: list[Module]) -> trainer.Experiment:
     """The fusion run as an `Experiment`: the classifier's, recorded as an AttEns-experiment
     run of method fusion (the report's row beside the paper's)."""
     cfg, task = setup.config, setup.task
     exp = classifier.experiment(setup)
+    modules, digests = [m.task for m in module_list], module_digests(module_list)
 
     def extra(_best) -> dict:
-        return {"k": len(modules), "modules": modules, "method": "fusion",
+        return {"k": len(modules), "modules": modules, "module_sha256": digests,
+                "method": "fusion",
                 "unseen": task.name not in modules, "attention": None, "module_weights": None,
                 "merge_weights": None, "lorahub_search": None, "feature_seconds": {},
                 "feature_cache_hits": {}, "quirks": cfg.quirks.to_dict(),

@@ -40,6 +40,7 @@ from ensemble.features import (
     map_combiner,
     merge_weights,
     merged_adapter,
+    module_digests,
 )
 from ensemble.modules import ModuleSet
 from lora_jax import data as data_lib
@@ -218,12 +219,14 @@ def experiment(setup: AttensSetup) -> trainer.Experiment:
         return scores, rows
 
     modules = setup.module_set.tasks[: setup.k]
+    digests = module_digests(setup.module_set.modules[: setup.k])
 
     def extra(best) -> dict:
         attention = next(iter(reported_attention.values()), None)
         weights = module_weights(best)
         return {
-            "k": setup.k, "modules": modules, "unseen": task.name not in setup.module_set.tasks,
+            "k": setup.k, "modules": modules, "module_sha256": digests,
+            "unseen": task.name not in setup.module_set.tasks,
             "method": combiner_method(cfg),
             "attention": None if attention is None else {
                 "modules": modules, "matrix": attention.round(5).tolist(),

@@ -32,8 +32,11 @@ DEFAULT_FLAGS = {
     # 184 -> 194 at length 64. One path loses: the stacked k = 6 features (per-slot batched
     # GEMMs, which YNNPACK also takes) 18.50 -> 18.42, 20.04 -> 18.97 and 19.64 -> 18.00
     # examples/s (benchmarks.attens, alternating processes), while 7 single passes of our
-    # encoder stay level (18.58 -> 18.77, 21.19 -> 20.97, 19.90 -> 20.30). Not measured on
-    # AMD, which keeps the fusions off.
+    # encoder stay level (18.58 -> 18.77, 21.19 -> 20.97, 19.90 -> 20.30). On a 2-core AMD
+    # EPYC with AVX2 only (no AVX-512; jaxlib 0.10.2, fp32, one process each, off then on):
+    # T5 greedy decoding 1957 -> 1506 tokens/s, beam search 705 -> 601, the MiniLM-L3 LoRA
+    # step at length 128 45.5 -> 33.9 examples/s, the T5 prompt + LoRA step 38.6 -> 40.8
+    # (benchmarks.t5_generate / t5_train / train_throughput): so AMD keeps the fusions off.
     "xla_cpu_experimental_ynn_fusion_type": ({"intel": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
                                               "": ""}, ((0, 10), (0, 11))),
     # With those fusions off, XLA:CPU's tree_reduction_rewriter splits every reduction over an

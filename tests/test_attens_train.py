@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -10,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from ensemble.features import module_digests
 from ensemble.modules import export_module, load_module_set
 from ensemble.train import train_attens
 from lora_jax.checkpoint import restore_trainable
@@ -75,6 +77,16 @@ def test_module_set_round_trip(module_set):
     assert ms.spec.r == 4 and ms.modules[0].head["kernel"].shape == (64, 2)
     with pytest.raises(UserError, match="not in"):
         load_module_set(str(root / "modules"), ("cola",))
+    # a module's digest names its weights: one float of one module moved, only its digest changes
+    digests = module_digests(ms.modules)
+    topic, sentiment = ms.modules
+    bias = np.array(topic.head["bias"])
+    bias[0] = np.nextafter(bias[0], np.float32(1))
+    moved = module_digests([dataclasses.replace(topic, head={**topic.head, "bias": bias}),
+                            sentiment])
+    assert moved["synth_sentiment"] == digests["synth_sentiment"]
+    assert moved["synth_topic"] != digests["synth_topic"]
+    assert len(set(digests.values())) == 2 and all(len(v) == 16 for v in digests.values())
     with pytest.raises(UserError, match="is a zero_shot run|has no results.json"):
         export_module(str(root), str(root / "nowhere"))
 
@@ -260,6 +272,7 @@ def test_combination_methods_train_on_the_same_features_and_predict_their_metric
         "combiner.method": method, "combiner.lorahub_evaluations": 6}), str(tmp_path / "run"))
     # how well each method does is the quickstart test's and the reports' business
     assert results["method"] == method and results["attention"] is None
+    assert results["module_sha256"] == module_digests(load_module_set(str(root / "modules")).modules)
     if method == "fusion":  # trained through the encoder: every fusion kernel moved
         assert fusion_kernels_moved(attens_config(root, model, data, num_epochs=2, **{
             "combiner.method": method}), tmp_path / "run")
@@ -312,7 +325,7 @@ def test_fusion_trains_only_its_kernels_and_head(module_set, tmp_path):
     root, model, data = module_set
     config = attens_config(root, model, data, num_epochs=1, **{"combiner.method": "fusion"})
     setup, modules = prepare(config)
-    assert modules == ["synth_sentiment", "synth_topic"]
+    assert [m.task for m in modules] == ["synth_sentiment", "synth_topic"]
     trainable = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
         setup.trainable)}
     assert all("fusion_" in p or "'combiner'" in p for p in trainable), trainable

@@ -202,9 +202,10 @@ def test_benchmark_run_smoke_writes_json_and_table(minilm_l3, tmp_path):
     assert env["git_commit"] and env["machine"] and env["cpu"] and env["date"]
     table = json_file.with_suffix(".md").read_text()
     # the CPU is named in the file's name and its table, with its vector extensions
-    from benchmarks.common import cpu_family_slug, cpu_vector_extensions
+    from benchmarks.common import cpu_family_slug, cpu_vector_extensions, vector_level
 
-    assert json_file.stem.endswith(cpu_family_slug(env["cpu"]))
+    assert json_file.stem.endswith("_".join(
+        p for p in (cpu_family_slug(env["cpu"]), vector_level(env["cpu_vector_extensions"])) if p))
     assert env["cpu_vector_extensions"] == cpu_vector_extensions()
     assert f"CPU vector extensions: {', '.join(env['cpu_vector_extensions']) or 'none'}." in table
     for name, bench in benches.items():
@@ -271,6 +272,20 @@ def test_cpu_family_slug_names_vendor_and_family():
     assert cpu_family_slug("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz") == "intel_xeon"
     assert cpu_family_slug("AMD EPYC 7B13 64-Core Processor") == "amd_epyc"
     assert cpu_family_slug("unknown") == ""
+
+
+def test_vector_level_names_the_widest_vector_unit():
+    """Two machines of one vendor and family, one with AVX-512 and one without, never share a
+    result file; the extension lists are those /proc/cpuinfo gave on the project's machines."""
+    from benchmarks.common import vector_level
+
+    sapphire_rapids = ["sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl",
+                       "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16"]
+    assert vector_level(sapphire_rapids) == "avx512"
+    assert vector_level(["sse4_2", "avx", "avx2", "fma"]) == "avx2"  # an AMD EPYC of this project
+    assert vector_level(["asimd", "sve", "sve2"]) == "sve"
+    assert vector_level(["asimd"]) == "neon"
+    assert vector_level([]) == ""
 
 
 def test_paired_accuracy_counts_discordant_rows_and_mcnemars_exact_p():
