@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -307,6 +308,24 @@ def verdict(results: Sequence[dict], tasks: Sequence[str]) -> str:
             f"or equal on {', '.join(losses) or 'no task'}.")
 
 
+def module_contents(results: Sequence[dict]) -> str:
+    """One protocol line: for each module, which trained weights (the first 8 hex digits of the
+    `module_sha256` a combination run records) how many combination cells combined; modules
+    retrained on another machine or commit show up as a second digest. Cells written before the
+    record existed are counted apart."""
+    combined = [r for r in results if r["experiment"] == "attens"]
+    uses: dict[str, Counter] = {}
+    for r in combined:
+        for task, digest in (r.get("module_sha256") or {}).items():
+            uses.setdefault(task, Counter())[digest[:8]] += 1
+    unrecorded = sum(1 for r in combined if not r.get("module_sha256"))
+    parts = ["; ".join(f"{task} " + ", ".join(f"{d} ({n} cell{'s' * (n != 1)})" for d, n in c.most_common())
+                       for task, c in uses.items()) or "none recorded"]
+    if unrecorded:
+        parts.append(f"{unrecorded} of the {len(combined)} combination cells predate the record")
+    return "- Module weights by content (module_sha256): " + "; ".join(parts) + "."
+
+
 def build_report(sweep: dict, out: str, sweep_path: str = "") -> str:
     """The report's markdown; `out` is the stem of the .md/.png files, `sweep_path` the sweep
     .json it was built from (for the command line it prints)."""
@@ -398,6 +417,7 @@ def build_report(sweep: dict, out: str, sweep_path: str = "") -> str:
               "- Rows per target: " + "; ".join(
                   f"{r['task']}: " + ", ".join(f"{k} {v}" for k, v in r["sizes"].items())
                   for r in attens if r["seed"] == 0 and row_of(r) == "attens") + ".",
+              module_contents(every_budget),
               f"- Machine: {first['machine']}.",
               f"- Command: `{sweep['command']}`, then `python -m ensemble.report "
               f"--sweep {sweep_path} --out {out}`.", ""]

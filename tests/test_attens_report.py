@@ -56,6 +56,21 @@ def test_report_tables_verdict_and_plots(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
 
 
+def test_protocol_names_the_module_weights_each_cell_combined(tmp_path):
+    """Cells on modules retrained elsewhere show a second digest; cells from before the record
+    are counted, not guessed."""
+    sweep = _sweep()
+    attens = [r for r in sweep["results"] if r["experiment"] == "attens"]
+    first = {"a": "aaaa1111" + "0" * 8, "b": "bbbb1111" + "0" * 8, "c": "cccc1111" + "0" * 8}
+    for r in attens[:3]:
+        r["module_sha256"] = {m: first[m] for m in r["modules"]}
+    attens[3]["module_sha256"] = {**first, "a": "aaaa2222" + "0" * 8}
+    text = build_report(sweep, str(tmp_path / "attens"))
+    assert ("- Module weights by content (module_sha256): a aaaa1111 (3 cells), aaaa2222 (1 cell); "
+            "b bbbb1111 (4 cells); c cccc1111 (4 cells); "
+            f"{len(attens) - 4} of the {len(attens)} combination cells predate the record.") in text
+
+
 def test_k_sweep_and_verdict_units():
     curves = k_sweep(_sweep()["results"])
     assert curves["a"] == {1: 81.0, 2: 83.0, 3: 85.0}
