@@ -319,8 +319,11 @@ def module_contents(results: Sequence[dict]) -> str:
         for task, digest in (r.get("module_sha256") or {}).items():
             uses.setdefault(task, Counter())[digest[:8]] += 1
     unrecorded = sum(1 for r in combined if not r.get("module_sha256"))
-    parts = ["; ".join(f"{task} " + ", ".join(f"{d} ({n} cell{'s' * (n != 1)})" for d, n in c.most_common())
-                       for task, c in uses.items()) or "none recorded"]
+
+    def counted(digests: Counter) -> str:
+        return ", ".join(f"{d} ({n} cell{'s' * (n != 1)})" for d, n in digests.most_common())
+
+    parts = ["; ".join(f"{task} {counted(c)}" for task, c in uses.items()) or "none recorded"]
     if unrecorded:
         parts.append(f"{unrecorded} of the {len(combined)} combination cells predate the record")
     return "- Module weights by content (module_sha256): " + "; ".join(parts) + "."
