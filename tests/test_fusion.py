@@ -99,6 +99,38 @@ def test_fused_layer_equals_per_module_reference(layer):
     assert weights.max() > 0.6
 
 
+def _jaxpr_shapes(jaxpr) -> set[tuple[int, ...]]:
+    """The shapes of every value a jaxpr (and the jaxprs nested in it) computes."""
+    shapes = set()
+    for eqn in jaxpr.eqns:
+        shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            shapes |= _jaxpr_shapes(sub)
+    return shapes
+
+
+def test_fused_layer_never_builds_the_k_projected_deltas():
+    """The fused layer works through the modules' rank-R factors: neither its forward nor its
+    gradient computes a (..., k, out) array (the k deltas, or their keys or values), which cost
+    2 k out^2 per token where the factors cost O(k R out)."""
+    encoder = _encoder_params()
+    fused_layer = _randomised(init_fusion(_modules(encoder), list(MODULES),
+                                          jax.random.PRNGKey(3)))["layer_0"]["attention"]["query"]
+    kernel = traverse_util.flatten_dict(encoder)[("layer_0", "attention", "query", "kernel")]
+    k, out = fused_layer["A"].shape[0], kernel.shape[1]
+    assert fused_layer["A"].shape[2] != k  # rank R and k told apart in the shapes below
+    dense = LoRADense(out)
+    x = jax.random.normal(jax.random.PRNGKey(9), (3, 5, kernel.shape[0]))
+
+    def loss(lora_layer, x):
+        return dense.apply({"params": {"kernel": kernel, "bias": np.zeros(out, np.float32)},
+                            "lora": lora_layer}, x).sum()
+
+    shapes = _jaxpr_shapes(jax.make_jaxpr(jax.grad(loss))(fused_layer, x).jaxpr)
+    assert (3, 5, k, 8) in shapes  # the rank-R factors x A_i are there (R = 8, padded)
+    assert not [s for s in shapes if s[-2:] == (k, out)], sorted(shapes)
+
+
 def test_zero_query_is_the_average_of_the_modules_in_every_layer():
     """With a zero query kernel every module weighs 1/k and the value kernel starts as the
     identity: the whole encoder then equals one adapter made of the k modules side by side
