@@ -13,7 +13,7 @@ from lora_jax import lora
 from lora_jax.fusion import TRAINABLE_PATTERN, init_fusion
 from lora_jax.models import Encoder, SequenceClassifier
 from lora_jax.models.layers import FUSION_KERNELS, LoRADense
-from tests.helpers import TINY, tiny_batch
+from tests.helpers import TINY, jaxpr_equations, tiny_batch
 
 # three modules of different rank, alpha and targets (the third adapts no value projection)
 MODULES = {"m1": dict(r=2, alpha=4.0, targets=("query", "value")),
@@ -99,16 +99,6 @@ def test_fused_layer_equals_per_module_reference(layer):
     assert weights.max() > 0.6
 
 
-def _jaxpr_shapes(jaxpr) -> set[tuple[int, ...]]:
-    """The shapes of every value a jaxpr (and the jaxprs nested in it) computes."""
-    shapes = set()
-    for eqn in jaxpr.eqns:
-        shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
-        for sub in jax.core.jaxprs_in_params(eqn.params):
-            shapes |= _jaxpr_shapes(sub)
-    return shapes
-
-
 def test_fused_layer_never_builds_the_k_projected_deltas():
     """The fused layer works through the modules' rank-R factors: neither its forward nor its
     gradient computes a (..., k, out) array (the k deltas, or their keys or values), which cost
@@ -126,7 +116,8 @@ def test_fused_layer_never_builds_the_k_projected_deltas():
         return dense.apply({"params": {"kernel": kernel, "bias": np.zeros(out, np.float32)},
                             "lora": lora_layer}, x).sum()
 
-    shapes = _jaxpr_shapes(jax.make_jaxpr(jax.grad(loss))(fused_layer, x).jaxpr)
+    shapes = {tuple(v.aval.shape) for eqn, _ in jaxpr_equations(
+        jax.make_jaxpr(jax.grad(loss))(fused_layer, x).jaxpr) for v in eqn.outvars}
     assert (3, 5, k, 8) in shapes  # the rank-R factors x A_i are there (R = 8, padded)
     assert not [s for s in shapes if s[-2:] == (k, out)], sorted(shapes)
 
