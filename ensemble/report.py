@@ -255,41 +255,117 @@ def row_predictions(results: Sequence[dict], row: str, task: str
 
 
 PAIRED = "paired bootstrap over the validation rows (1000 resamples), 95% interval"
+BASELINES = ("ft_lora", "attens")
+UNJUDGED = ("zero_shot", "ffn")  # rows the plain sentences leave to the tables
 
 
-def paired_tests(results: Sequence[dict], rows: Sequence[str], tasks: Sequence[str],
-                 names: dict[str, str], baselines=("ft_lora", "attens")) -> list[str]:
-    """Markdown lines: every row's difference to each baseline per target (mean over seeds,
-    x100) with its paired-bootstrap interval, and a plain sentence of what is significant."""
+def paired_differences(results: Sequence[dict], rows: Sequence[str], tasks: Sequence[str],
+                       baselines: Sequence[str] = BASELINES
+                       ) -> dict[tuple[str, str, str], tuple[float, float, float]]:
+    """{(task, row, baseline): (difference, low, high)} in the main score (fractions, mean over
+    seeds) with its paired-bootstrap interval, for every row and baseline that both recorded
+    per-row outputs on the same validation rows of a task."""
     metric = {r["task"]: r["main_metric"] for r in results}
-    header = "| target | row | " + " | ".join(f"vs {names.get(b, b)}" for b in baselines) + " |"
-    lines, wins, losses = [header, "|---" * (len(baselines) + 2) + "|"], [], []
+    out = {}
     for task in tasks:
         base = {b: row_predictions(results, b, task) for b in baselines}
         for row in rows:
             mine, labels = row_predictions(results, row, task)
-            if not mine:
+            for b in baselines:
+                theirs, their_labels = base[b]
+                if mine and row != b and theirs and np.array_equal(labels, their_labels):
+                    out[task, row, b] = paired_bootstrap(metric[task], mine, theirs, labels)
+    return out
+
+
+def significant(interval: tuple[float, float, float]) -> bool:
+    return interval[1] > 0 or interval[2] < 0
+
+
+def significance_sentence(diffs: dict, names: dict[str, str],
+                          baselines: Sequence[str] = BASELINES) -> str:
+    """Plain words, per baseline: which rows (combiners and FT_LoRA) are significantly ahead of
+    it and behind it, and on which targets."""
+    said = []
+    for b in baselines:
+        if not any(base == b for _, _, base in diffs):
+            said.append(f"{names.get(b, b)}: no cells with per-row outputs to test against.")
+            continue
+        sides = {"ahead": {}, "behind": {}}
+        for (task, row, base), interval in diffs.items():
+            if base == b and row not in UNJUDGED and significant(interval):
+                side = sides["ahead" if interval[0] > 0 else "behind"]
+                side.setdefault(names.get(row, row), []).append(task)
+        words = {k: "; ".join(f"{row} ({', '.join(ts)})" for row, ts in v.items()) or "none"
+                 for k, v in sides.items()}
+        said.append(f"Against {names.get(b, b)}, significantly ahead: {words['ahead']}; "
+                    f"significantly behind: {words['behind']}.")
+    return " ".join(said) + (" Every other difference of a combiner or FT_LoRA is within its "
+                             "interval (Model and FFN: see the table).")
+
+
+def paired_tests(results: Sequence[dict], rows: Sequence[str], tasks: Sequence[str],
+                 names: dict[str, str], baselines=BASELINES) -> list[str]:
+    """Markdown lines: every row's difference to each baseline per target (mean over seeds,
+    x100) with its paired-bootstrap interval, and a plain sentence of what is significant."""
+    diffs = paired_differences(results, rows, tasks, baselines)
+    header = "| target | row | " + " | ".join(f"vs {names.get(b, b)}" for b in baselines) + " |"
+    lines = [header, "|---" * (len(baselines) + 2) + "|"]
+    for task in tasks:
+        for row in rows:
+            if not any((task, row, b) in diffs for b in baselines) and not (
+                    row in baselines and any((task, r, row) in diffs for r in rows)):
                 continue
             cells = []
             for b in baselines:
-                theirs, their_labels = base[b]
-                if row == b or not theirs or not np.array_equal(labels, their_labels):
+                if (task, row, b) not in diffs:
                     cells.append("–")
                     continue
-                diff, lo, hi = paired_bootstrap(metric[task], mine, theirs, labels)
-                mark = "*" if lo > 0 or hi < 0 else ""
+                diff, lo, hi = diffs[task, row, b]
+                mark = "*" if significant(diffs[task, row, b]) else ""
                 cells.append(f"{100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}")
-                if mark and row not in ("zero_shot", "ffn"):  # the sentence: combiners only
-                    (wins if diff > 0 else losses).append(
-                        f"{names.get(row, row)} vs {names.get(b, b)} on {task}")
             lines.append(f"| {task} | {names.get(row, row)} | " + " | ".join(cells) + " |")
     if len(lines) == 2:
         return []
-    said = (f"Significantly ahead: {', '.join(wins) or 'none'}. Significantly behind: "
-            f"{', '.join(losses) or 'none'}. Every other difference of a combiner or FT_LoRA is "
-            "within its interval (Model and FFN: see the table).")
     return [f"Difference in the main score x100 (mean over seeds), {PAIRED}; * = the interval "
-            "excludes 0.", "", *lines, "", said]
+            "excludes 0.", "", *lines, "", significance_sentence(diffs, names, baselines)]
+
+
+def few_shot_paired_tests(every_budget: Sequence[dict], rows: Sequence[str],
+                          tasks: Sequence[str], names: dict[str, str],
+                          baselines=BASELINES) -> list[str]:
+    """Markdown lines: at each few-shot budget, every row against each baseline: the mean
+    over targets of the paired difference, on how many targets it is significantly ahead and
+    behind, and the plain sentence of which."""
+    budgets = sorted({train_budget(r) for r in every_budget} - {0})
+    table, sentences = [], []
+    for budget in budgets:
+        diffs = paired_differences([r for r in every_budget if train_budget(r) == budget],
+                                   rows, tasks, baselines)
+        if not diffs:
+            continue
+        for row in rows:
+            cells = []
+            for b in baselines:
+                mine = [v for (_, r, base), v in diffs.items() if r == row and base == b]
+                if not mine:
+                    cells.append("–")
+                    continue
+                ahead = sum(significant(v) and v[0] > 0 for v in mine)
+                behind = sum(significant(v) and v[0] < 0 for v in mine)
+                mean = round(100 * float(np.mean([v[0] for v in mine])), 1) + 0.0  # no -0.0
+                cells.append(f"{mean:+.1f}: ahead on {ahead}, "
+                             f"behind on {behind}, of {len(mine)}")
+            if any(c != "–" for c in cells):
+                table.append(f"| {budget} | {names.get(row, row)} | " + " | ".join(cells) + " |")
+        sentences.append(f"{budget} rows: " + significance_sentence(diffs, names, baselines))
+    if not table:
+        return []
+    return [f"At each budget, the difference in the main score x100 (mean over seeds, then over "
+            f"the targets both rows have) and the number of targets where the {PAIRED} "
+            "excludes 0 on either side.", "",
+            "| rows | row | " + " | ".join(f"vs {names.get(b, b)}" for b in baselines) + " |",
+            "|---" * (len(baselines) + 2) + "|", *table, "", *sentences]
 
 
 def verdict(results: Sequence[dict], tasks: Sequence[str]) -> str:
@@ -362,6 +438,9 @@ def build_report(sweep: dict, out: str, sweep_path: str = "") -> str:
             for row, c in by_budget.items()]
         lines += ["", f"![few-shot]({os.path.basename(out)}_budgets.png)", ""]
         plot_budgets(budgets, by_budget, names, out + "_budgets.png")
+        few_shot = few_shot_paired_tests(every_budget, rows, seen + unseen, names)
+        if few_shot:
+            lines += ["## Few-shot paired tests against FT_LoRA and AttEns", "", *few_shot, ""]
     curves = k_sweep(results)
     if curves:
         ks = sorted({k for c in curves.values() for k in c})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ensemble.report import build_report, k_sweep, verdict
+from ensemble.report import build_report, k_sweep, train_budget, verdict
 from lora_jax.report import row_of
 
 pytest.importorskip("matplotlib")
@@ -180,9 +180,51 @@ def test_paired_tests_use_the_recorded_rows_and_say_what_is_significant(tmp_path
     average = next(ln for ln in text.splitlines() if ln.startswith("| a | Average |"))
     assert not average.split("|")[3].strip().endswith("*")  # within noise of FT_LoRA
     assert average.split("|")[4].strip().endswith("*")  # and clearly behind AttEns
-    assert "Significantly ahead: AttEns vs FT_LoRA on a." in text
-    assert "Average vs AttEns on a" in text.split("Significantly behind:")[1]
+    assert ("Against FT_LoRA, significantly ahead: AttEns (a); significantly behind: none. "
+            "Against AttEns, significantly ahead: none; significantly behind: FT_LoRA (a); "
+            "Average (a).") in text
     assert "| b |" not in text  # no per-row outputs recorded for b: no test
     model = next(ln for ln in text.splitlines() if ln.startswith("| a | Model |"))
     assert model.split("|")[3].strip().endswith("*")  # the table marks it
-    assert "Model vs" not in text.split("Significantly ahead:")[1]  # the sentence: combiners
+    assert "Model (" not in text.split("Against FT_LoRA")[1]  # the sentence: combiners
+
+
+def test_few_shot_budgets_get_paired_tests_counted_per_row_and_named_in_words(tmp_path):
+    from lora_jax.metrics import pack_array
+
+    rng = np.random.default_rng(1)
+    labels = {t: rng.integers(0, 2, 400) for t in ("a", "b", "imdb")}
+    right = lambda t, p: np.where(rng.random(400) < p, labels[t], 1 - labels[t])
+    sweep = _sweep()
+    # at 16 rows AttEns is far ahead of FT_LoRA on a and b and far behind on imdb; at 64 rows
+    # level everywhere (the same predictions)
+    for budget, level in ((16, False), (64, True)):
+        for task in ("a", "b", "imdb"):
+            ft_lora = right(task, 0.6)
+            attens = ft_lora if level else right(task, 0.85 if task != "imdb" else 0.35)
+            for row, preds in (("ft_lora", ft_lora), ("attens", attens)):
+                r = _r(row, task, 0, float(np.mean(preds == labels[task])),
+                       unseen=task == "imdb")
+                r.update(config={"train_budget": budget}, sweep_budget=f"n{budget}",
+                         predictions={"validation": {"predictions": pack_array(preds),
+                                                     "labels": pack_array(labels[task])}})
+                sweep["results"].append(r)
+    text = build_report(sweep, str(tmp_path / "attens"))
+    section = text.split("## Few-shot paired tests against FT_LoRA and AttEns")[1].split("\n## ")[0]
+    line16 = next(ln for ln in section.splitlines() if ln.startswith("| 16 | AttEns |"))
+    assert "ahead on 2, behind on 1, of 3" in line16.split("|")[3]
+    assert line16.split("|")[4].strip() == "–"
+    line64 = next(ln for ln in section.splitlines() if ln.startswith("| 64 | AttEns |"))
+    assert line64.split("|")[3].strip() == "+0.0: ahead on 0, behind on 0, of 3"
+    assert ("16 rows: Against FT_LoRA, significantly ahead: AttEns (a, b); significantly "
+            "behind: AttEns (imdb).") in section
+    assert "64 rows: Against FT_LoRA, significantly ahead: none; significantly behind: none." \
+        in section
+    for r in sweep["results"]:  # a budget without FT_LoRA cells: FFN's in their place
+        if train_budget(r) == 64 and row_of(r) == "ft_lora":
+            r.update(experiment="ffn", sweep_row="ffn")
+    section = build_report(sweep, str(tmp_path / "attens")).split("## Few-shot paired")[1]
+    assert "64 rows: FT_LoRA: no cells with per-row outputs to test against. Against AttEns," \
+        in section
+    # the all-of-train tables keep their own cells: no outputs recorded there, no test
+    assert "## Paired tests" not in text

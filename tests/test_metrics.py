@@ -77,3 +77,47 @@ def test_paired_bootstrap_agrees_with_scipy_and_sees_a_real_difference():
     single = metrics.paired_bootstrap("matthews", [a], [b], labels, resamples=10)[0]
     seeds = metrics.paired_bootstrap("matthews", [a, b], [b, b], labels, resamples=10)[0]
     assert seeds == pytest.approx(single / 2)  # the mean over the seeds on each side
+
+
+@pytest.mark.parametrize("metric,classes", [("accuracy", 3), ("f1", 2), ("matthews", 2),
+                                            ("matthews", 4), ("pearson", 0), ("spearman", 0)])
+def test_counted_bootstrap_equals_scoring_each_resampled_array_with_sklearn_and_scipy(
+        metric, classes):
+    """The bootstrap scores its resamples from row counts; each draw must equal sklearn's or
+    scipy's metric on that resample's rows, drawn as the documented generator draws them."""
+    rng = np.random.default_rng(3)
+    n = 60  # small: some resamples miss a class, and a few rows repeat many times
+    if classes:
+        labels = rng.integers(0, classes, n)
+        a = [np.where(rng.random(n) < p, labels, rng.integers(0, classes, n)) for p in (.7, .5)]
+        b = [np.where(rng.random(n) < 0.6, labels, rng.integers(0, classes, n))]
+    else:
+        labels = rng.random(n).astype(np.float32)
+        a = [(labels + rng.random(n)).astype(np.float32), rng.random(n).astype(np.float32)]
+        b = [(labels - rng.random(n)).astype(np.float32)]
+    reference = {
+        "accuracy": sklearn_metrics.accuracy_score,
+        "f1": lambda y, p: sklearn_metrics.f1_score(y, p, zero_division=0.0),
+        "matthews": sklearn_metrics.matthews_corrcoef,
+        "pearson": lambda y, p: scipy.stats.pearsonr(p.astype(np.float64), y)[0],
+        "spearman": lambda y, p: scipy.stats.spearmanr(p, y)[0]}[metric]
+    draws = np.random.default_rng(0)
+    expected = []
+    for _ in range(40):
+        idx = draws.integers(0, n, n)
+        expected.append(np.mean([reference(labels[idx], p[idx]) for p in a])
+                        - np.mean([reference(labels[idx], p[idx]) for p in b]))
+    lo, hi = np.percentile(expected, [2.5, 97.5])
+    diff, our_lo, our_hi = metrics.paired_bootstrap(metric, a, b, labels, resamples=40, chunk=7)
+    assert (our_lo, our_hi) == pytest.approx((lo, hi), abs=1e-9)
+    assert diff == pytest.approx(np.mean([reference(labels, p) for p in a])
+                                 - np.mean([reference(labels, p) for p in b]), abs=1e-6)
+
+
+def test_counted_pearson_scores_a_resample_of_one_prediction_value_zero():
+    labels = np.array([0.1, 0.5, 0.9, 0.3])
+    counts = np.array([[4, 0, 0, 0], [0, 2, 2, 0]])  # one row four times; two rows twice
+    pred = np.array([[1.0, 2.0, 3.0, 4.0]])
+    scores = metrics._weighted_scores("pearson", pred, labels, counts)
+    assert scores[0, 0] == 0.0  # as `pearson` on a constant prediction
+    assert scores[1, 0] == pytest.approx(1.0)  # two distinct points: a perfect line
