@@ -313,16 +313,15 @@ def paired_tests(results: Sequence[dict], rows: Sequence[str], tasks: Sequence[s
     lines = [header, "|---" * (len(baselines) + 2) + "|"]
     for task in tasks:
         for row in rows:
-            if not any((task, row, b) in diffs for b in baselines) and not (
-                    row in baselines and any((task, r, row) in diffs for r in rows)):
-                continue
+            if not any(t == task and row in (r, b) for t, r, b in diffs):
+                continue  # neither tested nor a baseline that something was tested against
             cells = []
             for b in baselines:
                 if (task, row, b) not in diffs:
                     cells.append("–")
                     continue
                 diff, lo, hi = diffs[task, row, b]
-                mark = "*" if significant(diffs[task, row, b]) else ""
+                mark = "*" if significant((diff, lo, hi)) else ""
                 cells.append(f"{100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}")
             lines.append(f"| {task} | {names.get(row, row)} | " + " | ".join(cells) + " |")
     if len(lines) == 2:
