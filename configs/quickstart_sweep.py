@@ -1,7 +1,10 @@
 """The quickstart's table (``python -m ensemble.quickstart``): the paper's Table 2 rows Model /
-FFN / FT_LoRA / AttEns, the simpler combiners Average / Scalar weights and AdapterFusion inside
-the layers (Fusion) over the same k = 3 modules, on three synthetic tasks, a tiny random BERT,
-fully offline.
+FFN / FT_LoRA / AttEns, the simpler combiners Average / Scalar weights, the weight-space merges
+(linear, TIES, DARE), LoraHub's searched merge and AdapterFusion inside the layers (Fusion) over
+the same k = 3 modules, on three synthetic tasks, a tiny random BERT, fully offline.
+
+LoraHub needs its extra (``pip install -e '.[lorahub]'``, the CMA-ES library); without it the
+table leaves that row out and the quickstart says so.
 
 The FT_LoRA runs double as the k = 3 modules that AttEns combines. After the quickstart has made
 its assets, the same table by hand:
@@ -15,18 +18,27 @@ its assets, the same table by hand:
 
 import ml_collections
 
+try:  # LoraHub's row runs where its optional CMA-ES library imports
+    import cma  # noqa: F401
+
+    HAS_LORAHUB = True
+except ImportError:
+    HAS_LORAHUB = False
+
 TASKS = ("synth_sentiment", "synth_topic", "synth_negation")
+COMBINERS = ("average", "scalar", "merge_linear", "merge_ties", "merge_dare",
+             *(("lorahub",) if HAS_LORAHUB else ()), "fusion")
 
 
 def get_config():
     c = ml_collections.ConfigDict()
     c.name = "Quickstart smoke run: tiny random BERT, synthetic tasks, k=3 modules"
-    c.experiments = ("zero_shot", "ffn", "ft_lora", "attens", "average", "scalar", "fusion")
+    c.experiments = ("zero_shot", "ffn", "ft_lora", "attens", *COMBINERS)
     attens = "configs/attens_quickstart.py"
     c.experiment_configs = ml_collections.ConfigDict({
         "zero_shot": "configs/quickstart.py", "ffn": "configs/quickstart.py",
-        "ft_lora": "configs/quickstart.py", "attens": attens, "average": attens,
-        "scalar": attens, "fusion": attens})
+        "ft_lora": "configs/quickstart.py", "attens": attens,
+        **{row: attens for row in COMBINERS}})
     c.tasks = TASKS
     c.seeds = (0,)
     c.common = ml_collections.ConfigDict({"progress": False})
@@ -42,6 +54,18 @@ def get_config():
                     "combiner": {"method": "average"}},
         "scalar": {"num_epochs": 4, "optimizer": {"learning_rate": 1e-2},
                    "combiner": {"method": "scalar"}},
+        # one merged adapter (PEFT's add_weighted_adapter semantics) and a head on its output
+        "merge_linear": {"num_epochs": 4, "optimizer": {"learning_rate": 1e-2},
+                         "combiner": {"method": "merge", "merge_method": "linear"}},
+        "merge_ties": {"num_epochs": 4, "optimizer": {"learning_rate": 1e-2},
+                       "combiner": {"method": "merge", "merge_method": "ties",
+                                    "merge_density": 0.2}},
+        "merge_dare": {"num_epochs": 4, "optimizer": {"learning_rate": 1e-2},
+                       "combiner": {"method": "merge", "merge_method": "dare_linear",
+                                    "merge_density": 0.5}},
+        # merge weights searched by CMA-ES on the train rows, then the same head
+        "lorahub": {"num_epochs": 4, "optimizer": {"learning_rate": 1e-2},
+                    "combiner": {"method": "lorahub"}},
         # the fusion kernels inside the encoder and the same head, trained through the encoder
         "fusion": {"num_epochs": 4, "optimizer": {"learning_rate": 1e-2},
                    "combiner": {"method": "fusion"}},

@@ -4,9 +4,10 @@ Builds the quickstart assets (a tiny random BERT and three synthetic tasks, see
 `lora_jax.synthetic`), trains one FT_LoRA module per task and exports them as a module set
 (`ensemble.train_modules`), then runs the paper's Table 2 rows on every task - Model (untrained
 head), FFN (trained head), FT_LoRA (the modules themselves), AttEns (the attention combiner
-over the k = 3 frozen modules), the simpler combiners Average and Scalar weights, and Fusion
-(AdapterFusion over the modules' deltas inside every layer) - with
-`lora_jax.sweep`, and prints the table. Run it from the
+over the k = 3 frozen modules), the simpler combiners Average and Scalar weights, the
+weight-space merges (linear, TIES, DARE), LoraHub (where its extra is installed) and Fusion
+(AdapterFusion over the modules' deltas inside every layer) - with `lora_jax.sweep`, and prints
+the table. Run it from the
 repository root (it reads configs/quickstart_sweep.py). A few minutes on 2 CPU cores.
 """
 
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     if not os.path.isfile(SWEEP):
         fail(f"{SWEEP} not found; run the quickstart from the repository root")
     from configs.quickstart import ASSETS
-    from configs.quickstart_sweep import TASKS
+    from configs.quickstart_sweep import HAS_LORAHUB, TASKS
     from ensemble import train_modules
     from lora_jax import sweep
     from lora_jax.synthetic import make_quickstart_assets
@@ -59,12 +60,15 @@ def main(argv=None) -> int:
                              "--out", os.path.join(WORKDIR, "modules")])
     if rc:
         return rc
-    print("2/2 Model, FFN, AttEns and the Average / Scalar-weights / Fusion combiners (k=3 "
-          "modules) on every task\n")
+    print("2/2 Model, FFN, AttEns and the Average / Scalar-weights / merge / "
+          f"{'LoraHub / ' if HAS_LORAHUB else ''}Fusion combiners (k=3 modules) on every task\n")
     rc = sweep.main(["--config", SWEEP, "--workdir", WORKDIR,
                      "--out", os.path.join(WORKDIR, "table")])
     if rc:
         return rc
+    if not HAS_LORAHUB:
+        print("\nThe LoraHub row is left out: its CMA-ES library is an optional extra "
+              "(pip install -e '.[lorahub]').")
     print(f"\nThis was a SMOKE RUN ({time.perf_counter() - start:.0f} s): a random 2-layer BERT on "
           "synthetic tasks, so the numbers show that the pipeline works, not what AttEns is "
           "worth. The real commands (MiniLM on GLUE, the full AttEns reproduction, FLAN-T5) are "

@@ -18,7 +18,17 @@ import numpy as np
 
 from lora_jax.cli import ArgumentParser, run_main
 from lora_jax.metrics import paired_bootstrap, unpack_array
-from lora_jax.report import ROW_NAMES, STD_LABEL, cell_scores, main_score, row_of, score_table
+from lora_jax.report import (
+    ROW_NAMES,
+    STD_LABEL,
+    cell_scores,
+    is_attens,
+    main_score,
+    method_of,
+    method_row_names,
+    row_of,
+    score_table,
+)
 from lora_jax.sweep_record import read_record
 from lora_jax.writers import write_table
 
@@ -34,40 +44,10 @@ METHOD_DESCRIPTIONS = {
 }
 
 
-def method_of(result: dict) -> str:
-    """The combiner method of an AttEns-experiment run (runs from before methods: attens)."""
-    return result.get("method", "attens")
-
-
-def is_attens(result: dict) -> bool:
-    """A run of the paper's attention combiner (any k)."""
-    return result["experiment"] == "attens" and method_of(result) == "attens"
-
-
 def row_methods(results: Sequence[dict]) -> dict[str, str]:
     """{sweep row: combiner method} of the rows beside the paper's, in run order."""
     return {row_of(r): method_of(r) for r in results
             if r["experiment"] == "attens" and not is_attens(r)}
-
-
-MERGE_NAMES = {"linear": "linear", "ties": "TIES", "dare_linear": "DARE", "dare_ties": "DARE-TIES",
-               "magnitude_prune": "magnitude"}
-
-
-def method_row_names(results: Sequence[dict]) -> dict[str, str]:
-    """{sweep row: its name in the tables} of the method rows: the method's name, a merge's
-    with its merge method ("Merge (TIES)"); two rows that would share a name keep their row."""
-    names = {}
-    for r in results:
-        if r["experiment"] != "attens" or is_attens(r) or row_of(r) in names:
-            continue
-        name = ROW_NAMES.get(method_of(r), row_of(r))
-        if method_of(r) == "merge":
-            merge = r.get("config", {}).get("combiner", {}).get("merge_method", "")
-            name += f" ({MERGE_NAMES.get(merge, merge)})" if merge else ""
-        names[row_of(r)] = name
-    taken = list(names.values())
-    return {row: name if taken.count(name) == 1 else row for row, name in names.items()}
 
 
 def seeds_per_row(results: Sequence[dict], rows: Sequence[str], names: dict[str, str]) -> str:

@@ -46,6 +46,36 @@ ROW_NAMES = {"zero_shot": "Model", "ffn": "FFN", "ft_lora": "FT_LoRA", "full": "
              "fusion": "Fusion", "merge": "Merge", "lorahub": "LoraHub"}
 
 
+def method_of(result: dict) -> str:
+    """The combiner method of an AttEns-experiment run (runs from before methods: attens)."""
+    return result.get("method", "attens")
+
+
+def is_attens(result: dict) -> bool:
+    """A run of the paper's attention combiner (any k)."""
+    return result["experiment"] == "attens" and method_of(result) == "attens"
+
+
+MERGE_NAMES = {"linear": "linear", "ties": "TIES", "dare_linear": "DARE", "dare_ties": "DARE-TIES",
+               "magnitude_prune": "magnitude"}
+
+
+def method_row_names(results: Sequence[dict]) -> dict[str, str]:
+    """{sweep row: its name in the tables} of the method rows: the method's name, a merge's
+    with its merge method ("Merge (TIES)"); two rows that would share a name keep their row."""
+    names = {}
+    for r in results:
+        if r["experiment"] != "attens" or is_attens(r) or row_of(r) in names:
+            continue
+        name = ROW_NAMES.get(method_of(r), row_of(r))
+        if method_of(r) == "merge":
+            merge = r.get("config", {}).get("combiner", {}).get("merge_method", "")
+            name += f" ({MERGE_NAMES.get(merge, merge)})" if merge else ""
+        names[row_of(r)] = name
+    taken = list(names.values())
+    return {row: name if taken.count(name) == 1 else row for row, name in names.items()}
+
+
 def main_score(result: dict) -> float:
     """The task's main metric on its first reported split, x100."""
     return 100 * _main_score(result)[1]
@@ -82,7 +112,7 @@ def score_table(results: Sequence[dict], rows: Sequence[str], tasks: Sequence[st
     """Markdown: rows x (tasks + average); `mean_std` over seeds; "–" where a cell is missing."""
     import numpy as np
 
-    names = {**ROW_NAMES, **(row_names or {})}
+    names = {**ROW_NAMES, **method_row_names(results), **(row_names or {})}
     cells = cell_scores(results)
     metric = {r["task"]: r["main_metric"] for r in results}
     lines = ["| | " + " | ".join(f"{t} ({metric[t]})" if t in metric else t for t in tasks)

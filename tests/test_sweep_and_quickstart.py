@@ -208,7 +208,7 @@ def test_reuse_restores_recorded_cells_whose_config_agrees(tmp_path, monkeypatch
 @pytest.mark.slow
 def test_readme_quickstart_runs_every_row(tmp_path):
     """The README's quickstart from a fresh folder: modules, then Model/FFN/FT_LoRA/AttEns and
-    the Average / Scalar-weights / Fusion combiners."""
+    every other combiner: Average, Scalar weights, the three merges, LoraHub and Fusion."""
     import shutil
 
     work = tmp_path / "repo"
@@ -220,13 +220,17 @@ def test_readme_quickstart_runs_every_row(tmp_path):
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
             for ln in proc.stdout.splitlines() if ln.startswith("| ") and "---" not in ln}
     assert [r for r in rows if r] == ["Model", "FFN", "FT_LoRA", "AttEns", "Average",
-                                      "Scalar weights", "Fusion"]
+                                      "Scalar weights", "Merge (linear)", "Merge (TIES)",
+                                      "Merge (DARE)", "LoraHub", "Fusion"]
     average = {r: float(v[-1]) for r, v in rows.items() if r}
     assert average["FT_LoRA"] > average["FFN"] > average["Model"] + 10  # each row learns more
-    for combiner in ("AttEns", "Average", "Scalar weights", "Fusion"):  # each uses the modules
-        assert average[combiner] > average["FFN"] + 5, combiner
-    assert "SMOKE RUN" in proc.stdout
-    for row in ("attens", "average", "scalar", "fusion"):
+    for combiner in ("AttEns", "Average", "Scalar weights", "LoraHub", "Fusion"):
+        assert average[combiner] > average["FFN"] + 5, combiner  # each uses the modules
+    for merge in ("Merge (linear)", "Merge (TIES)", "Merge (DARE)"):  # one merged adapter of
+        assert average[merge] > average["Model"] + 10, merge  # three unrelated tasks: a head
+    assert "SMOKE RUN" in proc.stdout and "LoraHub row is left out" not in proc.stdout
+    for row in ("attens", "average", "scalar", "merge_linear", "merge_ties", "merge_dare",
+                "lorahub", "fusion"):
         assert len(list((work / "runs" / "quickstart").glob(f"{row}_*_s0/results.json"))) == 3
     again = subprocess.run([sys.executable, "-m", "ensemble.quickstart", "--keep"], cwd=work,
                            capture_output=True, text=True, timeout=600,
@@ -234,6 +238,42 @@ def test_readme_quickstart_runs_every_row(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.split("| AttEns |")[1].splitlines()[0] == \
         proc.stdout.split("| AttEns |")[1].splitlines()[0]
+
+
+def test_quickstart_leaves_lorahub_out_and_says_so_without_its_extra(tmp_path, monkeypatch,
+                                                                     capsys):
+    """Without the cma package (shadowed by one that fails to import, as if the extra were not
+    installed) the quickstart's sweep has every row but LoraHub, and the quickstart says why."""
+    no_cma = tmp_path / "no_cma" / "cma"
+    no_cma.mkdir(parents=True)
+    (no_cma / "__init__.py").write_text("raise ImportError('no cma here')\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import configs.quickstart_sweep as q; "
+         "print(q.HAS_LORAHUB, q.get_config().experiments)"], cwd=ROOT, capture_output=True,
+        text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": f"{no_cma.parent}{os.pathsep}{ROOT}"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("False (") and "'lorahub'" not in proc.stdout
+    assert "'merge_dare', 'fusion')" in proc.stdout
+    import configs.quickstart_sweep as quickstart_sweep
+    from ensemble import quickstart, train_modules
+    from lora_jax import sweep, synthetic
+
+    assert quickstart_sweep.HAS_LORAHUB  # [test] installs the extra: the row runs
+    assert "lorahub" in quickstart_sweep.get_config().experiments
+    # the quickstart's own words, its training stubbed out
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "quickstart_sweep.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(quickstart_sweep, "HAS_LORAHUB", False)
+    monkeypatch.setattr(synthetic, "make_quickstart_assets", lambda path: None)
+    monkeypatch.setattr(train_modules, "main", lambda argv: 0)
+    monkeypatch.setattr(sweep, "main", lambda argv: 0)
+    assert quickstart.main([]) == 0
+    out = capsys.readouterr().out
+    assert "/ merge / Fusion combiners" in out
+    assert "The LoraHub row is left out: its CMA-ES library is an optional extra " \
+           "(pip install -e '.[lorahub]')." in out
 
 
 def test_quickstart_starts_fresh_but_keeps_its_assets(tmp_path):
