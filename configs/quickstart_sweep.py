@@ -26,6 +26,7 @@ except ImportError:
     HAS_LORAHUB = False
 
 TASKS = ("synth_sentiment", "synth_topic", "synth_negation")
+HEAD = {"num_epochs": 4, "optimizer": {"learning_rate": 1e-2}}  # every combiner row but AttEns
 COMBINERS = ("average", "scalar", "merge_linear", "merge_ties", "merge_dare",
              *(("lorahub",) if HAS_LORAHUB else ()), "fusion")
 
@@ -48,26 +49,19 @@ def get_config():
         "ffn": {"experiment": "ffn", "optimizer": {"learning_rate": 1e-2}},
         "ft_lora": {"experiment": "ft_lora", "num_epochs": 3},
         "attens": {"num_epochs": 4},
-        # the same cached features, other combiners (ensemble/combiner.py)
-        # a plain head wants a larger step than the attention combiner (as FFN's)
-        "average": {"num_epochs": 4, "optimizer": {"learning_rate": 1e-2},
-                    "combiner": {"method": "average"}},
-        "scalar": {"num_epochs": 4, "optimizer": {"learning_rate": 1e-2},
-                   "combiner": {"method": "scalar"}},
+        # the same cached features, other combiners (ensemble/combiner.py); a plain head
+        # wants a larger step than the attention combiner (as FFN's)
+        "average": {**HEAD, "combiner": {"method": "average"}},
+        "scalar": {**HEAD, "combiner": {"method": "scalar"}},
         # one merged adapter (PEFT's add_weighted_adapter semantics) and a head on its output
-        "merge_linear": {"num_epochs": 4, "optimizer": {"learning_rate": 1e-2},
-                         "combiner": {"method": "merge", "merge_method": "linear"}},
-        "merge_ties": {"num_epochs": 4, "optimizer": {"learning_rate": 1e-2},
-                       "combiner": {"method": "merge", "merge_method": "ties",
-                                    "merge_density": 0.2}},
-        "merge_dare": {"num_epochs": 4, "optimizer": {"learning_rate": 1e-2},
-                       "combiner": {"method": "merge", "merge_method": "dare_linear",
-                                    "merge_density": 0.5}},
+        "merge_linear": {**HEAD, "combiner": {"method": "merge", "merge_method": "linear"}},
+        "merge_ties": {**HEAD, "combiner": {"method": "merge", "merge_method": "ties",
+                                            "merge_density": 0.2}},
+        "merge_dare": {**HEAD, "combiner": {"method": "merge", "merge_method": "dare_linear",
+                                            "merge_density": 0.5}},
         # merge weights searched by CMA-ES on the train rows, then the same head
-        "lorahub": {"num_epochs": 4, "optimizer": {"learning_rate": 1e-2},
-                    "combiner": {"method": "lorahub"}},
+        "lorahub": {**HEAD, "combiner": {"method": "lorahub"}},
         # the fusion kernels inside the encoder and the same head, trained through the encoder
-        "fusion": {"num_epochs": 4, "optimizer": {"learning_rate": 1e-2},
-                   "combiner": {"method": "fusion"}},
+        "fusion": {**HEAD, "combiner": {"method": "fusion"}},
     })
     return c
