@@ -40,8 +40,8 @@ from ensemble.combiner import AGGREGATIONS, combiner_method
 from ensemble.lorahub import require_cma
 from ensemble.modules import ModuleSet, load_module_set
 from lora_jax import data as data_lib
+from lora_jax import host_malloc, xla_flags
 from lora_jax import lora as lora_lib
-from lora_jax import xla_flags
 from lora_jax.distributed import BatchShare, barrier, is_main_process, map_batches, map_encoded
 from lora_jax.errors import UserError
 from lora_jax.merge import merge_adapters, weighted_sum
@@ -205,11 +205,15 @@ def compute_split_features(feature_fn: Callable, base_params, stacked, heads,
                            progress: bool = True, rows: np.ndarray | None = None,
                            share: BatchShare | None = None, out_sharding=None):
     """(modules (N, k, D), base (N, d)) float32 numpy for `rows` (default every example) of an
-    encoded split, each process feeding its share of every batch (`lora_jax.distributed`)."""
+    encoded split, each process feeding its share of every batch (`lora_jax.distributed`).
+
+    The pass's large temporary (k + 1 encoder passes per batch) is mapped and unmapped per
+    batch instead of growing the kept heap (`lora_jax.host_malloc.large_blocks_mapped`)."""
     fn = jit_feature_fn(feature_fn, out_sharding)
-    return map_encoded(lambda batch: fn(base_params, stacked, heads, batch), enc, batch_size,
-                       buckets, pad_id, put=put, rows=rows, share=share, desc=desc,
-                       progress=progress)
+    with host_malloc.large_blocks_mapped():
+        return map_encoded(lambda batch: fn(base_params, stacked, heads, batch), enc,
+                           batch_size, buckets, pad_id, put=put, rows=rows, share=share,
+                           desc=desc, progress=progress)
 
 
 def row_keys(texts: list[tuple[str, ...]]) -> np.ndarray:

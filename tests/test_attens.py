@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ensemble import features as features_lib
 from ensemble.combiner import (
     AGGREGATIONS,
     AttEnsCombiner,
@@ -17,6 +19,7 @@ from ensemble.combiner import (
 )
 from ensemble.features import (
     aggregate_tokens,
+    compute_split_features,
     fold_adapters,
     make_feature_fn,
     stack_heads,
@@ -24,6 +27,7 @@ from ensemble.features import (
     with_base_slot,
 )
 from lora_jax import lora
+from lora_jax.data import Encoded
 from lora_jax.models import Encoder
 from tests.helpers import TINY, tiny_batch
 
@@ -45,6 +49,38 @@ def _modules():
               "bias": jnp.arange(c, dtype=jnp.float32)} for i, c in enumerate((2, 3, 1))]
     batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
     return params, adapters, heads, batch
+
+
+def test_split_features_run_with_large_blocks_mapped_and_match_one_batch(monkeypatch):
+    """Every batch of the stacked pass runs inside `host_malloc.large_blocks_mapped` (its large
+    temporary would otherwise grow the kept heap), and the split's rows come back in order."""
+    params, adapters, heads, batch = _modules()
+    inside = []
+
+    @contextlib.contextmanager
+    def recording():
+        inside.append(True)
+        yield
+        inside.append(False)
+
+    monkeypatch.setattr(features_lib.host_malloc, "large_blocks_mapped", recording)
+    feature_fn = make_feature_fn(Encoder(TINY))
+    calls = []
+
+    def watched(*args):
+        calls.append(inside[-1])
+        return feature_fn(*args)
+
+    ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
+    rows = [ids[i][mask[i] > 0] for i in range(len(ids))]
+    enc = Encoded(rows, [np.zeros_like(r) for r in rows], np.zeros(len(rows), np.int64))
+    stacked = with_base_slot(stack_trees(adapters))
+    modules, base = compute_split_features(watched, params, stacked, (), enc, batch_size=2,
+                                           buckets=(ids.shape[1],), pad_id=0, progress=False)
+    assert calls and all(calls) and inside[-1] is False
+    want, want_base = jax.jit(feature_fn)(params, stacked, (), batch)
+    np.testing.assert_allclose(modules, np.asarray(want), atol=1e-5)
+    np.testing.assert_allclose(base, np.asarray(want_base), atol=1e-5)
 
 
 @pytest.mark.parametrize("agg1", ["mean", "max", "min", "sum"])

@@ -1,5 +1,6 @@
 """The malloc settings of lora_jax/host_malloc.py: applied on import on Linux/glibc, off with
-LORA_JAX_MALLOC=0, and with them XLA:CPU's large per-call buffers stop page-faulting."""
+LORA_JAX_MALLOC=0, and with them XLA:CPU's large per-call buffers stop page-faulting; inside
+`large_blocks_mapped` they are mapped per call again."""
 
 import json
 import os
@@ -59,3 +60,51 @@ def test_large_xla_buffers_stop_page_faulting():
     tuned = faults_per_call("1")
     assert min(default) > 16_000, default
     assert statistics.median(tuned) < 100, tuned
+
+
+# The same call in phases: inside nested `large_blocks_mapped` blocks (the inner one closed
+# before the calls), then after the outer block closes.
+FAULTS_BY_PHASE = """
+import json, resource
+from lora_jax import host_malloc
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x, w: jnp.exp(x) @ w)
+x, w = jnp.ones((16384, 1024)), jnp.ones((1024, 8))
+def faults(n):
+    out = []
+    for _ in range(n):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        f(x, w).block_until_ready()
+        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return out
+phases = {}
+with host_malloc.large_blocks_mapped():
+    with host_malloc.large_blocks_mapped():
+        pass
+    phases["mapped"] = faults(12)
+phases["kept"] = faults(25)
+print(json.dumps(phases))
+"""
+
+
+@needs_glibc
+def test_large_blocks_are_mapped_inside_the_block_only():
+    # inside (the inner block closed first and left the switch on): the 64 MiB block (16,384
+    # pages) finds no room in the small heap, so it is mapped and unmapped at every call and
+    # every call faults on all its pages, as with glibc's default; after the outer block the
+    # heap takes it, grows a few times, then serves it without faults
+    out = subprocess.run([sys.executable, "-c", FAULTS_BY_PHASE], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    phases = json.loads(out.stdout.strip().splitlines()[-1])
+    assert min(phases["mapped"]) > 16_000, phases
+    assert statistics.median(phases["kept"]) < 100, phases
+
+
+def test_large_blocks_mapped_does_nothing_without_the_settings(monkeypatch):
+    calls = []
+    monkeypatch.setattr(host_malloc, "_applied", False)
+    monkeypatch.setattr(host_malloc, "glibc", lambda: calls.append("glibc"))
+    with host_malloc.large_blocks_mapped():
+        pass
+    assert calls == []
