@@ -89,9 +89,8 @@ def large_blocks_mapped():
     """Inside the block, a large block that finds no room in the heap is mapped (glibc's own
     ``M_MMAP_MAX``) and unmapped when freed, instead of growing the kept heap (see the module
     docstring); one that fits the heap's free space is still served from it, and blocks
-    allocated before keep their kind. Nested and
-    concurrent blocks share one switch, turned back at the last exit. Does nothing where
-    `keep_heap_memory` changed nothing."""
+    allocated before keep their kind. Nested and concurrent blocks share one switch, turned
+    back at the last exit. Does nothing where `keep_heap_memory` changed nothing."""
     global _mapped_depth
     libc = glibc() if _applied else None
     if libc is None:

@@ -28,6 +28,7 @@ from ensemble.features import (
 )
 from lora_jax import lora
 from lora_jax.data import Encoded
+from lora_jax.distributed import map_encoded
 from lora_jax.models import Encoder
 from tests.helpers import TINY, tiny_batch
 
@@ -52,32 +53,33 @@ def _modules():
 
 
 def test_split_features_run_with_large_blocks_mapped_and_match_one_batch(monkeypatch):
-    """Every batch of the stacked pass runs inside `host_malloc.large_blocks_mapped` (its large
+    """The whole batched pass runs inside `host_malloc.large_blocks_mapped` (its large
     temporary would otherwise grow the kept heap), and the split's rows come back in order."""
     params, adapters, heads, batch = _modules()
-    inside = []
+    events = []
 
     @contextlib.contextmanager
     def recording():
-        inside.append(True)
+        events.append("enter")
         yield
-        inside.append(False)
+        events.append("exit")
+
+    def watched_map(*args, **kwargs):
+        events.append("batches start")
+        out = map_encoded(*args, **kwargs)
+        events.append("batches end")
+        return out
 
     monkeypatch.setattr(features_lib.host_malloc, "large_blocks_mapped", recording)
+    monkeypatch.setattr(features_lib, "map_encoded", watched_map)
     feature_fn = make_feature_fn(Encoder(TINY))
-    calls = []
-
-    def watched(*args):
-        calls.append(inside[-1])
-        return feature_fn(*args)
-
     ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
     rows = [ids[i][mask[i] > 0] for i in range(len(ids))]
     enc = Encoded(rows, [np.zeros_like(r) for r in rows], np.zeros(len(rows), np.int64))
     stacked = with_base_slot(stack_trees(adapters))
-    modules, base = compute_split_features(watched, params, stacked, (), enc, batch_size=2,
+    modules, base = compute_split_features(feature_fn, params, stacked, (), enc, batch_size=2,
                                            buckets=(ids.shape[1],), pad_id=0, progress=False)
-    assert calls and all(calls) and inside[-1] is False
+    assert events == ["enter", "batches start", "batches end", "exit"]
     want, want_base = jax.jit(feature_fn)(params, stacked, (), batch)
     np.testing.assert_allclose(modules, np.asarray(want), atol=1e-5)
     np.testing.assert_allclose(base, np.asarray(want_base), atol=1e-5)

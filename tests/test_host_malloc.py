@@ -15,28 +15,45 @@ from lora_jax import host_malloc
 needs_glibc = pytest.mark.skipif(host_malloc.glibc() is None,
                                  reason="mallopt settings apply to Linux with glibc only")
 
-# A jitted call whose exp(x) is a 64 MiB temporary that XLA:CPU allocates and frees per call;
-# prints the minor page faults of each of 25 calls after a warm-up call.
-FAULTS_PER_CALL = """
+# A jitted call whose exp(x) is a 64 MiB temporary that XLA:CPU allocates and frees per call,
+# and `faults(n)`: the minor page faults of each of n calls.
+CALL = """
 import json, resource
-import lora_jax
+from lora_jax import host_malloc
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x, w: jnp.exp(x) @ w)
 x, w = jnp.ones((16384, 1024)), jnp.ones((1024, 8))
+def faults(n):
+    out = []
+    for _ in range(n):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        f(x, w).block_until_ready()
+        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return out
+"""
+# 25 calls after a warm-up call
+FAULTS_PER_CALL = CALL + """
 f(x, w).block_until_ready()
-faults = []
-for _ in range(25):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    f(x, w).block_until_ready()
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps(faults))
+print(json.dumps(faults(25)))
+"""
+# inside nested `large_blocks_mapped` blocks (the inner one closed before the calls), then
+# after the outer block closes
+FAULTS_BY_PHASE = CALL + """
+phases = {}
+with host_malloc.large_blocks_mapped():
+    with host_malloc.large_blocks_mapped():
+        pass
+    phases["mapped"] = faults(12)
+phases["kept"] = faults(25)
+print(json.dumps(phases))
 """
 
 
-def faults_per_call(malloc_switch: str) -> list[int]:
+def run_printing_json(script: str, malloc_switch: str = "1"):
+    """The JSON that `script` prints last, run in a fresh interpreter."""
     environ = {**os.environ, "LORA_JAX_MALLOC": malloc_switch}
-    out = subprocess.run([sys.executable, "-c", FAULTS_PER_CALL], capture_output=True,
-                         text=True, timeout=120, env=environ)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, env=environ)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -56,35 +73,10 @@ def test_large_xla_buffers_stop_page_faulting():
     # call faults on every page. With the settings the heap keeps freed blocks; it still grows
     # a few times while small allocations fragment it (each growth faults once), then the
     # calls reuse it: most calls fault on no page.
-    default = faults_per_call("0")
-    tuned = faults_per_call("1")
+    default = run_printing_json(FAULTS_PER_CALL, "0")
+    tuned = run_printing_json(FAULTS_PER_CALL, "1")
     assert min(default) > 16_000, default
     assert statistics.median(tuned) < 100, tuned
-
-
-# The same call in phases: inside nested `large_blocks_mapped` blocks (the inner one closed
-# before the calls), then after the outer block closes.
-FAULTS_BY_PHASE = """
-import json, resource
-from lora_jax import host_malloc
-import jax, jax.numpy as jnp
-f = jax.jit(lambda x, w: jnp.exp(x) @ w)
-x, w = jnp.ones((16384, 1024)), jnp.ones((1024, 8))
-def faults(n):
-    out = []
-    for _ in range(n):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        f(x, w).block_until_ready()
-        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return out
-phases = {}
-with host_malloc.large_blocks_mapped():
-    with host_malloc.large_blocks_mapped():
-        pass
-    phases["mapped"] = faults(12)
-phases["kept"] = faults(25)
-print(json.dumps(phases))
-"""
 
 
 @needs_glibc
@@ -93,10 +85,7 @@ def test_large_blocks_are_mapped_inside_the_block_only():
     # pages) finds no room in the small heap, so it is mapped and unmapped at every call and
     # every call faults on all its pages, as with glibc's default; after the outer block the
     # heap takes it, grows a few times, then serves it without faults
-    out = subprocess.run([sys.executable, "-c", FAULTS_BY_PHASE], capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    phases = json.loads(out.stdout.strip().splitlines()[-1])
+    phases = run_printing_json(FAULTS_BY_PHASE)
     assert min(phases["mapped"]) > 16_000, phases
     assert statistics.median(phases["kept"]) < 100, phases
 
