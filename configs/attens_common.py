@@ -32,7 +32,7 @@ def attens_config(model: str, module_dir: str, modules=GLUE_MODULES) -> ml_colle
         "merge_majority_sign": "total",  # ties sign election: total | frequency
         "merge_weights": (),  # one per module; (): 1/k each (linear, dare_linear), 1 (ties);
         # lorahub: () = search them (then recorded here in the run's config), or fixed weights
-        # lorahub: CMA-ES (pip install 'lora-jax[lorahub]') over k weights in [-bound, bound]
+        # lorahub: CMA-ES (pip install -e '.[lorahub]') over k weights in [-bound, bound]
         "lorahub_evaluations": 40,  # objective evaluations (LoraHub's budget)
         "lorahub_l1": 0.05,  # + l1 * sum |w| (LoraHub's regulariser)
         "lorahub_bound": 1.5,

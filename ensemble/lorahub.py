@@ -8,7 +8,7 @@ for a fixed number of evaluations (40 in the paper), minimising the few-shot los
 classes, so here each candidate's loss is that of a linear head fitted on the candidate's
 features of the train rows (`fit_head_loss`: full-batch Adam, a fixed number of steps, from
 zero), measured on the selection rows: held out, since a head on d > n features fits any train
-rows. The optimiser is CMA-ES from the `cma` package (``pip install 'lora-jax[lorahub]'``).
+rows. The optimiser is CMA-ES from the `cma` package (``pip install -e '.[lorahub]'``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from lora_jax.data import random_subset
-from lora_jax.errors import UserError
+from lora_jax.errors import UserError, extra_install_hint
 from lora_jax.merge import weighted_sum
 
 # loss_fn(logits (B, C), labels (B,), weights (B,), regression) -> (mean loss, predictions)
@@ -33,7 +33,7 @@ def require_cma():
         import cma
     except ImportError:
         raise UserError("combiner.method='lorahub' searches with CMA-ES from the cma package: "
-                        "pip install 'lora-jax[lorahub]'") from None
+                        + extra_install_hint("lorahub")) from None
     return cma
 
 

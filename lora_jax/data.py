@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from lora_jax.errors import UserError
+from lora_jax.errors import UserError, extra_install_hint
 from lora_jax.tasks import Task
 
 LOCAL_EXTENSIONS = (".jsonl.gz", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
@@ -99,7 +99,7 @@ def _tfds_rows(task: Task, split: str) -> list[dict]:
         import tensorflow_datasets as tfds
     except ImportError:
         raise UserError("data_source='tfds' needs tensorflow-datasets: "
-                        "pip install 'lora-jax[tfds]'") from None
+                        + extra_install_hint("tfds")) from None
     try:
         ds = tfds.as_numpy(tfds.load(task.tfds, split=task.source_split(split)))
     except Exception as e:

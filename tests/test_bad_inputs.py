@@ -161,7 +161,9 @@ def _cases(root: pathlib.Path, model: str, data: str) -> dict[str, Case]:
                                                "--config.combiner.merge_density=1.5"],
                                      "combiner.merge_density=1.5 must be <= 1.0"),
         "attens lorahub without cma": Case(attens + ["--config.combiner.method=lorahub"],
-                                           "pip install 'lora-jax[lorahub]'",
+                                           "the cma package: pip install 'cma>=3.3' (the "
+                                           "[lorahub] extra: pip install -e '.[lorahub]' in "
+                                           "the repository)",
                                            env={"PYTHONPATH": f"{no_cma}{os.pathsep}{ROOT}"}),
         "few-shot budget above train": Case(train + ["--config.train_budget=100000"],
                                             "train_budget=100000 is larger than the"),
@@ -260,6 +262,41 @@ def _names() -> list[str]:
 
 def test_there_are_at_least_25_kinds():
     assert len(_names()) >= 25
+
+
+@pytest.mark.parametrize("extra", ["lorahub", "tfds"])
+def test_a_missing_extra_is_named_with_the_packages_of_pyproject(extra):
+    """The hint installs what pyproject.toml's extra lists (lora-jax is not on PyPI, so
+    ``pip install 'lora-jax[extra]'`` would fail) and gives the editable form for a clone."""
+    tomllib = pytest.importorskip("tomllib")
+    from lora_jax.errors import extra_install_hint
+
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"][extra]
+    hint = extra_install_hint(extra)
+    assert hint.startswith("pip install ") and "lora-jax[" not in hint
+    assert hint.split(" (")[0].split()[2:] == [f"'{p}'" for p in listed]
+    assert hint.endswith(f"pip install -e '.[{extra}]' in the repository)")
+
+
+def test_tfds_without_its_package_is_one_error_naming_the_install(monkeypatch):
+    import builtins
+
+    from lora_jax import data as data_lib
+    from lora_jax.errors import UserError
+    from lora_jax.tasks import get_task
+
+    real_import = builtins.__import__
+
+    def no_tfds(name, *args, **kwargs):
+        if name.startswith("tensorflow_datasets"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tfds)
+    with pytest.raises(UserError, match=r"needs tensorflow-datasets: pip install "
+                                        r"'tensorflow-datasets>=4\.9'"):
+        data_lib._tfds_rows(get_task("sst2"), "train")
 
 
 @pytest.mark.slow
