@@ -56,5 +56,6 @@ def test_the_fitted_head_scores_features_that_carry_the_label_better():
 
 def test_lorahub_without_cma_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "cma", None)
-    with pytest.raises(UserError, match=r"pip install 'lora-jax\[lorahub\]'"):
+    with pytest.raises(UserError, match=r"cma package: pip install 'cma>=3\.3' \(the "
+                                        r"\[lorahub\] extra: pip install -e '\.\[lorahub\]'"):
         require_cma()
